@@ -1,0 +1,211 @@
+"""Pure builders for borg command lines and interpreters for what borg says back.
+
+Nothing here runs a process. Keeping argv construction pure means the quoting rules are unit
+tested without a client, and there is exactly one place that decides which borg options we use.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+# A constant fake host: borg remembers where a repository was seen (its "location") and asks an
+# interactive question when it changes. A fixed URL keeps that check quiet between runs.
+URL_HOST = "borgtunnel"
+
+# The remote shell learns the socket path from this variable, so BORG_RSH is a constant string and
+# the path is quoted exactly once (in the env assignment) instead of twice (shell inside shell).
+SOCKET_VAR = "BORGTUNNEL_SOCKET"
+
+RSH_BY_TOOL: Mapping[str, str] = {
+    # -N: shut the socket down on stdin EOF, otherwise borg's final EOF never reaches serve.
+    "nc": shlex.join(["sh", "-c", f'exec nc -N -U "${SOCKET_VAR}"']),
+    "socat": shlex.join(["sh", "-c", f'exec socat STDIO "UNIX-CONNECT:${SOCKET_VAR}"']),
+}
+
+# socat parses its address argument: these characters would be read as syntax, not as the path.
+SOCAT_UNSAFE = frozenset(",:!\\'\"(){}[]<>\n")
+
+
+class Outcome(StrEnum):
+    """What a borg exit code means for the administrator."""
+
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def classify_exit(code: int | None) -> Outcome:
+    """borg: 0 ok, 1 warning, 2 error; borg >= 1.4 modern codes: 3-99 error, 100-127 warning.
+
+    ``None`` (killed by a signal, or no status at all) and 128+N are errors: a backup that did
+    not say it finished did not finish.
+    """
+    if code == 0:
+        return Outcome.OK
+    if code == 1 or (code is not None and 100 <= code <= 127):
+        return Outcome.WARNING
+    return Outcome.ERROR
+
+
+def repository_url(repository: Path) -> str:
+    """``ssh://borgtunnel/abs/path``: the path as the client names it to our `borg serve`."""
+    return f"ssh://{URL_HOST}{repository.as_posix()}"
+
+
+def serve_argv(borg: str, repository: Path) -> list[str]:
+    """The server's policy: append-only, this one repository and nothing else.
+
+    This argv is the only policy that matters: BORG_RSH on the client ends in ``sh -c '…'`` which
+    ignores the words borg appends, so a client cannot pick its own ``borg serve`` options.
+    """
+    return [
+        borg,
+        "serve",
+        "--append-only",
+        "--restrict-to-repository",
+        str(repository),
+    ]
+
+
+def init_argv(borg: str, repository: Path, encryption: str) -> list[str]:
+    return [borg, "init", f"--encryption={encryption}", "--make-parent-dirs", "--", str(repository)]
+
+
+def create_argv(
+    *,
+    remote_borg: str,
+    repository: Path,
+    archive: str,
+    paths: Sequence[str],
+    exclude: Sequence[str] = (),
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``borg create`` for the client, as an argv (quoted later, in one place).
+
+    ``--exclude=PATTERN`` keeps a pattern starting with '-' a value; ``--`` keeps paths and the
+    archive name from being read as options.
+    """
+    return [
+        *shlex.split(remote_borg),
+        "create",
+        "--log-json",
+        "--json",
+        *(f"--exclude={pattern}" for pattern in exclude),
+        *extra,
+        "--",
+        f"{repository_url(repository)}::{archive}",
+        *paths,
+    ]
+
+
+def client_env(*, socket_path: str, tool: str, encrypted: bool) -> dict[str, str]:
+    """Non-secret environment for the client's borg. Secrets go over stdin, never here.
+
+    Sent inline in the command (``env K=V … borg``) because a session's env requests are dropped
+    unless the client's sshd has a matching AcceptEnv.
+    """
+    env = {
+        SOCKET_VAR: socket_path,
+        "BORG_RSH": RSH_BY_TOOL[tool],
+        # UTF-8 regardless of the client's locale: --log-json/--json output and file names.
+        "PYTHONUTF8": "1",
+        "LANG": "C.UTF-8",
+        # Nobody can answer a prompt; each question must have a fixed answer.
+        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
+        # Lets borg remove a stale cache lock left by a killed earlier run on this host.
+        "BORG_HOSTNAME_IS_UNIQUE": "yes",
+    }
+    if encrypted:
+        # borg reads the passphrase from fd 0 until EOF: we write it to the channel and close.
+        env["BORG_PASSPHRASE_FD"] = "0"  # noqa: S105 - a file descriptor number
+    return env
+
+
+def shell_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """One remote command line; every word quoted, so nothing in it is shell syntax.
+
+    ``env`` (the program) rather than ``K=V cmd`` works under any login shell, fish included.
+    """
+    assignments = [f"{key}={value}" for key, value in env.items()]
+    return shlex.join(["env", *assignments, *argv])
+
+
+@dataclass(frozen=True)
+class ArchiveStats:
+    """The final numbers of one ``borg create --json``."""
+
+    archive: str
+    original_size: int
+    compressed_size: int
+    deduplicated_size: int
+    nfiles: int
+    duration: float
+
+
+def parse_create_json(text: str) -> ArchiveStats | None:
+    """The ``--json`` object borg prints on stdout at the end of a successful create."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        archive = data["archive"]
+        stats = archive["stats"]
+        return ArchiveStats(
+            archive=str(archive["name"]),
+            original_size=int(stats["original_size"]),
+            compressed_size=int(stats["compressed_size"]),
+            deduplicated_size=int(stats["deduplicated_size"]),
+            nfiles=int(stats["nfiles"]),
+            duration=float(archive.get("duration", 0.0)),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of borg's stderr: a --log-json record, or plain text we keep as it is."""
+
+    level: str
+    message: str
+    fields: Mapping[str, Any]
+
+
+_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error"}
+
+
+def parse_log_line(line: str) -> LogLine | None:
+    """Map a borg ``--log-json`` line to our levels; plain text (from sh, nc, ...) is a warning."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return LogLine("warning", line, {})
+    kind = record.get("type")
+    if kind == "log_message":
+        level = _LEVELS.get(str(record.get("levelname", "")).upper(), "error")
+        fields = {k: record[k] for k in ("msgid", "name") if record.get(k)}
+        return LogLine(level, str(record.get("message", "")), fields)
+    if kind in {
+        "archive_progress",
+        "progress_percent",
+        "progress_message",
+        "file_status",
+        "question_prompt",
+        "question_env_answer",
+    }:
+        fields = {k: v for k, v in record.items() if k not in {"type", "message"}}
+        return LogLine("debug", str(record.get("message") or kind), fields)
+    return LogLine("info", line, {})

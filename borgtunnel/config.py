@@ -1,0 +1,372 @@
+"""Configuration: TOML file -> validated, immutable models.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored setting.
+Errors are collected by pydantic and rendered as one line per bad key, with the key as a dotted
+path (``clients.web1.port: Input should be a valid integer``): that is what an administrator
+greps for in a file with hundreds of clients.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
+CONFIG_ENV = "BORGTUNNEL_CONFIG"
+
+# Client names become socket file names, systemd FileDescriptorName= values and log fields:
+# keep them to a conservative, shell- and path-safe alphabet.
+CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# sun_path is 108 bytes on Linux and 104 on the BSDs; OpenSSH's sshd also limits it.
+MAX_SOCKET_PATH = 100
+
+# 16 MiB: the SSH channel window is the throughput lever on high-latency links (asyncssh's 2 MiB
+# default caps a 40 ms RTT link at ~23 MB/s; 16 MiB reaches ~150 MB/s, see BENCHMARKS.md).
+DEFAULT_WINDOW = 16 * 1024 * 1024
+
+Encryption = Literal[
+    "none",
+    "authenticated",
+    "authenticated-blake2",
+    "repokey",
+    "repokey-blake2",
+    "keyfile",
+    "keyfile-blake2",
+]
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+_NAME_KEY = "__borgtunnel_client_name__"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    """``[server]``: where the server keeps its sockets, state and which borg it runs."""
+
+    socket_dir: Path = Path("/run/borgtunnel")
+    state_dir: Path = Path("/var/lib/borgtunnel")
+    borg: str = "borg"
+    # How long a `borg serve` child gets after SIGTERM before SIGKILL. borg closes the repository
+    # and releases its lock on SIGTERM; SIGKILL leaves a stale lock that the next serve clears.
+    serve_stop_timeout: PositiveSeconds = 10.0
+
+    @field_validator("socket_dir", "state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class SSHOptions(_Model):
+    """SSH settings. In ``[ssh]`` they are defaults; in ``[clients.NAME.ssh]`` overrides."""
+
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    keepalive_interval: Annotated[float, Field(ge=0)] | None = None
+    keepalive_count_max: Annotated[int, Field(ge=1)] | None = None
+    connect_timeout: PositiveSeconds | None = None
+    # Receive window of the forwarded channel, in bytes.
+    window: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] | None = None
+    ciphers: tuple[str, ...] | None = None
+    # Use an ssh-agent (from $SSH_AUTH_SOCK) in addition to `identity`. Off by default: a
+    # daemon should not pick up whatever agent happens to be in its environment.
+    agent: bool | None = None
+
+
+DEFAULT_SSH = SSHOptions(
+    identity=Path("/etc/borgtunnel/id_ed25519"),
+    known_hosts=Path("/etc/borgtunnel/known_hosts"),
+    keepalive_interval=10,
+    keepalive_count_max=30,
+    connect_timeout=30,
+    window=DEFAULT_WINDOW,
+    # AES-GCM first: measured 30-40 % faster than asyncssh's chacha20-poly1305 default here.
+    ciphers=(
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com",
+        "aes128-ctr",
+        "aes256-ctr",
+    ),
+    agent=False,
+)
+
+
+class SSHSettings(_Model):
+    """The effective SSH settings of one client: every field resolved."""
+
+    identity: Path | None
+    known_hosts: Path
+    keepalive_interval: float
+    keepalive_count_max: int
+    connect_timeout: float
+    window: int
+    ciphers: tuple[str, ...]
+    agent: bool
+
+
+def _merge_ssh(*layers: SSHOptions | None) -> SSHSettings:
+    """Later layers override earlier ones, key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is not None:
+            merged.update(layer.model_dump(exclude_none=True, exclude_unset=True))
+    return SSHSettings.model_validate(merged)
+
+
+class ClientConfig(_Model):
+    """``[clients.NAME]``: one machine to pull from."""
+
+    # Filled in from the table key by Config under an alias nobody writes, so a `name` key in the
+    # file is reported as unknown rather than silently disagreeing with the table key.
+    name: str = Field(default="", validation_alias=_NAME_KEY)
+    host: str = Field(min_length=1)
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    user: str = Field(default="root", min_length=1)
+    repository: Path
+    paths: tuple[str, ...] = Field(min_length=1)
+    exclude: tuple[str, ...] = ()
+    archive: str = "{hostname}-{now}"
+    encryption: Encryption = "repokey-blake2"
+    passphrase_file: Path | None = None
+    passphrase_command: str | None = None
+    create_args: tuple[str, ...] = ()
+    remote_borg: str = Field(default="borg", min_length=1)
+    remote_socket: str = ""  # default derived from name: ~/.cache/borgtunnel/NAME.sock
+    ssh: SSHOptions | None = None
+
+    @field_validator("repository")
+    @classmethod
+    def _repository_absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path on the server")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            _check_no_nul(path)
+            # Absolute paths only: the remote working directory is whatever the login shell
+            # gives, and "-" would make borg read the backup from stdin.
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} must be an absolute path on the client")
+        return value
+
+    @field_validator("exclude", "create_args")
+    @classmethod
+    def _no_nul(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            _check_no_nul(item)
+        return value
+
+    @field_validator("archive")
+    @classmethod
+    def _archive_valid(cls, value: str) -> str:
+        _check_no_nul(value)
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if "/" in value:
+            raise ValueError("must not contain '/' (borg archive names cannot)")
+        return value
+
+    @field_validator("remote_socket")
+    @classmethod
+    def _remote_socket_valid(cls, value: str) -> str:
+        if not value:
+            return value
+        _check_no_nul(value)
+        if not value.startswith(("/", "~/")):
+            raise ValueError("must be absolute or start with '~/'")
+        if "\n" in value:
+            raise ValueError("must not contain a newline")
+        if len(value.encode()) > MAX_SOCKET_PATH:
+            raise ValueError(f"is longer than {MAX_SOCKET_PATH} bytes (unix socket path limit)")
+        return value
+
+    @model_validator(mode="after")
+    def _passphrase_matches_encryption(self) -> Self:
+        given = [k for k in ("passphrase_file", "passphrase_command") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError("set only one of passphrase_file and passphrase_command")
+        if self.encryption == "none" and given:
+            raise ValueError(f"{given[0]} is set but encryption is 'none'")
+        if self.encryption != "none" and not given:
+            raise ValueError(
+                f"encryption {self.encryption!r} needs passphrase_file or passphrase_command"
+            )
+        return self
+
+    @property
+    def remote_socket_path(self) -> str:
+        return self.remote_socket or f"~/.cache/borgtunnel/{self.name}.sock"
+
+
+class Config(_Model):
+    """The whole file."""
+
+    server: ServerSettings = ServerSettings()
+    ssh: SSHOptions = SSHOptions()
+    clients: dict[str, ClientConfig] = Field(default_factory=dict)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_clients(cls, data: Any) -> Any:  # noqa: ANN401 - pydantic hands over raw input
+        """Copy each table key into the client as ``name`` so a client knows who it is."""
+        if isinstance(data, Mapping) and isinstance(data.get("clients"), Mapping):
+            clients = {
+                name: {**table, _NAME_KEY: name} if isinstance(table, Mapping) else table
+                for name, table in data["clients"].items()
+            }
+            data = {**data, "clients": clients}
+        return data
+
+    @field_validator("clients", mode="before")
+    @classmethod
+    def _client_names(cls, value: Any) -> Any:  # noqa: ANN401 - raw input, checked by pydantic next
+        for name in value if isinstance(value, Mapping) else ():
+            if not CLIENT_NAME_RE.match(name):
+                raise ValueError(
+                    f"client name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
+                    "and start with a letter or digit"
+                )
+        return value
+
+    def client(self, name: str) -> ClientConfig:
+        try:
+            return self.clients[name]
+        except KeyError:
+            known = ", ".join(sorted(self.clients)) or "none"
+            raise UnknownClientError(name, known) from None
+
+    def ssh_for(self, client: ClientConfig) -> SSHSettings:
+        return _merge_ssh(DEFAULT_SSH, self.ssh, client.ssh)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as JSON-able data, secrets left out.
+
+        The only secrets borgtunnel handles are passphrases; they live behind passphrase_file or
+        passphrase_command and are never read here. The command itself may embed a token, so it
+        is masked too.
+        """
+        data = self.model_dump(mode="json")
+        for name, client in self.clients.items():
+            entry = data["clients"][name]
+            if client.passphrase_command:
+                entry["passphrase_command"] = "<hidden>"  # noqa: S105 - a mask, not a password
+            entry["remote_socket"] = client.remote_socket_path
+            entry["ssh"] = self.ssh_for(client).model_dump(mode="json")
+        data.pop("ssh")
+        return data
+
+
+def _check_no_nul(value: str) -> None:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL byte")
+
+
+class UnknownClientError(KeyError):
+    """A client name given on the command line is not in the configuration."""
+
+    def __init__(self, name: str, known: str) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"no client {self.name!r} in the configuration (configured: {self.known})"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. Carries one (key, message) pair per problem."""
+
+    def __init__(self, source: Path | None, problems: Sequence[tuple[str, str]]) -> None:
+        super().__init__(source, problems)
+        self.source = source
+        self.problems = tuple(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> Iterator[str]:
+        where = str(self.source) if self.source else "<config>"
+        yield f"{where}: invalid configuration"
+        for key, message in self.problems:
+            yield f"  {key}: {message}" if key else f"  {message}"
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif parts:
+            parts.append(f".{part}")
+        else:
+            parts.append(str(part))
+    return "".join(parts)
+
+
+def problems_from(error: ValidationError) -> list[tuple[str, str]]:
+    """Turn pydantic's error list into (dotted key, message) pairs."""
+    problems = []
+    for item in error.errors(include_url=False):
+        # Drop pydantic's internal location parts (e.g. the function-after validator name).
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function")))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        problems.append((_dotted(loc), message))
+    return problems
+
+
+def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, problems_from(exc)) from None
+    return config.model_copy(update={"source": source})
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML file; every failure is a ConfigError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [("", f"not UTF-8: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [("", f"TOML syntax error: {exc}")]) from None
+    return parse_config(data, source=path)
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """--config wins over $BORGTUNNEL_CONFIG, which wins over the default path."""
+    if cli_value:
+        return Path(cli_value)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH

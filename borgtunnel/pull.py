@@ -1,0 +1,286 @@
+"""One pull of one client: local socket -> SSH forward -> remote ``borg create`` -> cleanup.
+
+The run moves through explicit states so logs and status say where a run failed. Cleanup order
+matters and is fixed here: stop the local ``borg serve`` children first (that is what makes a
+remote ``borg create`` exit promptly — closing the SSH channel does not kill it), then remove the
+remote socket, then close the connection, then remove the local socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import structlog
+
+from borgtunnel import borg
+from borgtunnel.config import ClientConfig, Config
+from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.remote import RemoteSocket
+from borgtunnel.serve import BorgServeListener, pull_socket
+from borgtunnel.tunnel import ForwardError, Target, Tunnel, TunnelError
+
+log = structlog.get_logger("borgtunnel.pull")
+
+# Remote borg exit codes from the shell, not from borg: command not found / not executable.
+SHELL_NOT_FOUND = 127
+SHELL_NOT_EXECUTABLE = 126
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    PREPARING = "preparing"
+    FORWARDING = "forwarding"
+    RUNNING = "running"
+    CLEANING_UP = "cleaning_up"
+    DONE = "done"
+
+
+class Result(StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class PullOutcome:
+    """Everything known about one finished pull."""
+
+    client: str
+    result: Result = Result.FAILED
+    state: State = State.STARTING
+    borg_status: int | None = None
+    stats: borg.ArchiveStats | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    duration: float = 0.0
+    tool: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """CLI meaning: 0 ok, 1 only warnings, 2 failed or interrupted."""
+        return {Result.OK: 0, Result.WARNING: 1}.get(self.result, 2)
+
+    def summary(self) -> str:
+        """The one line per client that `borgtunnel pull` prints."""
+        took = f"{self.duration:.1f}s"
+        if self.stats is not None and self.result in (Result.OK, Result.WARNING):
+            s = self.stats
+            text = (
+                f"{self.client}: {self.result} archive={s.archive} files={s.nfiles} "
+                f"original={_size(s.original_size)} compressed={_size(s.compressed_size)} "
+                f"deduplicated={_size(s.deduplicated_size)} in {took}"
+            )
+            if self.warnings:
+                text += f" ({len(self.warnings)} warning(s), last: {self.warnings[-1]})"
+            return text
+        return f"{self.client}: {self.result} in state {self.state} after {took}: {self.error}"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.2f}{unit}"
+        value /= 1000
+    return f"{n}B"  # pragma: no cover - loop always returns
+
+
+class _Run:
+    """Mutable bookkeeping of the pull in progress."""
+
+    def __init__(self, config: Config, client: ClientConfig) -> None:
+        self.config = config
+        self.client = client
+        self.outcome = PullOutcome(client=client.name)
+        self.log = log.bind(client=client.name)
+        self.errors: list[str] = []
+
+    def enter(self, state: State) -> None:
+        self.outcome.state = state
+        self.log.debug("pull_state", state=str(state))
+
+    def on_remote_line(self, line: str) -> None:
+        parsed = borg.parse_log_line(line)
+        if parsed is None:
+            return
+        fields = dict(parsed.fields)
+        if parsed.level == "warning":
+            self.outcome.warnings.append(parsed.message)
+        elif parsed.level == "error":
+            self.errors.append(parsed.message)
+        self.log.log(_LEVELS[parsed.level], parsed.message, source="borg create", **fields)
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+async def pull(config: Config, client: ClientConfig) -> PullOutcome:
+    """Pull one archive from ``client``. Operational failures are reported in the outcome.
+
+    Cancellation (daemon shutdown, timeout) runs the full cleanup and is then re-raised; the
+    caller records the run as interrupted.
+    """
+    run = _Run(config, client)
+    started = time.monotonic()
+    run.log.info("pull_started", host=client.host, repository=str(client.repository))
+    try:
+        await _pull(run)
+    except asyncio.CancelledError:
+        run.outcome.result = Result.INTERRUPTED
+        run.outcome.error = f"interrupted while {run.outcome.state}"
+        run.outcome.duration = time.monotonic() - started
+        run.log.warning("pull_interrupted", state=str(run.outcome.state))
+        raise
+    except (TunnelError, PassphraseError, OSError) as exc:
+        run.outcome.result = Result.FAILED
+        run.outcome.error = str(exc)
+    run.outcome.duration = time.monotonic() - started
+    _log_outcome(run)
+    return run.outcome
+
+
+def _log_outcome(run: _Run) -> None:
+    o = run.outcome
+    fields: dict[str, object] = {
+        "result": str(o.result),
+        "duration": round(o.duration, 3),
+        "borg_status": o.borg_status,
+    }
+    if o.stats is not None:
+        fields.update(
+            archive=o.stats.archive,
+            original_size=o.stats.original_size,
+            compressed_size=o.stats.compressed_size,
+            deduplicated_size=o.stats.deduplicated_size,
+            nfiles=o.stats.nfiles,
+            borg_duration=o.stats.duration,
+        )
+    if o.result is Result.FAILED:
+        run.log.error("pull_failed", error=o.error, state=str(o.state), **fields)
+    elif o.result is Result.WARNING:
+        run.log.warning("pull_finished", **fields)
+    else:
+        run.log.info("pull_finished", **fields)
+
+
+async def _pull(run: _Run) -> None:
+    config, client = run.config, run.client
+    passphrase = await read_passphrase(client)
+    target = Target(client.host, client.port, client.user, config.ssh_for(client))
+    argv = borg.serve_argv(config.server.borg, client.repository)
+
+    async with pull_socket(
+        config.server.socket_dir,
+        client.name,
+        argv,
+        stop_timeout=config.server.serve_stop_timeout,
+    ) as (local_path, listener):
+        run.enter(State.CONNECTING)
+        async with Tunnel.connect(target) as tunnel:
+            run.enter(State.PREPARING)
+            remote = await tunnel.prepare_socket(client.remote_socket_path)
+            run.outcome.tool = remote.tool
+            if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
+                raise ForwardError(
+                    target,
+                    f"remote socket path {remote.path!r} has characters socat reads as syntax; "
+                    "install netcat-openbsd on the client or choose a plainer remote_socket",
+                )
+            try:
+                run.enter(State.FORWARDING)
+                async with _forward_retrying(run, tunnel, remote.path, local_path):
+                    run.enter(State.RUNNING)
+                    await _run_create(run, tunnel, remote, passphrase, listener)
+            finally:
+                run.enter(State.CLEANING_UP)
+                await listener.terminate_children()
+                await _remove_remote_socket(run, tunnel, remote.path)
+    run.enter(State.DONE)
+
+
+@contextlib.asynccontextmanager
+async def _forward_retrying(
+    run: _Run, tunnel: Tunnel, remote: str, local: Path
+) -> AsyncIterator[None]:
+    """The forward; if the path was taken meanwhile (sshd never unlinks), remove it and retry."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(tunnel.forward(remote, local))
+        except ForwardError:
+            run.log.warning("remote_socket_busy_retrying", path=remote)
+            await tunnel.remove_socket(remote)
+            await stack.enter_async_context(tunnel.forward(remote, local))
+        yield
+
+
+async def _run_create(
+    run: _Run,
+    tunnel: Tunnel,
+    remote: RemoteSocket,
+    passphrase: bytes | None,
+    listener: BorgServeListener,
+) -> None:
+    client = run.client
+    argv = borg.create_argv(
+        remote_borg=client.remote_borg,
+        repository=client.repository,
+        archive=client.archive,
+        paths=client.paths,
+        exclude=client.exclude,
+        extra=client.create_args,
+    )
+    env = borg.client_env(
+        socket_path=remote.path, tool=remote.tool, encrypted=passphrase is not None
+    )
+    command = borg.shell_command(argv, env)
+    run.log.debug("remote_command", argv=argv)
+    # On cancellation, _pull's cleanup stops serve first: that breaks the remote borg's RPC pipe
+    # and it exits within a second, where closing the channel would leave it running.
+    status, stdout = await tunnel.run(
+        command, stdin=passphrase or b"", on_stderr=run.on_remote_line
+    )
+    outcome = run.outcome
+    outcome.borg_status = status
+    outcome.stats = borg.parse_create_json(stdout)
+    verdict = borg.classify_exit(status)
+    if verdict is borg.Outcome.OK:
+        outcome.result = Result.OK
+    elif verdict is borg.Outcome.WARNING:
+        outcome.result = Result.WARNING
+    else:
+        outcome.result = Result.FAILED
+        outcome.error = _failure_text(run, status, listener)
+
+
+def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) -> str:
+    client = run.client
+    if status == SHELL_NOT_FOUND:
+        return f"remote_borg {client.remote_borg!r} not found on the client (status 127)"
+    if status == SHELL_NOT_EXECUTABLE:
+        return f"remote_borg {client.remote_borg!r} is not executable on the client (status 126)"
+    parts = []
+    if run.errors:
+        parts.append(run.errors[-1])
+    if listener.stats.last_error:
+        parts.append(f"server side: {listener.stats.last_error}")
+    if status is None:
+        parts.append("borg create was killed or the connection dropped")
+    detail = "; ".join(parts) or "no error message"
+    return f"borg create failed (status {status}): {detail}"
+
+
+async def _remove_remote_socket(run: _Run, tunnel: Tunnel, path: str) -> None:
+    """Best effort: a dead link cannot remove it, and the next run's prepare step will."""
+    try:
+        await tunnel.remove_socket(path)
+    except TunnelError as exc:
+        run.log.warning("remote_socket_not_removed", path=path, error=str(exc))

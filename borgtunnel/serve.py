@@ -1,0 +1,289 @@
+"""Local unix sockets whose connections are each served by their own ``borg serve``.
+
+The accepted socket becomes the child's stdin and stdout, so repository bytes flow between the
+kernel socket and borg directly; Python only accepts, spawns, logs stderr and reaps. This module
+is shared by the pull path (one fresh socket per pull) and by ``borgtunnel serve`` (sockets
+passed in by systemd or created with ``--listen``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import secrets
+import signal
+import socket
+import stat
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("borgtunnel.serve")
+
+
+class SocketInUseError(Exception):
+    """Something still listens on a socket path we were asked to create."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: another process is listening on this socket; not taking it over"
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` 0700 or check an existing one is ours and private.
+
+    Refuses a symlink or a directory owned by someone else: whoever controls the directory could
+    swap our socket for theirs and receive the client's repository traffic.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path}: socket directory is not a plain directory")
+    if info.st_uid != os.geteuid():
+        raise PermissionError(f"{path}: socket directory is owned by uid {info.st_uid}, not us")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
+
+
+def _listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def bind_unix_socket(path: Path, *, backlog: int = 16) -> socket.socket:
+    """A listening socket at ``path``, mode 0600, in a private directory.
+
+    A leftover file from a dead process is removed; a live listener is never taken over.
+    """
+    ensure_private_dir(path.parent)
+    if path.is_socket() and _listening(path):
+        raise SocketInUseError(path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # umask rather than chmod-after-bind: no window in which the socket is world-connectable.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(eq=False)  # identity semantics: kept in a set
+class _Child:
+    process: asyncio.subprocess.Process
+    stderr_task: asyncio.Task[None]
+    number: int
+
+
+@dataclass
+class ServeStats:
+    """Counters the caller can report: how many connections, how many children failed."""
+
+    connections: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class BorgServeListener:
+    """Accepts on one listening socket and runs ``argv`` (a ``borg serve``) per connection."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        argv: Sequence[str],
+        *,
+        client: str,
+        stop_timeout: float,
+        max_connections: int = 8,
+    ) -> None:
+        self._sock = sock
+        self._argv = list(argv)
+        self._client = client
+        self._stop_timeout = stop_timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._children: set[_Child] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accept_task: asyncio.Task[None] | None = None
+        self.stats = ServeStats()
+        self.log = log.bind(client=client)
+
+    @property
+    def active(self) -> int:
+        return len(self._children)
+
+    def start(self) -> None:
+        self._accept_task = asyncio.create_task(self._accept_loop(), name=f"accept {self._client}")
+
+    async def wait_idle(self) -> None:
+        """Until no child is running."""
+        await self._idle.wait()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except BaseException:
+                self._slots.release()
+                raise
+            try:
+                await self._spawn(conn)
+            except OSError as exc:
+                self._slots.release()
+                self.stats.failures += 1
+                self.stats.last_error = f"cannot start {self._argv[0]}: {exc}"
+                self.log.error("serve_spawn_failed", error=str(exc), argv=self._argv)
+            finally:
+                # The child holds its own copy of the descriptor; ours must go, or the client
+                # would never see EOF when the child exits.
+                conn.close()
+
+    async def _spawn(self, conn: socket.socket) -> None:
+        # O_NONBLOCK lives on the shared open file description: borg must get a blocking socket.
+        conn.setblocking(True)
+        self.stats.connections += 1
+        number = self.stats.connections
+        process = await asyncio.create_subprocess_exec(
+            *self._argv,
+            stdin=conn.fileno(),
+            stdout=conn.fileno(),
+            stderr=asyncio.subprocess.PIPE,
+            # Own session: a Ctrl-C on our terminal must not reach borg before we decide to stop.
+            start_new_session=True,
+        )
+        self.log.info("serve_started", pid=process.pid, connection=number)
+        child = _Child(process, asyncio.create_task(self._relay_stderr(process, number)), number)
+        self._children.add(child)
+        self._idle.clear()
+        asyncio.create_task(self._reap(child), name=f"reap {process.pid}")  # noqa: RUF006
+
+    async def _relay_stderr(self, process: asyncio.subprocess.Process, number: int) -> None:
+        assert process.stderr is not None  # noqa: S101 - we asked for a pipe
+        async for raw in process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.log.warning("serve_stderr", pid=process.pid, connection=number, line=line)
+
+    async def _reap(self, child: _Child) -> None:
+        try:
+            code = await child.process.wait()
+            await child.stderr_task
+        finally:
+            self._children.discard(child)
+            self._slots.release()
+            if not self._children:
+                self._idle.set()
+        self.stats.exit_codes.append(code)
+        if code != 0:
+            self.stats.failures += 1
+            self.stats.last_error = f"borg serve exited with status {code}"
+        report = self.log.info if code == 0 else self.log.warning
+        report("serve_exited", pid=child.process.pid, connection=child.number, status=code)
+
+    async def stop_accepting(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        self._sock.close()
+
+    async def terminate_children(self) -> None:
+        """SIGTERM every child, SIGKILL what is left after the grace period.
+
+        On SIGTERM borg serve closes the repository and releases its lock; a child that does not
+        finish in time is killed, and its stale lock is cleared by the next serve.
+        """
+        children = list(self._children)
+        if not children:
+            return
+        for child in children:
+            _signal(child.process, signal.SIGTERM)
+        waits = [asyncio.ensure_future(c.process.wait()) for c in children]
+        _, pending = await asyncio.wait(waits, timeout=self._stop_timeout)
+        for child in children:
+            if child.process.returncode is None:
+                self.log.warning("serve_killed", pid=child.process.pid)
+                _signal(child.process, signal.SIGKILL)
+        if pending:
+            await asyncio.wait(pending)
+        await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Stop accepting, then stop the children. Safe to call twice, and when cancelled."""
+        await self.stop_accepting()
+        await self.terminate_children()
+
+
+def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:  # pragma: no cover - only ESRCH is expected
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+async def run_to_completion(cleanup: Coroutine[object, object, None]) -> None:
+    """Await a cleanup even if we are cancelled meanwhile, then re-raise the cancellation.
+
+    A cancelled pull must still stop its children and remove its sockets before it returns; a
+    second cancellation while waiting is the caller forcing the issue, and is honoured.
+    """
+    task = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await task
+        raise
+
+
+@contextlib.asynccontextmanager
+async def pull_socket(
+    socket_dir: Path,
+    client: str,
+    argv: Sequence[str],
+    *,
+    stop_timeout: float,
+) -> AsyncIterator[tuple[Path, BorgServeListener]]:
+    """A fresh socket for one pull; on exit the children are stopped and the file removed."""
+    path = socket_dir / f"{client}.{secrets.token_hex(4)}.sock"
+    sock = bind_unix_socket(path)
+    listener = BorgServeListener(sock, argv, client=client, stop_timeout=stop_timeout)
+    listener.start()
+    try:
+        yield path, listener
+    finally:
+        try:
+            await run_to_completion(listener.aclose())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

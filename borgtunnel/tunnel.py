@@ -1,0 +1,260 @@
+"""The SSH side: the only module that talks to asyncssh.
+
+One ``Tunnel`` is one verified SSH connection to a client. It can prepare the remote socket
+directory, hold a reverse unix-socket forward open, run a command with a secret on stdin, and
+remove the remote socket again. Failures are raised as ``TunnelError`` subclasses that carry the
+data an administrator needs (host, port, key fingerprint, remote stderr), never asyncssh types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import asyncssh
+
+from borgtunnel.config import SSHSettings
+from borgtunnel.remote import (
+    PrepareExit,
+    RemoteSocket,
+    parse_prepare_output,
+    prepare_command,
+    remove_command,
+)
+
+LineCallback = Callable[[str], None]
+
+# A prepare or cleanup exec is a few shell builtins; anything slower than this is a stuck link.
+SHORT_COMMAND_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect and how."""
+
+    host: str
+    port: int
+    user: str
+    ssh: SSHSettings
+
+
+class TunnelError(Exception):
+    """Base class: something on the SSH side failed. ``str()`` is the administrator's message."""
+
+    def __init__(self, target: Target, message: str) -> None:
+        super().__init__(message)
+        self.target = target
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.target.user}@{self.target.host}:{self.target.port}: {self.message}"
+
+
+class HostKeyError(TunnelError):
+    """The host key is not in known_hosts (``unknown``) or differs from it (``changed``)."""
+
+    def __init__(self, target: Target, kind: str, fingerprint: str | None) -> None:
+        self.kind = kind
+        self.fingerprint = fingerprint
+        shown = fingerprint or "(not received)"
+        if kind == "changed":
+            text = (
+                f"host key CHANGED: the server presented {shown}, which does not match "
+                f"{target.ssh.known_hosts}; refusing to connect (possible man-in-the-middle)"
+            )
+        else:
+            text = (
+                f"host key unknown: the server presented {shown}, which is not in "
+                f"{target.ssh.known_hosts}; verify it and add it there"
+            )
+        super().__init__(target, text)
+
+
+class ConnectError(TunnelError):
+    """The connection or authentication failed."""
+
+
+class ForwardError(TunnelError):
+    """The client's sshd refused the reverse unix-socket forward."""
+
+
+class RemotePrepareError(TunnelError):
+    """The prepare step on the client refused (symlink, wrong owner, no nc/socat, ...)."""
+
+    def __init__(self, target: Target, code: int | None, stderr: str) -> None:
+        self.code = code
+        self.stderr = stderr
+        super().__init__(target, stderr.strip() or f"prepare step failed with status {code}")
+
+
+class _HostKeyRecorder(asyncssh.SSHClient):
+    """Remembers the key the server offered when it is not trusted, for the error message."""
+
+    def __init__(self) -> None:
+        self.offered: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.offered = key
+        return False  # only known_hosts decides
+
+
+def _host_key_kind(target: Target) -> str:
+    """``changed`` when known_hosts has some key for this host, ``unknown`` otherwise."""
+    try:
+        known = asyncssh.read_known_hosts(str(target.ssh.known_hosts))
+        port = None if target.port == 22 else target.port
+        trusted, ca_keys, *_ = known.match(target.host, "", port)
+    except (OSError, ValueError):
+        return "unknown"
+    return "changed" if trusted or ca_keys else "unknown"
+
+
+class Tunnel:
+    """A verified SSH connection to one client."""
+
+    def __init__(self, target: Target, conn: asyncssh.SSHClientConnection) -> None:
+        self.target = target
+        self._conn = conn
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, target: Target) -> AsyncIterator[Tunnel]:
+        conn = await _open(target)
+        try:
+            yield cls(target, conn)
+        finally:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), timeout=5)
+
+    async def _exec(self, command: str) -> tuple[int | None, bytes, str]:
+        """Run a short command; return (status, stdout bytes, stderr text)."""
+        try:
+            async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+                result = await self._conn.run(command, encoding=None, check=False, stdin=b"")
+        except TimeoutError:
+            raise ConnectError(
+                self.target, f"no answer within {SHORT_COMMAND_TIMEOUT:.0f}s"
+            ) from None
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectError(self.target, f"connection lost: {exc}") from None
+        stdout = cast(bytes, result.stdout or b"")
+        stderr = cast(bytes, result.stderr or b"").decode("utf-8", "replace")
+        return result.exit_status, stdout, stderr
+
+    async def prepare_socket(self, configured_path: str) -> RemoteSocket:
+        """Resolve ``~``, make the directory private, remove a stale socket, pick nc or socat."""
+        code, stdout, stderr = await self._exec(prepare_command(configured_path))
+        if code != PrepareExit.OK:
+            raise RemotePrepareError(self.target, code, stderr)
+        try:
+            return parse_prepare_output(stdout)
+        except ValueError as exc:
+            raise RemotePrepareError(self.target, code, str(exc)) from None
+
+    async def remove_socket(self, path: str) -> None:
+        code, _, stderr = await self._exec(remove_command(path))
+        if code != 0:
+            raise RemotePrepareError(self.target, code, stderr)
+
+    @contextlib.asynccontextmanager
+    async def forward(self, remote_path: str, local_path: Path) -> AsyncIterator[None]:
+        """Reverse-forward ``remote_path`` on the client to ``local_path`` here.
+
+        Uses create_unix_server directly (not forward_remote_path) to pass our channel window:
+        the window, not the cipher, limits throughput on high-latency links.
+        """
+        conn = self._conn
+        local = str(local_path)
+
+        def session_factory() -> Awaitable[asyncssh.SSHUNIXSession[bytes]]:
+            return cast(
+                Awaitable[asyncssh.SSHUNIXSession[bytes]], conn.forward_unix_connection(local)
+            )
+
+        try:
+            listener = await conn.create_unix_server(
+                session_factory, remote_path, window=self.target.ssh.window
+            )
+        except asyncssh.ChannelListenError as exc:
+            raise ForwardError(
+                self.target,
+                f"the client's sshd refused to listen on {remote_path} ({exc}); "
+                "a stale socket is removed before this, so check AllowStreamLocalForwarding",
+            ) from None
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectError(self.target, f"connection lost: {exc}") from None
+        try:
+            yield
+        finally:
+            listener.close()
+
+    async def run(
+        self,
+        command: str,
+        *,
+        stdin: bytes,
+        on_stderr: LineCallback,
+    ) -> tuple[int | None, str]:
+        """Run ``command`` with ``stdin`` written then closed; stream stderr lines to a callback.
+
+        Returns (exit status or None when killed/lost, stdout text). Not ``async with``:
+        create_process's __aexit__ can hang while a remote child lives on.
+        """
+        try:
+            process = await self._conn.create_process(command, encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectError(self.target, f"cannot start the remote command: {exc}") from None
+        try:
+            process.stdin.write(stdin)
+            process.stdin.write_eof()
+            stdout_task = asyncio.ensure_future(process.stdout.read())
+            async for raw in process.stderr:
+                on_stderr(cast(bytes, raw).decode("utf-8", "replace"))
+            stdout = cast(bytes, await stdout_task).decode("utf-8", "replace")
+            await process.wait_closed()
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectError(self.target, f"connection lost during the run: {exc}") from None
+        finally:
+            process.close()
+        return process.exit_status, stdout
+
+
+async def _open(target: Target) -> asyncssh.SSHClientConnection:
+    ssh = target.ssh
+    recorder = _HostKeyRecorder()
+    try:
+        conn, _ = await asyncssh.create_connection(
+            lambda: recorder,
+            target.host,
+            target.port,
+            username=target.user,
+            known_hosts=str(ssh.known_hosts),
+            client_keys=[str(ssh.identity)] if ssh.identity else None,
+            # A daemon must not read ~/.ssh/config or whatever agent its environment has.
+            config=None,
+            agent_path=() if ssh.agent else None,
+            password=None,
+            keepalive_interval=ssh.keepalive_interval,
+            keepalive_count_max=ssh.keepalive_count_max,
+            connect_timeout=ssh.connect_timeout,
+            encryption_algs=list(ssh.ciphers),
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        fingerprint = recorder.offered.get_fingerprint("sha256") if recorder.offered else None
+        raise HostKeyError(target, _host_key_kind(target), fingerprint) from None
+    except asyncssh.PermissionDenied as exc:
+        raise ConnectError(target, f"authentication failed: {exc.reason}") from None
+    except asyncssh.Error as exc:
+        raise ConnectError(target, f"SSH failed: {exc}") from None
+    except TimeoutError:
+        raise ConnectError(target, f"no answer within {ssh.connect_timeout:.0f}s") from None
+    except OSError as exc:
+        raise ConnectError(target, exc.strerror or str(exc)) from None
+    return conn

@@ -11,12 +11,13 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from borgtunnel import __version__, logs
+from borgtunnel import __version__, daemon, logs, socketserve, status
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -25,8 +26,9 @@ from borgtunnel.config import (
     config_path,
     load_config,
 )
+from borgtunnel.history import History
+from borgtunnel.jobs import run_recorded
 from borgtunnel.passphrase import PassphraseError
-from borgtunnel.pull import pull
 from borgtunnel.repository import init_repository
 
 EXIT_OK = 0
@@ -61,6 +63,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = commands.add_parser("pull", help="pull an archive from each named client now")
     pull.add_argument("clients", nargs="+", metavar="NAME")
+    pull.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another borgtunnel process is pulling a client, wait for it instead of failing",
+    )
+
+    commands.add_parser("daemon", help="run the scheduler service (systemd Type=notify)")
+
+    status = commands.add_parser("status", help="last and next run of every client")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    history = commands.add_parser("history", help="recorded runs of one client, newest first")
+    history.add_argument("client", metavar="NAME")
+    history.add_argument("--limit", type=int, default=20, metavar="N")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve borg clients on unix sockets (systemd socket activation or --listen)",
+    )
+    serve.add_argument("--listen", metavar="PATH", type=Path, help="create this socket ourselves")
+    serve.add_argument("--client", metavar="NAME", help="the client served on --listen")
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="exit after this long without a connection (systemd starts us again on the next)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=8, metavar="N", help="served in parallel"
+    )
 
     init = commands.add_parser("init", help="create a client's repository on this server")
     init.add_argument("client", metavar="NAME")
@@ -69,27 +102,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) -> int:
+    print(json.dumps(config.redacted(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    clients = [config.client(name) for name in args.clients]
+    return _run(_pull_all(config, clients, wait=args.wait))
+
+
+def _cmd_init(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return _run(_init(config, config.client(args.client)))
+
+
+def _cmd_daemon(_args: argparse.Namespace, path: Path, config: Config) -> int:
+    return daemon.run_daemon(path, config)
+
+
+def _cmd_status(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return status.show_status(config, as_json=args.json)
+
+
+def _cmd_history(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return status.show_history(config, client, limit=args.limit, as_json=args.json)
+
+
+def _cmd_serve(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return socketserve.run_serve(
+        config,
+        listen=args.listen,
+        client=args.client,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
+    "check-config": _cmd_check_config,
+    "pull": _cmd_pull,
+    "init": _cmd_init,
+    "daemon": _cmd_daemon,
+    "status": _cmd_status,
+    "history": _cmd_history,
+    "serve": _cmd_serve,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, load the config once, dispatch. Config problems of any command exit 78."""
     args = build_parser().parse_args(argv)
     logs.configure(args.log_format, level=args.log_level)
     path = config_path(args.config)
     try:
         config = load_config(path)
-        if args.command == "check-config":
-            print(json.dumps(config.redacted(), indent=2))
-            return EXIT_OK
-        if args.command == "pull":
-            clients = [config.client(name) for name in args.clients]
-            return _run(_pull_all(config, clients))
-        if args.command == "init":
-            return _run(_init(config, config.client(args.client)))
+        return COMMANDS[args.command](args, path, config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     except UnknownClientError as exc:
         print(f"borgtunnel: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    raise AssertionError(args.command)  # pragma: no cover - argparse restricts commands
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -110,12 +184,15 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(guarded())
 
 
-async def _pull_all(config: Config, clients: Sequence[ClientConfig]) -> int:
-    worst = EXIT_OK
-    for client in clients:
-        outcome = await pull(config, client)
-        print(outcome.summary(), flush=True)
-        worst = max(worst, outcome.exit_code)
+async def _pull_all(config: Config, clients: Sequence[ClientConfig], *, wait: bool) -> int:
+    """One after the other: a one-shot run should not compete with itself for bandwidth."""
+    with History.open(config.server.state_dir) as history:
+        history.recover_interrupted()
+        worst = EXIT_OK
+        for client in clients:
+            outcome = await run_recorded(config, client, trigger="pull", wait=wait, history=history)
+            print(outcome.summary(), flush=True)
+            worst = max(worst, outcome.exit_code)
     return worst
 
 

@@ -12,8 +12,10 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -23,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from borgtunnel import scheduler
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"
@@ -153,6 +157,26 @@ class ClientConfig(_Model):
     remote_borg: str = Field(default="borg", min_length=1)
     remote_socket: str = ""  # default derived from name: ~/.cache/borgtunnel/NAME.sock
     ssh: SSHOptions | None = None
+    # Daemon scheduling. A client without a schedule is only pulled on demand.
+    schedule: str | None = None
+    jitter: Annotated[float, Field(ge=0)] = 0.0
+    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    retry_wait: PositiveSeconds = 60.0
+    timeout: PositiveSeconds | None = None
+    blackout: tuple[str, ...] = ()
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            scheduler.parse_schedule(value, tz=UTC)
+        return value
+
+    @field_validator("blackout")
+    @classmethod
+    def _blackout_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        scheduler.validate_blackouts([scheduler.parse_blackout(spec) for spec in value])
+        return value
 
     @field_validator("repository")
     @classmethod
@@ -221,10 +245,34 @@ class ClientConfig(_Model):
         return self.remote_socket or f"~/.cache/borgtunnel/{self.name}.sock"
 
 
+class DaemonSettings(_Model):
+    """``[daemon]``: how the long-running service schedules pulls."""
+
+    max_parallel: Annotated[int, Field(ge=1, le=256)] = 4
+    # How long running pulls may finish after SIGTERM before they are cancelled.
+    stop_timeout: Annotated[float, Field(ge=0)] = 60.0
+    # IANA zone for schedules and blackout windows; default: the system's local zone.
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    def zone(self) -> tzinfo:
+        return ZoneInfo(self.timezone) if self.timezone else scheduler.system_zone()
+
+
 class Config(_Model):
     """The whole file."""
 
     server: ServerSettings = ServerSettings()
+    daemon: DaemonSettings = DaemonSettings()
     ssh: SSHOptions = SSHOptions()
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)

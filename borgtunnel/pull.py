@@ -20,6 +20,7 @@ import structlog
 
 from borgtunnel import borg
 from borgtunnel.config import ClientConfig, Config
+from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
 from borgtunnel.remote import RemoteSocket
 from borgtunnel.serve import BorgServeListener, pull_socket
@@ -42,19 +43,12 @@ class State(StrEnum):
     DONE = "done"
 
 
-class Result(StrEnum):
-    OK = "ok"
-    WARNING = "warning"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-
-
 @dataclass
 class PullOutcome:
     """Everything known about one finished pull."""
 
     client: str
-    result: Result = Result.FAILED
+    result: RunResult = RunResult.FAILED
     state: State = State.STARTING
     borg_status: int | None = None
     stats: borg.ArchiveStats | None = None
@@ -67,12 +61,12 @@ class PullOutcome:
     @property
     def exit_code(self) -> int:
         """CLI meaning: 0 ok, 1 only warnings, 2 failed or interrupted."""
-        return {Result.OK: 0, Result.WARNING: 1}.get(self.result, 2)
+        return {RunResult.OK: 0, RunResult.WARNING: 1}.get(self.result, 2)
 
     def summary(self) -> str:
         """The one line per client that `borgtunnel pull` prints."""
         took = f"{self.duration:.1f}s"
-        if self.stats is not None and self.result in (Result.OK, Result.WARNING):
+        if self.stats is not None and self.result in (RunResult.OK, RunResult.WARNING):
             s = self.stats
             text = (
                 f"{self.client}: {self.result} archive={s.archive} files={s.nfiles} "
@@ -135,13 +129,13 @@ async def pull(config: Config, client: ClientConfig) -> PullOutcome:
     try:
         await _pull(run)
     except asyncio.CancelledError:
-        run.outcome.result = Result.INTERRUPTED
+        run.outcome.result = RunResult.INTERRUPTED
         run.outcome.error = f"interrupted while {run.outcome.state}"
         run.outcome.duration = time.monotonic() - started
         run.log.warning("pull_interrupted", state=str(run.outcome.state))
         raise
     except (TunnelError, PassphraseError, OSError) as exc:
-        run.outcome.result = Result.FAILED
+        run.outcome.result = RunResult.FAILED
         run.outcome.error = str(exc)
     run.outcome.duration = time.monotonic() - started
     _log_outcome(run)
@@ -164,9 +158,9 @@ def _log_outcome(run: _Run) -> None:
             nfiles=o.stats.nfiles,
             borg_duration=o.stats.duration,
         )
-    if o.result is Result.FAILED:
+    if o.result is RunResult.FAILED:
         run.log.error("pull_failed", error=o.error, state=str(o.state), **fields)
-    elif o.result is Result.WARNING:
+    elif o.result is RunResult.WARNING:
         run.log.warning("pull_finished", **fields)
     else:
         run.log.info("pull_finished", **fields)
@@ -253,11 +247,11 @@ async def _run_create(
     outcome.stats = borg.parse_create_json(stdout)
     verdict = borg.classify_exit(status)
     if verdict is borg.Outcome.OK:
-        outcome.result = Result.OK
+        outcome.result = RunResult.OK
     elif verdict is borg.Outcome.WARNING:
-        outcome.result = Result.WARNING
+        outcome.result = RunResult.WARNING
     else:
-        outcome.result = Result.FAILED
+        outcome.result = RunResult.FAILED
         outcome.error = _failure_text(run, status, listener)
 
 

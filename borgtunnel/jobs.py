@@ -1,0 +1,97 @@
+"""A pull as the server runs it: under the client's lock, recorded in the history.
+
+Both the one-shot ``borgtunnel pull`` and the daemon go through ``run_recorded``, so the lock
+(one run per client across processes) and the history (every run, interrupted ones included)
+cannot be bypassed by either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from borgtunnel.config import ClientConfig, Config
+from borgtunnel.history import History, RunResult, RunStats
+from borgtunnel.lock import ClientBusy, client_lock
+from borgtunnel.pull import PullOutcome, State, pull
+
+log = structlog.get_logger("borgtunnel.jobs")
+
+
+def busy_outcome(client: ClientConfig, exc: ClientBusy) -> PullOutcome:
+    holder = f" by pid {exc.pid}" if exc.pid else ""
+    return PullOutcome(
+        client=client.name,
+        result=RunResult.FAILED,
+        error=f"busy: another borgtunnel process is pulling this client{holder}",
+    )
+
+
+async def run_recorded(
+    config: Config,
+    client: ClientConfig,
+    *,
+    trigger: str,
+    wait: bool = False,
+    history: History | None = None,
+) -> PullOutcome:
+    """Lock, record start, pull, record the end (``interrupted`` when cancelled).
+
+    ``history`` may be shared by a long-running caller; otherwise one is opened for this run.
+    """
+    state_dir = config.server.state_dir
+    own_history = history is None
+    db = history if history is not None else History.open(state_dir)
+    try:
+        try:
+            async with client_lock(state_dir, client.name, wait=wait):
+                return await _pull_recorded(config, client, trigger, db)
+        except ClientBusy as exc:
+            outcome = busy_outcome(client, exc)
+            log.warning("client_busy", client=client.name, holder_pid=exc.pid)
+            return outcome
+    finally:
+        if own_history:
+            db.close()
+
+
+async def _pull_recorded(
+    config: Config, client: ClientConfig, trigger: str, db: History
+) -> PullOutcome:
+    run_id = db.start_run(client.name, trigger)
+    started = time.monotonic()
+    try:
+        outcome = await pull(config, client)
+    except asyncio.CancelledError:
+        db.finish_run(
+            run_id,
+            RunResult.INTERRUPTED,
+            error="interrupted: the pull was cancelled (shutdown or timeout)",
+            stats=RunStats(duration=time.monotonic() - started),
+        )
+        raise
+    except BaseException as exc:
+        # A bug, not an operational failure; the row must still not stay "running".
+        db.finish_run(run_id, RunResult.FAILED, error=f"internal error: {exc!r}")
+        raise
+    stats = outcome.stats
+    db.finish_run(
+        run_id,
+        outcome.result,
+        exit_code=outcome.borg_status,
+        archive=stats.archive if stats else None,
+        stats=RunStats(
+            original_size=stats.original_size if stats else None,
+            compressed_size=stats.compressed_size if stats else None,
+            deduplicated_size=stats.deduplicated_size if stats else None,
+            nfiles=stats.nfiles if stats else None,
+            duration=outcome.duration,
+        ),
+        error=outcome.error,
+    )
+    return outcome
+
+
+__all__ = ["PullOutcome", "State", "busy_outcome", "run_recorded"]

@@ -128,13 +128,11 @@ def client_env(*, socket_path: str, tool: str, encrypted: bool) -> dict[str, str
     return env
 
 
-def shell_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
-    """One remote command line; every word quoted, so nothing in it is shell syntax.
-
-    ``env`` (the program) rather than ``K=V cmd`` works under any login shell, fish included.
+def with_env(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``env K=V … argv``: the program ``env`` rather than ``K=V cmd`` syntax, which not every
+    login shell (fish) understands. The caller quotes every word, so nothing is shell syntax.
     """
-    assignments = [f"{key}={value}" for key, value in env.items()]
-    return shlex.join(["env", *assignments, *argv])
+    return ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
 
 
 @dataclass(frozen=True)

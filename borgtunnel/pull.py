@@ -22,7 +22,7 @@ from borgtunnel import borg
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.remote import RemoteSocket
+from borgtunnel.remote import RemoteSocket, kill_command, parse_pid_line, reporting_pid
 from borgtunnel.serve import BorgServeListener, pull_socket
 from borgtunnel.tunnel import ForwardError, Target, Tunnel, TunnelError
 
@@ -97,12 +97,18 @@ class _Run:
         self.outcome = PullOutcome(client=client.name)
         self.log = log.bind(client=client.name)
         self.errors: list[str] = []
+        self.remote_pid: int | None = None
+        self.remote_finished = False
 
     def enter(self, state: State) -> None:
         self.outcome.state = state
         self.log.debug("pull_state", state=str(state))
 
     def on_remote_line(self, line: str) -> None:
+        if self.remote_pid is None:
+            self.remote_pid = parse_pid_line(line)
+            if self.remote_pid is not None:
+                return
         parsed = borg.parse_log_line(line)
         if parsed is None:
             return
@@ -197,6 +203,8 @@ async def _pull(run: _Run) -> None:
             finally:
                 run.enter(State.CLEANING_UP)
                 await listener.terminate_children()
+                if not run.remote_finished:
+                    await _stop_remote(run, tunnel)
                 await _remove_remote_socket(run, tunnel, remote.path)
     run.enter(State.DONE)
 
@@ -235,13 +243,14 @@ async def _run_create(
     env = borg.client_env(
         socket_path=remote.path, tool=remote.tool, encrypted=passphrase is not None
     )
-    command = borg.shell_command(argv, env)
+    command = reporting_pid(borg.with_env(argv, env))
     run.log.debug("remote_command", argv=argv)
     # On cancellation, _pull's cleanup stops serve first: that breaks the remote borg's RPC pipe
     # and it exits within a second, where closing the channel would leave it running.
     status, stdout = await tunnel.run(
         command, stdin=passphrase or b"", on_stderr=run.on_remote_line
     )
+    run.remote_finished = True
     outcome = run.outcome
     outcome.borg_status = status
     outcome.stats = borg.parse_create_json(stdout)
@@ -270,6 +279,22 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
         parts.append("borg create was killed or the connection dropped")
     detail = "; ".join(parts) or "no error message"
     return f"borg create failed (status {status}): {detail}"
+
+
+async def _stop_remote(run: _Run, tunnel: Tunnel) -> None:
+    """The run was abandoned (cancelled, link lost): make sure borg create is not left behind.
+
+    Stopping serve usually ends it already (broken RPC pipe); a create blocked elsewhere (a FIFO,
+    a hung NFS mount) would linger, so it also gets a SIGTERM by pid.
+    """
+    if run.remote_pid is None:
+        return
+    try:
+        await tunnel.exec_quiet(kill_command(run.remote_pid))
+    except TunnelError as exc:
+        run.log.warning("remote_borg_not_stopped", pid=run.remote_pid, error=str(exc))
+    else:
+        run.log.info("remote_borg_stopped", pid=run.remote_pid)
 
 
 async def _remove_remote_socket(run: _Run, tunnel: Tunnel, path: str) -> None:

@@ -69,6 +69,37 @@ def remove_command(path: str) -> str:
     return shlex.join(["rm", "-f", "--", path])
 
 
+PID_PREFIX = "borgtunnel-pid "
+
+# The shell reports its pid, then becomes the command (exec keeps the pid). Closing an SSH
+# channel does not kill a non-pty remote process, and OpenSSH < 10 refuses signal requests for
+# root, so a run we abandon is stopped with a plain `kill` over a fresh exec instead.
+_PID_WRAPPER = f'printf "{PID_PREFIX}%s\\n" "$$" >&2; exec "$@"'
+
+# Only signal the pid if it is still a borg (pid reuse); without /proc, trust the short window.
+_KILL_SCRIPT = r"""
+if [ -r "/proc/$1/cmdline" ] && ! tr '\0' ' ' < "/proc/$1/cmdline" | grep -q borg; then exit 0; fi
+kill -TERM "$1" 2>/dev/null
+exit 0
+"""
+
+
+def reporting_pid(argv: list[str]) -> str:
+    """``argv`` as one remote command line that first prints ``borgtunnel-pid N`` on stderr."""
+    return shlex.join(["sh", "-c", _PID_WRAPPER, "borgtunnel-run", *argv])
+
+
+def parse_pid_line(line: str) -> int | None:
+    if not line.startswith(PID_PREFIX):
+        return None
+    text = line[len(PID_PREFIX) :].strip()
+    return int(text) if text.isdigit() else None
+
+
+def kill_command(pid: int) -> str:
+    return shlex.join(["sh", "-c", _KILL_SCRIPT, "borgtunnel-kill", str(pid)])
+
+
 @dataclass(frozen=True)
 class RemoteSocket:
     """Where the forwarded socket lives on the client and which tool connects to it."""

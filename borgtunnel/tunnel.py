@@ -159,7 +159,11 @@ class Tunnel:
             raise RemotePrepareError(self.target, code, str(exc)) from None
 
     async def remove_socket(self, path: str) -> None:
-        code, _, stderr = await self._exec(remove_command(path))
+        await self.exec_quiet(remove_command(path))
+
+    async def exec_quiet(self, command: str) -> None:
+        """Run a short housekeeping command that prints nothing on success."""
+        code, _, stderr = await self._exec(command)
         if code != 0:
             raise RemotePrepareError(self.target, code, stderr)
 

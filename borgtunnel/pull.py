@@ -189,6 +189,7 @@ async def _pull(run: _Run) -> None:
             run.enter(State.PREPARING)
             remote = await tunnel.prepare_socket(client.remote_socket_path)
             run.outcome.tool = remote.tool
+            run.log.info("remote_prepared", path=remote.path, tool=remote.tool)
             if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
                 raise ForwardError(
                     target,

@@ -202,11 +202,13 @@ async def _pull(run: _Run) -> None:
                     run.enter(State.RUNNING)
                     await _run_create(run, tunnel, remote, passphrase, listener)
             finally:
+                reached = run.outcome.state
                 run.enter(State.CLEANING_UP)
                 await listener.terminate_children()
                 if not run.remote_finished:
                     await _stop_remote(run, tunnel)
                 await _remove_remote_socket(run, tunnel, remote.path)
+                run.outcome.state = reached  # a failure reports where it happened
     run.enter(State.DONE)
 
 

@@ -189,8 +189,9 @@ class Tunnel:
         except asyncssh.ChannelListenError as exc:
             raise ForwardError(
                 self.target,
-                f"the client's sshd refused to listen on {remote_path} ({exc}); "
-                "a stale socket is removed before this, so check AllowStreamLocalForwarding",
+                f"the client's sshd refused to listen on {remote_path} ({exc}); check "
+                "AllowStreamLocalForwarding in its sshd_config and that the key's "
+                "authorized_keys options allow port-forwarding ('restrict' alone forbids it)",
             ) from None
         except (OSError, asyncssh.Error) as exc:
             raise ConnectError(self.target, f"connection lost: {exc}") from None

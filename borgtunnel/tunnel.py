@@ -104,14 +104,10 @@ class _HostKeyRecorder(asyncssh.SSHClient):
         return False  # only known_hosts decides
 
 
-def _host_key_kind(target: Target) -> str:
+def _host_key_kind(target: Target, known: asyncssh.SSHKnownHosts) -> str:
     """``changed`` when known_hosts has some key for this host, ``unknown`` otherwise."""
-    try:
-        known = asyncssh.read_known_hosts(str(target.ssh.known_hosts))
-        port = None if target.port == 22 else target.port
-        trusted, ca_keys, *_ = known.match(target.host, "", port)
-    except (OSError, ValueError):
-        return "unknown"
+    port = None if target.port == 22 else target.port
+    trusted, ca_keys, *_ = known.match(target.host, "", port)
     return "changed" if trusted or ca_keys else "unknown"
 
 
@@ -231,8 +227,33 @@ class Tunnel:
         return process.exit_status, stdout
 
 
+def _load_trust(target: Target) -> tuple[asyncssh.SSHKnownHosts, list[asyncssh.SSHKey]]:
+    """Read known_hosts and the identity up front, so a missing file is named in the error."""
+    ssh = target.ssh
+    try:
+        known_hosts = asyncssh.read_known_hosts(str(ssh.known_hosts))
+    except OSError as exc:
+        raise ConnectError(
+            target,
+            f"known_hosts {ssh.known_hosts}: {exc.strerror or exc}; enrol the client's host key "
+            "there (see README: Preparing a client)",
+        ) from None
+    except ValueError as exc:
+        raise ConnectError(target, f"known_hosts {ssh.known_hosts}: {exc}") from None
+    keys: list[asyncssh.SSHKey] = []
+    if ssh.identity is not None:
+        try:
+            keys = [asyncssh.read_private_key(str(ssh.identity))]
+        except OSError as exc:
+            raise ConnectError(target, f"identity {ssh.identity}: {exc.strerror or exc}") from None
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise ConnectError(target, f"identity {ssh.identity}: {exc}") from None
+    return known_hosts, keys
+
+
 async def _open(target: Target) -> asyncssh.SSHClientConnection:
     ssh = target.ssh
+    known_hosts, keys = _load_trust(target)
     recorder = _HostKeyRecorder()
     try:
         conn, _ = await asyncssh.create_connection(
@@ -240,8 +261,8 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
             target.host,
             target.port,
             username=target.user,
-            known_hosts=str(ssh.known_hosts),
-            client_keys=[str(ssh.identity)] if ssh.identity else None,
+            known_hosts=known_hosts,
+            client_keys=keys or None,
             # A daemon must not read ~/.ssh/config or whatever agent its environment has.
             config=None,
             agent_path=() if ssh.agent else None,
@@ -253,7 +274,7 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
         )
     except asyncssh.HostKeyNotVerifiable:
         fingerprint = recorder.offered.get_fingerprint("sha256") if recorder.offered else None
-        raise HostKeyError(target, _host_key_kind(target), fingerprint) from None
+        raise HostKeyError(target, _host_key_kind(target, known_hosts), fingerprint) from None
     except asyncssh.PermissionDenied as exc:
         raise ConnectError(target, f"authentication failed: {exc.reason}") from None
     except asyncssh.Error as exc:

@@ -259,6 +259,17 @@ def test_changed_host_key_is_refused_before_any_data_moves(
     assert pullkit.archives(tmp_path, repo) == []
 
 
+def test_missing_known_hosts_file_is_named(tmp_path: Path, sshd: SshdServer) -> None:
+    _, repo, config = _setup(tmp_path, sshd)
+    sshd.known_hosts.unlink()
+
+    result = pullkit.run_cli(config, "pull", "c1")
+
+    assert result.returncode == 2
+    assert f"known_hosts {sshd.known_hosts}: No such file or directory" in result.stdout
+    assert pullkit.archives(tmp_path, repo) == []
+
+
 def test_bad_config_exits_78_naming_the_key(tmp_path: Path, sshd: SshdServer) -> None:
     _, _, config = _setup(tmp_path, sshd)
     config.write_text(config.read_text().replace(f"port = {sshd.port}", 'port = "twenty-two"'))

@@ -1,0 +1,421 @@
+"""borg command building and output parsing, with the quoting proven through real shells.
+
+The remote command line is parsed by the client user's login shell. Instead of comparing strings
+we hand the command to a real ``sh -c`` (dash, and bash when present) whose "borg" is a script
+that reports the argv and environment it received: what arrives must be exactly what we meant,
+and no shell syntax inside a value may run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from borgtunnel import borg
+from borgtunnel.remote import parse_pid_line, reporting_pid
+
+SHELLS = [s for s in ("/bin/sh", "/bin/bash", "/usr/bin/zsh") if Path(s).exists()]
+
+# Reports argv (without argv[0]), environment and pid as JSON on stdout.
+ARGV_DUMPER = """\
+import json, os, sys
+json.dump({"argv": sys.argv[1:], "env": dict(os.environ), "pid": os.getpid()}, sys.stdout)
+"""
+
+
+def nasty_values(marker: Path) -> list[str]:
+    """Strings that would run ``touch MARKER`` (or break words apart) if any shell parsed them."""
+    m = shlex.quote(str(marker))
+    return [
+        "with space",
+        "ünïcødé ☃",
+        "single'quote",
+        'double"quote',
+        f"$(touch {m})",
+        f"`touch {m}`",
+        f"'; touch {m}; '",
+        f'"; touch {m}; "',
+        f"a\ntouch {m}\n",
+        "-leading-dash",
+        "--json",
+        "*",
+        f"; touch {m}",
+        f"&& touch {m}",
+        f"| touch {m}",
+        "back\\slash\\",
+        "$HOME ${HOME} ~",
+        "tab\there",
+        "#not a comment",
+        "",
+    ]
+
+
+@pytest.fixture
+def dumper(tmp_path: Path) -> str:
+    """A ``remote_borg`` value: this Python running the argv dumper (two words, shell-quoted)."""
+    script = tmp_path / "fake borg.py"  # a space in the program path, too
+    script.write_text(ARGV_DUMPER)
+    return shlex.join([sys.executable, str(script)])
+
+
+def run_in_shell(shell: str, command: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """What sshd does with an exec request: ``$SHELL -c COMMAND``, in a plain environment."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(cwd)}
+    return subprocess.run(
+        [shell, "-c", command], cwd=cwd, env=env, capture_output=True, timeout=20, check=False
+    )
+
+
+# --- argv builders ----------------------------------------------------------------------------
+
+
+def test_serve_argv_is_the_policy() -> None:
+    assert borg.serve_argv("/usr/bin/borg", Path("/srv/borg/web1")) == [
+        "/usr/bin/borg",
+        "serve",
+        "--append-only",
+        "--restrict-to-repository",
+        "/srv/borg/web1",
+    ]
+
+
+def test_repository_url_is_constant_form() -> None:
+    assert borg.repository_url(Path("/srv/borg/web1")) == "ssh://borgtunnel/srv/borg/web1"
+    assert borg.repository_url(Path("/srv/borg dir/x")) == "ssh://borgtunnel/srv/borg dir/x"
+
+
+def test_init_argv() -> None:
+    assert borg.init_argv("borg", Path("/srv/r"), "repokey-blake2") == [
+        "borg",
+        "init",
+        "--encryption=repokey-blake2",
+        "--make-parent-dirs",
+        "--",
+        "/srv/r",
+    ]
+
+
+def test_create_argv_layout() -> None:
+    argv = borg.create_argv(
+        remote_borg="sudo -n borg",
+        repository=Path("/srv/borg/web1"),
+        archive="{hostname}-{now}",
+        paths=["/etc", "/home/-odd"],
+        exclude=["-starts-with-dash", "*.tmp"],
+        extra=["--compression=zstd,3", "--one-file-system"],
+    )
+    assert argv == [
+        "sudo",
+        "-n",
+        "borg",
+        "create",
+        "--log-json",
+        "--json",
+        "--exclude=-starts-with-dash",
+        "--exclude=*.tmp",
+        "--compression=zstd,3",
+        "--one-file-system",
+        "--",
+        "ssh://borgtunnel/srv/borg/web1::{hostname}-{now}",
+        "/etc",
+        "/home/-odd",
+    ]
+
+
+def test_create_argv_remote_borg_honours_quotes() -> None:
+    argv = borg.create_argv(
+        remote_borg="'/opt/my borg/borg' --lock-wait 5",
+        repository=Path("/r"),
+        archive="a",
+        paths=["/"],
+    )
+    assert argv[:4] == ["/opt/my borg/borg", "--lock-wait", "5", "create"]
+
+
+def test_client_env() -> None:
+    plain = borg.client_env(socket_path="/s.sock", tool="nc", encrypted=False)
+    assert plain[borg.SOCKET_VAR] == "/s.sock"
+    assert plain["BORG_RSH"] == borg.RSH_BY_TOOL["nc"]
+    assert "BORG_PASSPHRASE_FD" not in plain
+    assert not any("PASSPHRASE" in key and key != "BORG_PASSPHRASE_FD" for key in plain)
+    encrypted = borg.client_env(socket_path="/s.sock", tool="socat", encrypted=True)
+    assert encrypted["BORG_PASSPHRASE_FD"] == "0"
+    assert encrypted["BORG_RSH"] == borg.RSH_BY_TOOL["socat"]
+
+
+# --- the remote command line through real shells ----------------------------------------------
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_remote_command_round_trips_through_shell(shell: str, tmp_path: Path, dumper: str) -> None:
+    marker = tmp_path / "PWNED"
+    values = nasty_values(marker)
+    argv = borg.create_argv(
+        remote_borg=dumper,
+        repository=Path("/srv/borg/web 1"),
+        archive="|".join(values),  # one archive name holding every value at once
+        paths=values,
+        exclude=values,
+        extra=values,
+    )
+    env = borg.client_env(socket_path="/tmp/s $(touch PWNED) '\".sock", tool="nc", encrypted=True)
+    command = reporting_pid(borg.with_env(argv, env))
+
+    result = run_in_shell(shell, command, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    received: dict[str, Any] = json.loads(result.stdout)
+    assert received["argv"] == argv[2:]  # argv[:2] is "python fake-borg.py"
+    assert {k: received["env"].get(k) for k in env} == env
+    assert not marker.exists()
+    assert not (tmp_path / "PWNED").exists()
+    # The pid line comes first, and `exec` kept it: killing that pid kills borg itself.
+    first_line = result.stderr.decode().splitlines()[0]
+    assert parse_pid_line(first_line) == received["pid"]
+
+
+def test_remote_command_missing_borg_is_status_127(tmp_path: Path) -> None:
+    argv = borg.create_argv(
+        remote_borg="/nonexistent/borg", repository=Path("/r"), archive="a", paths=["/"]
+    )
+    command = reporting_pid(borg.with_env(argv, {"A": "1"}))
+    assert run_in_shell("/bin/sh", command, tmp_path).returncode == 127
+
+
+# --- BORG_RSH: borg's appended words are ignored ----------------------------------------------
+
+# What borg 1.2 appends to shlex.split(BORG_RSH) for ssh://borgtunnel/path.
+BORG_APPENDS = ["borgtunnel", "borg", "serve", "--umask=077", "--debug"]
+
+
+def rsh_argv(tool: str) -> list[str]:
+    return [*shlex.split(borg.RSH_BY_TOOL[tool]), *BORG_APPENDS]
+
+
+@pytest.mark.parametrize(
+    ("tool", "expected"),
+    [
+        ("nc", ["-N", "-U", "{path}"]),
+        ("socat", ["STDIO", "UNIX-CONNECT:{path}"]),
+    ],
+)
+def test_borg_rsh_ignores_appended_words(tool: str, expected: list[str], tmp_path: Path) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / tool
+    fake.write_text("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    fake.chmod(0o755)
+    (fake_bin / "sh").symlink_to("/bin/sh")
+    path = f"{tmp_path}/a b $(touch {tmp_path}/PWNED) `x` 'q\".sock"
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", borg.SOCKET_VAR: path}
+
+    result = subprocess.run(rsh_argv(tool), env=env, capture_output=True, timeout=10, check=True)
+
+    assert result.stdout.split(b"\0")[:-1] == [w.format(path=path).encode() for w in expected]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@contextmanager
+def eof_echo_server(path: Path) -> Iterator[None]:
+    """Answers ``got:<everything read until EOF>``: only a relay that passes EOF gets a reply."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            conn.sendall(b"got:" + data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("tool", ["nc", "socat"])
+def test_borg_rsh_passes_data_and_eof_with_the_real_tool(tool: str, tmp_path: Path) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+    path = tmp_path / "dir with space" / "s.sock"
+    path.parent.mkdir()
+    env = {"PATH": os.environ["PATH"], borg.SOCKET_VAR: str(path)}
+    with eof_echo_server(path):
+        result = subprocess.run(
+            rsh_argv(tool),
+            input=b"hello borg",
+            env=env,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    assert result.stdout == b"got:hello borg", result.stderr
+
+
+# --- exit codes and output ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (0, borg.Outcome.OK),
+        (1, borg.Outcome.WARNING),
+        (2, borg.Outcome.ERROR),
+        (3, borg.Outcome.ERROR),
+        (99, borg.Outcome.ERROR),
+        (100, borg.Outcome.WARNING),
+        (127, borg.Outcome.WARNING),
+        (128, borg.Outcome.ERROR),
+        (-9, borg.Outcome.ERROR),
+        (None, borg.Outcome.ERROR),
+    ],
+)
+def test_classify_exit(code: int | None, outcome: borg.Outcome) -> None:
+    assert borg.classify_exit(code) is outcome
+
+
+# Shape of `borg create --json` from borg 1.2.4 (captured from a real run, ids shortened).
+BORG_12_CREATE_JSON = """\
+{
+    "archive": {
+        "command_line": ["/usr/bin/borg", "create", "--json", "--log-json", "repo::t 1", "data"],
+        "duration": 0.00363,
+        "end": "2026-11-25T15:59:09.000000",
+        "id": "d166185c32b968a4",
+        "limits": {"max_archive_size": 2.226833882340869e-05},
+        "name": "web1-2026-11-25T15:59:09",
+        "start": "2026-11-25T15:59:09.000000",
+        "stats": {
+            "compressed_size": 473,
+            "deduplicated_size": 12,
+            "nfiles": 1,
+            "original_size": 504
+        }
+    },
+    "cache": {"path": "/root/.cache/borg/3896", "stats": {"total_chunks": 3, "unique_size": 735}},
+    "encryption": {"mode": "none"},
+    "repository": {"id": "3896", "last_modified": "2026-11-25T15:59:09.000000",
+                   "location": "ssh://borgtunnel/srv/borg/web1"}
+}
+"""
+
+
+def test_parse_create_json_real_shape() -> None:
+    assert borg.parse_create_json(BORG_12_CREATE_JSON) == borg.ArchiveStats(
+        archive="web1-2026-11-25T15:59:09",
+        original_size=504,
+        compressed_size=473,
+        deduplicated_size=12,
+        nfiles=1,
+        duration=0.00363,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   \n",
+        "not json at all",
+        "[1, 2]",
+        '{"archive": {}}',
+        '{"archive": {"name": "a", "stats": {"original_size": "many"}}}',
+        BORG_12_CREATE_JSON[:200],
+    ],
+    ids=["empty", "blank", "garbage", "list", "no-stats", "bad-number", "truncated"],
+)
+def test_parse_create_json_rejects_garbage(text: str) -> None:
+    assert borg.parse_create_json(text) is None
+
+
+@pytest.mark.parametrize(
+    ("levelname", "level"),
+    [
+        ("DEBUG", "debug"),
+        ("INFO", "info"),
+        ("WARNING", "warning"),
+        ("ERROR", "error"),
+        ("CRITICAL", "error"),
+    ],
+)
+def test_parse_log_line_log_message_levels(levelname: str, level: str) -> None:
+    line = json.dumps(
+        {
+            "type": "log_message",
+            "time": 1795622349.79,
+            "message": "Archive t 1 already exists",
+            "levelname": levelname,
+            "name": "borg.archiver",
+            "msgid": "Archive.AlreadyExists",
+        }
+    )
+    parsed = borg.parse_log_line(line + "\n")
+    assert parsed is not None
+    assert parsed.level == level
+    assert parsed.message == "Archive t 1 already exists"
+    assert parsed.fields == {"msgid": "Archive.AlreadyExists", "name": "borg.archiver"}
+
+
+def test_parse_log_line_archive_progress() -> None:
+    line = (
+        '{"original_size": 1000, "compressed_size": 800, "deduplicated_size": 10, "nfiles": 3, '
+        '"path": "data/a", "time": 1795622349.51, "type": "archive_progress", "finished": false}'
+    )
+    parsed = borg.parse_log_line(line)
+    assert parsed is not None
+    assert parsed.level == "debug"
+    assert parsed.message == "archive_progress"
+    assert parsed.fields["nfiles"] == 3
+    assert parsed.fields["path"] == "data/a"
+    assert "type" not in parsed.fields
+
+
+def test_parse_log_line_question_prompt() -> None:
+    line = json.dumps(
+        {
+            "type": "question_prompt",
+            "msgid": "BORG_RELOCATED_REPO_ACCESS_IS_OK",
+            "message": "Warning: The repository at location ... was previously located at ...",
+        }
+    )
+    parsed = borg.parse_log_line(line)
+    assert parsed is not None
+    assert parsed.level == "debug"
+    assert parsed.message.startswith("Warning: The repository")
+    assert parsed.fields["msgid"] == "BORG_RELOCATED_REPO_ACCESS_IS_OK"
+
+
+@pytest.mark.parametrize(
+    "line", ["nc: unix connect failed: No such file or directory", "sh: 1: borg: not found", "[1]"]
+)
+def test_parse_log_line_plain_text_is_a_warning(line: str) -> None:
+    parsed = borg.parse_log_line(line + "\r\n")
+    assert parsed == borg.LogLine("warning", line, {})
+
+
+@pytest.mark.parametrize("line", ["", "\n", "   \r\n"])
+def test_parse_log_line_blank(line: str) -> None:
+    assert borg.parse_log_line(line) is None

@@ -1,0 +1,257 @@
+"""The client-side prepare step, run for real by dash on this machine.
+
+``prepare_command`` is what the pull sends over SSH; here it runs under ``/bin/sh -c`` locally with
+HOME and PATH pointing into tmp_path, which exercises the same shell text as on a client.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from borgtunnel.remote import (
+    PrepareExit,
+    RemoteSocket,
+    parse_prepare_output,
+    prepare_command,
+    remove_command,
+)
+
+# What the script needs besides a tool: dash itself (the command says `sh -c`) and coreutils.
+BASICS = ("sh", "mkdir", "find", "chmod", "rm", "id", "grep")
+
+
+def run_prepare(
+    configured: str, home: Path, path_dirs: list[Path] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    path = ":".join(str(d) for d in path_dirs) if path_dirs is not None else os.environ["PATH"]
+    return subprocess.run(
+        ["/bin/sh", "-c", prepare_command(configured)],
+        env={"HOME": str(home), "PATH": path},
+        cwd=home,
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def stale_socket(path: Path) -> None:
+    """A socket file nobody listens on: what sshd leaves behind after a forward."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def bin_dir(tmp_path: Path, *tools: str) -> Path:
+    """A PATH directory holding only BASICS and ``tools`` (symlinks to the real programs)."""
+    directory = tmp_path / "bin"
+    directory.mkdir(exist_ok=True)
+    for name in (*BASICS, *tools):
+        real = shutil.which(name)
+        assert real is not None, f"{name} is needed for this test"
+        (directory / name).symlink_to(real)
+    return directory
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    directory = tmp_path / "home"
+    directory.mkdir()
+    return directory
+
+
+def test_creates_private_dir_under_home(home: Path) -> None:
+    result = run_prepare("~/.cache/borgtunnel/web1.sock", home)
+    assert result.returncode == 0, result.stderr
+    socket_dir = home / ".cache" / "borgtunnel"
+    assert socket_dir.is_dir()
+    assert mode(socket_dir) == 0o700
+    assert parse_prepare_output(result.stdout) == RemoteSocket(
+        path=f"{home}/.cache/borgtunnel/web1.sock", tool="nc"
+    )
+
+
+def test_removes_a_stale_socket(home: Path) -> None:
+    sock = home / "s.sock"
+    stale_socket(sock)
+    assert sock.is_socket()
+    result = run_prepare(str(sock), home)
+    assert result.returncode == 0, result.stderr
+    assert not sock.exists()
+
+
+def test_refuses_a_regular_file_at_the_path(home: Path) -> None:
+    victim = home / "important.sock"
+    victim.write_text("not a socket")
+    result = run_prepare(str(victim), home)
+    assert result.returncode == PrepareExit.NOT_A_SOCKET
+    assert b"not a socket" in result.stderr
+    assert victim.read_text() == "not a socket"
+
+
+def test_refuses_a_symlink_at_the_path(home: Path) -> None:
+    target = home / "target"
+    target.write_text("keep")
+    (home / "s.sock").symlink_to(target)
+    result = run_prepare(str(home / "s.sock"), home)
+    assert result.returncode == PrepareExit.NOT_A_SOCKET
+    assert target.read_text() == "keep"
+
+
+def test_refuses_a_symlinked_directory(home: Path, tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    (home / "sockets").symlink_to(real)
+    result = run_prepare("~/sockets/s.sock", home)
+    assert result.returncode == PrepareExit.SYMLINK
+    assert b"symlink" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a directory to nobody")
+def test_refuses_a_directory_owned_by_someone_else(home: Path) -> None:
+    foreign = home / "sockets"
+    foreign.mkdir(mode=0o700)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(foreign, nobody.pw_uid, nobody.pw_gid)
+    result = run_prepare(str(foreign / "s.sock"), home)
+    assert result.returncode == PrepareExit.NOT_OWNER
+    assert b"not owned by" in result.stderr
+
+
+def test_tightens_an_own_open_directory(home: Path) -> None:
+    directory = home / "sockets"
+    directory.mkdir()
+    directory.chmod(0o755)
+    result = run_prepare(str(directory / "s.sock"), home)
+    assert result.returncode == 0, result.stderr
+    assert mode(directory) == 0o700
+
+
+def test_refuses_a_sticky_shared_directory(home: Path) -> None:
+    shared = home / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    result = run_prepare(str(shared / "s.sock"), home)
+    assert result.returncode == PrepareExit.SHARED_DIR
+    assert mode(shared) == 0o1777  # left alone: it is not ours to tighten
+
+
+def test_socket_directly_under_root(home: Path) -> None:
+    """``/x.sock``: the directory part is "/" (not empty), checked like any other directory."""
+    result = run_prepare("/borgtunnel-test-nonexistent.sock", home)
+    if Path("/").stat().st_uid == os.geteuid():
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == PrepareExit.NOT_OWNER
+
+
+def test_path_with_shell_syntax_is_taken_literally(home: Path) -> None:
+    odd = "dir with space 'q' \"d\" $(touch PWNED) `touch PWNED2` ; && \\ ünï"
+    result = run_prepare(f"~/{odd}/s $(x).sock", home)
+    assert result.returncode == 0, result.stderr
+    assert (home / odd).is_dir()
+    assert mode(home / odd) == 0o700
+    assert parse_prepare_output(result.stdout).path == f"{home}/{odd}/s $(x).sock"
+    assert not (home / "PWNED").exists()
+    assert not (home / "PWNED2").exists()
+
+
+# --- which relay tool ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nc") is None, reason="netcat-openbsd not installed")
+def test_picks_nc_when_it_supports_dash_n(home: Path, tmp_path: Path) -> None:
+    result = run_prepare("~/s.sock", home, [bin_dir(tmp_path, "nc", "socat")])
+    assert result.returncode == 0, result.stderr
+    assert parse_prepare_output(result.stdout).tool == "nc"
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed")
+def test_picks_socat_without_nc(home: Path, tmp_path: Path) -> None:
+    result = run_prepare("~/s.sock", home, [bin_dir(tmp_path, "socat")])
+    assert result.returncode == 0, result.stderr
+    assert parse_prepare_output(result.stdout).tool == "socat"
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed")
+def test_an_nc_without_dash_n_is_not_used(home: Path, tmp_path: Path) -> None:
+    """Traditional netcat has no -N: borg's EOF would never reach serve, so prefer socat."""
+    directory = bin_dir(tmp_path, "socat")
+    fake_nc = directory / "nc"
+    fake_nc.write_text("#!/bin/sh\necho 'usage: nc [-lnuvz] [-p port] host port' >&2\nexit 1\n")
+    fake_nc.chmod(0o755)
+    result = run_prepare("~/s.sock", home, [directory])
+    assert result.returncode == 0, result.stderr
+    assert parse_prepare_output(result.stdout).tool == "socat"
+
+
+def test_neither_tool_is_a_clear_error(home: Path, tmp_path: Path) -> None:
+    result = run_prepare("~/s.sock", home, [bin_dir(tmp_path)])
+    assert result.returncode == PrepareExit.NO_TOOL
+    assert b"nc" in result.stderr
+    assert b"socat" in result.stderr
+    assert result.stdout == b""
+
+
+# --- remove_command -----------------------------------------------------------------------------
+
+
+def test_remove_command_removes_only_the_literal_path(home: Path) -> None:
+    sock = home / "-rf $(touch PWNED) *.sock"
+    stale_socket(sock)
+    bystander = home / "other.sock"
+    stale_socket(bystander)
+    result = subprocess.run(
+        ["/bin/sh", "-c", remove_command(str(sock))], cwd=home, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert not sock.exists()
+    assert bystander.exists()
+    assert not (home / "PWNED").exists()
+
+
+# --- parse_prepare_output -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stdout", "expected"),
+    [
+        (
+            b"nc\0/home/u/.cache/borgtunnel/w.sock\0",
+            RemoteSocket("/home/u/.cache/borgtunnel/w.sock", "nc"),
+        ),
+        (b"socat\0/tmp/a b\nc.sock\0", RemoteSocket("/tmp/a b\nc.sock", "socat")),
+        (b"nc\0/tmp/\xff.sock\0", RemoteSocket("/tmp/\udcff.sock", "nc")),
+    ],
+    ids=["nc", "socat-odd-path", "non-utf8"],
+)
+def test_parse_prepare_output_good(stdout: bytes, expected: RemoteSocket) -> None:
+    assert parse_prepare_output(stdout) == expected
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        b"",
+        b"nc",
+        b"nc\0/p",
+        b"nc\0\0",
+        b"telnet\0/p\0",
+        b"nc\0/p\0extra\0",
+        b"motd banner\nnc\0/p\0",
+    ],
+    ids=["empty", "tool-only", "no-trailing-nul", "empty-path", "unknown-tool", "extra", "banner"],
+)
+def test_parse_prepare_output_bad(stdout: bytes) -> None:
+    with pytest.raises(ValueError, match="unexpected output from the prepare step"):
+        parse_prepare_output(stdout)

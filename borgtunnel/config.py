@@ -80,6 +80,12 @@ class ServerSettings(_Model):
         return value
 
 
+def _absolute_or_none(value: Path | None) -> Path | None:
+    if value is not None and not value.is_absolute():
+        raise ValueError("must be an absolute path on the server")
+    return value
+
+
 class SSHOptions(_Model):
     """SSH settings. In ``[ssh]`` they are defaults; in ``[clients.NAME.ssh]`` overrides."""
 
@@ -94,6 +100,11 @@ class SSHOptions(_Model):
     # Use an ssh-agent (from $SSH_AUTH_SOCK) in addition to `identity`. Off by default: a
     # daemon should not pick up whatever agent happens to be in its environment.
     agent: bool | None = None
+
+    @field_validator("identity", "known_hosts")
+    @classmethod
+    def _paths_absolute(cls, value: Path | None) -> Path | None:
+        return _absolute_or_none(value)
 
 
 DEFAULT_SSH = SSHOptions(
@@ -152,7 +163,7 @@ class ClientConfig(_Model):
     archive: str = "{hostname}-{now}"
     encryption: Encryption = "repokey-blake2"
     passphrase_file: Path | None = None
-    passphrase_command: str | None = None
+    passphrase_command: str | None = Field(default=None, min_length=1)
     create_args: tuple[str, ...] = ()
     remote_borg: str = Field(default="borg", min_length=1)
     remote_socket: str = ""  # default derived from name: ~/.cache/borgtunnel/NAME.sock
@@ -184,6 +195,13 @@ class ClientConfig(_Model):
         if not value.is_absolute():
             raise ValueError("must be an absolute path on the server")
         return value
+
+    # The daemon's working directory is not the administrator's shell's: relative paths would
+    # resolve differently under systemd than in a manual pull.
+    @field_validator("passphrase_file")
+    @classmethod
+    def _passphrase_file_absolute(cls, value: Path | None) -> Path | None:
+        return _absolute_or_none(value)
 
     @field_validator("paths")
     @classmethod
@@ -221,6 +239,8 @@ class ClientConfig(_Model):
         _check_no_nul(value)
         if not value.startswith(("/", "~/")):
             raise ValueError("must be absolute or start with '~/'")
+        if value.endswith("/"):
+            raise ValueError("must name a socket file, not a directory")
         if "\n" in value:
             raise ValueError("must not contain a newline")
         if len(value.encode()) > MAX_SOCKET_PATH:
@@ -229,7 +249,9 @@ class ClientConfig(_Model):
 
     @model_validator(mode="after")
     def _passphrase_matches_encryption(self) -> Self:
-        given = [k for k in ("passphrase_file", "passphrase_command") if getattr(self, k)]
+        given = [
+            k for k in ("passphrase_file", "passphrase_command") if getattr(self, k) is not None
+        ]
         if len(given) > 1:
             raise ValueError("set only one of passphrase_file and passphrase_command")
         if self.encryption == "none" and given:

@@ -7,7 +7,9 @@ a local pipe for ``borg init``): never argv, never an environment variable, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import stat
 
 from borgtunnel.config import ClientConfig
@@ -62,12 +64,16 @@ async def _from_command(command: str, client: str) -> bytes:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "BORGTUNNEL_CLIENT": client},
+        # Its own process group: on timeout the whole command (gpg, curl, sleep …) must go, or
+        # its children would hold our pipes open and the timeout would not end the wait.
+        start_new_session=True,
     )
     try:
         async with asyncio.timeout(COMMAND_TIMEOUT):
             stdout, stderr = await process.communicate()
     except TimeoutError:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
         raise PassphraseError(
             f"passphrase_command did not finish in {COMMAND_TIMEOUT:.0f}s"

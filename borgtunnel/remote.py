@@ -22,6 +22,7 @@ class PrepareExit(IntEnum):
     NOT_A_SOCKET = 68
     NO_TOOL = 69
     SHARED_DIR = 70
+    TOO_LONG = 71
 
 
 # $1 is the configured path (possibly starting with "~/"). Prints "TOOL\0PATH\0" on success.
@@ -29,6 +30,9 @@ PREPARE_SCRIPT = r"""
 set -u
 p=$1
 case $p in "~/"*) p=$HOME/${p#"~/"} ;; esac
+if [ ${#p} -gt 100 ]; then
+  echo "borgtunnel: socket path $p is longer than 100 bytes (unix socket limit)" >&2; exit 71
+fi
 d=${p%/*}
 [ -n "$d" ] || d=/
 if [ -L "$d" ]; then echo "borgtunnel: socket directory $d is a symlink; refusing" >&2; exit 65; fi

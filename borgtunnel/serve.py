@@ -185,8 +185,8 @@ class BorgServeListener:
 
     async def _relay_stderr(self, process: asyncio.subprocess.Process, number: int) -> None:
         assert process.stderr is not None  # noqa: S101 - we asked for a pipe
-        async for raw in process.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
+        async for chunk in _lines(process.stderr):
+            line = chunk.decode("utf-8", "replace").rstrip()
             if line:
                 self.log.warning("serve_stderr", pid=process.pid, connection=number, line=line)
 
@@ -241,9 +241,32 @@ class BorgServeListener:
         await self.terminate_children()
 
 
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Lines of ``stream``; a line longer than the reader's limit comes out in pieces.
+
+    (``async for`` on a StreamReader raises on an over-long line and drops the rest.)
+    """
+    while True:
+        try:
+            yield await stream.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            yield await stream.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                yield exc.partial
+            return
+
+
 def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Signal the child's whole process group (it leads its own session).
+
+    A ``[server] borg`` that is a wrapper script without ``exec`` would otherwise lose only the
+    shell, while the real borg keeps the socket and the repository lock.
+    """
+    if process.returncode is not None:
+        return
     try:
-        process.send_signal(signum)
+        os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
     except OSError as exc:  # pragma: no cover - only ESRCH is expected

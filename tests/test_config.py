@@ -460,23 +460,11 @@ def test_cli_pull_unknown_client_exits_78(
     assert not (tmp_path / "sockets").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.py _passphrase_matches_encryption tests truthiness, so an empty "
-    "passphrase_command passes with encryption 'none', but passphrase.read_passphrase tests "
-    "`is not None` and runs the empty command, failing every pull with 'printed nothing'",
-)
 def test_empty_passphrase_command_is_refused() -> None:
     key, _ = only_problem({"clients": {"web1": minimal_client(passphrase_command="")}})
     assert key.startswith("clients.web1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.py checks repository, socket_dir and state_dir are absolute but not "
-    "passphrase_file or ssh identity/known_hosts; a relative one resolves against the process "
-    "cwd, which differs between a manual `borgtunnel pull` and the daemon under systemd",
-)
 @pytest.mark.parametrize(
     ("data", "expected_key"),
     [

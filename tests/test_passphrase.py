@@ -132,12 +132,6 @@ async def test_command_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert time.monotonic() - started < 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: passphrase.py _from_command kills only /bin/sh on timeout; a child of the "
-    "command (here sleep; in real life gpg/pinentry, curl) keeps stdout open and "
-    "asyncio's Process.wait() waits for the pipes, so the timeout is not enforced",
-)
 async def test_command_timeout_kills_the_whole_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

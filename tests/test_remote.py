@@ -12,6 +12,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,14 @@ def test_socket_directly_under_root(home: Path) -> None:
         assert result.returncode == PrepareExit.NOT_OWNER
 
 
-def test_path_with_shell_syntax_is_taken_literally(home: Path) -> None:
+def test_path_with_shell_syntax_is_taken_literally() -> None:
     odd = "dir with space 'q' \"d\" $(touch PWNED) `touch PWNED2` ; && \\ ünï"
+    # A short home: pytest's tmp_path plus this name would exceed the socket path limit.
+    with tempfile.TemporaryDirectory(prefix="bt-") as short:
+        _literal_path_check(Path(short), odd)
+
+
+def _literal_path_check(home: Path, odd: str) -> None:
     result = run_prepare(f"~/{odd}/s $(x).sock", home)
     assert result.returncode == 0, result.stderr
     assert (home / odd).is_dir()
@@ -255,3 +262,15 @@ def test_parse_prepare_output_good(stdout: bytes, expected: RemoteSocket) -> Non
 def test_parse_prepare_output_bad(stdout: bytes) -> None:
     with pytest.raises(ValueError, match="unexpected output from the prepare step"):
         parse_prepare_output(stdout)
+
+
+def test_refuses_a_socket_path_too_long_after_expanding_home(tmp_path: Path) -> None:
+    # The configured text is short enough; $HOME makes it exceed the unix socket limit.
+    deep_home = tmp_path / ("h" * 90)
+    deep_home.mkdir()
+
+    result = run_prepare("~/.cache/borgtunnel/web1.sock", deep_home)
+
+    assert result.returncode == PrepareExit.TOO_LONG
+    assert b"longer than 100 bytes" in result.stderr
+    assert not (deep_home / ".cache").exists()

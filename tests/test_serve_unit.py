@@ -318,12 +318,6 @@ async def test_aclose_without_children_is_quick_and_repeatable(kit: Kit) -> None
     assert time.monotonic() - started < 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: serve.py _relay_stderr uses StreamReader line iteration (64 KiB limit); a "
-    "longer stderr line raises ValueError in the relay task, _reap re-raises it and never "
-    "records the exit status, and the rest of stderr is dropped",
-)
 async def test_a_very_long_stderr_line_does_not_break_bookkeeping(kit: Kit) -> None:
     with capture_logs() as logs:
         path, listener = kit.listen(kit.argv("long-stderr"))
@@ -336,13 +330,6 @@ async def test_a_very_long_stderr_line_does_not_break_bookkeeping(kit: Kit) -> N
     assert any(e.get("line") == f"fake serve {conn.pid} says hello" for e in logs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: serve.py terminate_children signals only the child pid, and on Python 3.11 "
-    "Process.wait() also waits for the stderr pipe to close; when [server] borg is a wrapper "
-    "that does not exec, its own child keeps the socket and stderr open and aclose() hangs "
-    "forever (no SIGKILL reaches the real borg)",
-)
 async def test_aclose_stops_a_wrapped_serve_and_its_children(kit: Kit) -> None:
     argv = ["/bin/sh", "-c", WRAPPER, "borg-wrapper", *kit.argv()]
     path, listener = kit.listen(argv, stop_timeout=0.3)

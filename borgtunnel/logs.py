@@ -12,7 +12,26 @@ from typing import Literal, TextIO
 
 import structlog
 
+from borgtunnel.systemd import journal_stream_matches
+
 LogFormat = Literal["auto", "json", "console"]
+
+
+# syslog priorities, as journald reads them from a "<N>" line prefix on a stream.
+_PRIORITY = {
+    "debug": 7,
+    "info": 6,
+    "warning": 4,
+    "warn": 4,
+    "error": 3,
+    "exception": 3,
+    "critical": 2,
+}
+
+
+def _journald_priority(_logger: object, method: str, rendered: object) -> str:
+    """Prefix the rendered line so journald files it under the right priority."""
+    return f"<{_PRIORITY.get(method, 6)}>{rendered}"
 
 
 def configure(
@@ -25,14 +44,17 @@ def configure(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    if stream is None and journal_stream_matches(2):
+        processors.append(_journald_priority)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),

@@ -372,3 +372,39 @@ async def test_cancelled_pull_leaves_nothing_behind(tmp_path: Path, sshd: SshdSe
     assert pullkit.processes_mentioning(create) == []
     _assert_no_leftovers(tmp_path, sshd, repo)
     assert pullkit.archives(tmp_path, repo) == []  # and the repository is usable (not locked)
+
+
+def test_borg_warning_exits_1_and_keeps_the_archive(tmp_path: Path, sshd: SshdServer) -> None:
+    data = tmp_path / "client-data"  # made by _setup
+    _, repo, config = _setup(tmp_path, sshd, paths=[str(data), str(tmp_path / "vanished")])
+
+    result = pullkit.run_cli(config, "pull", "c1")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("c1: warning archive=")
+    assert "vanished" in result.stdout  # the last borg warning is shown
+    names = pullkit.archives(tmp_path, repo)
+    pullkit.extract(tmp_path, repo, names[0], tmp_path / "restored")
+    pullkit.assert_same_tree(data, tmp_path / "restored")
+
+
+def test_several_clients_one_line_each_worst_exit_code(tmp_path: Path, sshd: SshdServer) -> None:
+    data = pullkit.make_client_data(tmp_path / "client-data")
+    good, missing = tmp_path / "repos" / "good", tmp_path / "repos" / "missing"
+    pullkit.init_repo(tmp_path, good)
+    clients = {
+        "good": pullkit.client_table(sshd, "good", good, [data]),
+        "bad": pullkit.client_table(sshd, "bad", missing, [data]),
+    }
+    config = pullkit.write_config(
+        tmp_path / "bt.toml", clients=clients, **pullkit.base_config(tmp_path, sshd)
+    )
+
+    result = pullkit.run_cli(config, "pull", "good", "bad")
+
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["good", "bad"]
+    assert lines[0].startswith("good: ok ")
+    assert lines[1].startswith("bad: failed ")
+    assert len(pullkit.archives(tmp_path, good)) == 1

@@ -91,6 +91,10 @@ def bind_unix_socket(path: Path, *, backlog: int = 16) -> socket.socket:
     return sock
 
 
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_TRANSIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+
+
 @dataclass(eq=False)  # identity semantics: kept in a set
 class _Child:
     process: asyncio.subprocess.Process
@@ -149,6 +153,17 @@ class BorgServeListener:
             await self._slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                # A long-running service must survive accept() failures. A peer that went away
+                # (ECONNABORTED, EPROTO) costs nothing; out of descriptors or memory (EMFILE,
+                # ENFILE, ENOBUFS, ENOMEM) gets a pause, as asyncio's own server does.
+                self._slots.release()
+                if exc.errno in _RESOURCE_ERRORS:
+                    self.log.error("serve_accept_failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                elif exc.errno not in _TRANSIENT_ERRORS:
+                    raise
+                continue
             except BaseException:
                 self._slots.release()
                 raise

@@ -14,6 +14,7 @@ import pwd
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -414,3 +415,55 @@ def _plain_structlog() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+EMFILE_SCRIPT = """
+import asyncio, resource, socket, sys
+from pathlib import Path
+from borgtunnel import logs
+from borgtunnel.serve import BorgServeListener, bind_unix_socket
+logs.configure("json", stream=sys.stderr)
+
+async def main(path: Path) -> None:
+    listener = BorgServeListener(bind_unix_socket(path), ["cat"], client="c", stop_timeout=2)
+    listener.start()
+    loop = asyncio.get_running_loop()
+    # Hold descriptors until accept() itself fails with EMFILE.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    held = []
+    try:
+        while True:
+            held.append(socket.socket(socket.AF_UNIX))
+    except OSError:
+        pass
+    held.pop().close()  # room for the client socket, none for accept()
+    client = socket.socket(socket.AF_UNIX)
+    client.setblocking(False)
+    await loop.sock_connect(client, str(path))
+    await asyncio.sleep(0.5)  # accept() fails meanwhile
+    for sock in held:
+        sock.close()  # descriptors free again
+    await loop.sock_sendall(client, b"still served\\n")
+    client.shutdown(socket.SHUT_WR)
+    reply = await asyncio.wait_for(loop.sock_recv(client, 100), timeout=10)
+    print(reply.decode().strip())
+    client.close()
+    await listener.aclose()
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_accept_survives_running_out_of_descriptors(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", EMFILE_SCRIPT, str(tmp_path / "run" / "s.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "still served"
+    assert "serve_accept_failed" in result.stderr
+    assert "Too many open files" in result.stderr

@@ -1,9 +1,508 @@
-"""Placeholder: the scheduler service is being written (issue: long-running daemon)."""
+"""``borgtunnel daemon``: pull every scheduled client on time, a few at a time, until stopped.
 
+Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn's two-phase stop):
+
+* ``Daemon.serve`` opens the history, marks runs of dead processes ``interrupted``, computes each
+  scheduled client's next run, sends ``READY=1`` and loops: queue the clients that are due, start
+  as many as ``[daemon] max_parallel`` allows (first come, first served), sleep until the next due
+  time or until something happens (a run ended, a reload, a stop).
+* A client runs through ``jobs.run_recorded``: its cross-process lock means a one-shot
+  ``borgtunnel pull`` and the daemon never run it at the same time. A slot that finds the client
+  busy, or still running from its previous slot, is skipped with a warning; the client keeps its
+  schedule. Connection failures are retried ``retries`` times after ``retry_wait * 2**attempt``
+  seconds; other failures wait for the next scheduled run.
+* ``timeout`` cancels a run that takes longer; the run is then recorded ``failed`` with a
+  "timeout" error (not ``interrupted``, which is kept for runs that a stop or a crash cut short:
+  a timeout says something about the client, a shutdown does not).
+* Stop (SIGTERM/SIGINT, or ``shutdown_trigger`` completing): nothing new starts, running pulls
+  get ``[daemon] stop_timeout`` seconds to finish, then each is cancelled once; cancellation runs
+  the pull's own cleanup (``borg serve`` stopped, both sockets removed) and records the run
+  ``interrupted``. A second stop request skips the wait. Runs are never cancelled twice: a second
+  cancellation would abort that cleanup.
+* SIGHUP re-reads the config file between two loop iterations. An invalid file is logged with its
+  problems and the old config stays; a valid one replaces it for runs that start afterwards, and
+  the next run of each client whose schedule, jitter or blackout (or the zone) changed is
+  recomputed. Running pulls are not touched.
+
+The clock is injectable (``now=``), for tests that put the daemon a second before a cron time and
+then let real time run; sleeping is asyncio's. Wall-clock jumps (NTP, suspend) are handled by
+never sleeping longer than ``MAX_SLEEP`` before looking at the clock again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from borgtunnel.config import Config
+import structlog
+
+from borgtunnel import systemd
+from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
+from borgtunnel.history import History, HistoryError, RunResult
+from borgtunnel.jobs import run_recorded
+from borgtunnel.planning import (
+    RunQueue,
+    is_busy,
+    is_retryable,
+    next_client_run,
+    retry_delay,
+    status_line,
+)
+from borgtunnel.pull import PullOutcome
+
+log = structlog.get_logger("borgtunnel.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 2
+
+# Longest sleep between two looks at the clock: bounds how late a run starts after the wall
+# clock jumps forward (suspend, NTP step), since asyncio sleeps on the monotonic clock.
+MAX_SLEEP = 60.0
+
+Now = Callable[[], datetime]
+Runner = Callable[[Config, ClientConfig, History], Awaitable[PullOutcome]]
 
 
-def run_daemon(config_path: Path, config: Config) -> int:
-    raise NotImplementedError
+def system_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def recorded_pull(config: Config, client: ClientConfig, history: History) -> PullOutcome:
+    """The real runner: one locked, recorded pull."""
+    return await run_recorded(config, client, trigger="daemon", wait=False, history=history)
+
+
+@dataclass
+class _Slot:
+    """Scheduling state of one client that has a schedule."""
+
+    client: ClientConfig
+    next_run: datetime | None
+    retry_at: datetime | None = None
+    attempt: int = 0  # retries used since the last scheduled start
+
+    def due(self) -> datetime | None:
+        times = [t for t in (self.next_run, self.retry_at) if t is not None]
+        return min(times) if times else None
+
+
+def _schedule_inputs(client: ClientConfig) -> tuple[object, ...]:
+    return (client.schedule, client.jitter, client.blackout)
+
+
+class Daemon:
+    """The scheduler service. ``await serve()`` runs it; ``request_stop``/``request_reload``
+    are safe to call from signal handlers (``loop.add_signal_handler``) and other tasks."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        now: Now = system_now,
+        notifier: systemd.Notifier | None = None,
+        runner: Runner = recorded_pull,
+        rand: Callable[[], float] = random.random,
+        max_sleep: float = MAX_SLEEP,
+    ) -> None:
+        self.config = config
+        self._max_sleep = max_sleep
+        self._config_path = config_path
+        self._now = now
+        self._notifier = notifier if notifier is not None else systemd.Notifier()
+        self._runner = runner
+        self._rand = rand
+        self._zone = config.daemon.zone()
+        self._slots: dict[str, _Slot] = {}
+        self._queue = RunQueue()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._history: History | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._wake = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._stopping = False
+        self._reload_pending = False
+        self._last_status = ""
+        self.ready = asyncio.Event()
+        """Set once the daemon serves (after READY=1)."""
+
+    # --- control ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: stop gracefully. Second call: cancel running pulls without waiting."""
+        if not self._stopping:
+            self._stopping = True
+            running = sorted(self._running)
+            log.info("daemon_stopping", running=running)
+            self._notifier.stopping(f"stopping, {len(running)} running")
+            self._wake.set()
+        elif not self._forced.is_set():
+            log.warning("daemon_stop_forced", running=sorted(self._running))
+            self._forced.set()
+
+    def request_reload(self) -> None:
+        """Re-read the config file at the next loop iteration."""
+        if not self._stopping:
+            self._reload_pending = True
+            self._wake.set()
+
+    def next_runs(self) -> dict[str, datetime | None]:
+        """Each scheduled client's next start (scheduled or retry), for status and tests."""
+        return {name: slot.due() for name, slot in self._slots.items()}
+
+    # --- main loop ----------------------------------------------------------------------
+
+    async def serve(
+        self, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        """Run until a stop is requested or ``shutdown_trigger()`` completes, then drain."""
+        history = History.open(self.config.server.state_dir)
+        self._history = history
+        try:
+            recovered = history.recover_interrupted()
+            if recovered:
+                log.warning("interrupted_runs_recovered", count=recovered)
+            self._plan(self.config, previous={})
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                helpers = self._start_helpers(tasks, shutdown_trigger)
+                if not self._stopping:
+                    self._notifier.ready(self._status_text(self._now()))
+                log.info("daemon_ready", scheduled=self._describe_schedule())
+                self.ready.set()
+                await self._schedule_loop()
+                await self._drain()
+                for helper in helpers:
+                    helper.cancel()
+        finally:
+            self._tasks = None
+            self._history = None
+            history.close()
+        log.info("daemon_stopped")
+
+    def _start_helpers(
+        self,
+        tasks: asyncio.TaskGroup,
+        shutdown_trigger: Callable[[], Awaitable[object]] | None,
+    ) -> list[asyncio.Task[Any]]:
+        helpers: list[asyncio.Task[Any]] = []
+        interval = _watchdog_interval()
+        if interval is not None and self._notifier.enabled:
+            helpers.append(tasks.create_task(systemd.watchdog_loop(self._notifier, interval)))
+        if shutdown_trigger is not None:
+            helpers.append(tasks.create_task(self._stop_after(shutdown_trigger)))
+        return helpers
+
+    async def _stop_after(self, trigger: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await trigger()
+        except Exception:  # a broken trigger must still stop us, not crash the daemon
+            log.exception("shutdown_trigger_failed")
+        self.request_stop()
+
+    async def _schedule_loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            if self._reload_pending:
+                self._reload()
+            now = self._now()
+            self._queue_due(now)
+            self._start_allowed()
+            self._publish_status(now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._seconds_until_due(now)):
+                    await self._wake.wait()
+
+    def _seconds_until_due(self, now: datetime) -> float:
+        dues = [due for slot in self._slots.values() if (due := slot.due()) is not None]
+        if not dues:
+            return self._max_sleep
+        return min(max((min(dues) - now).total_seconds(), 0.0), self._max_sleep)
+
+    def _queue_due(self, now: datetime) -> None:
+        """Queue due clients, earliest due first, and plan each one's next run."""
+        due = [(d, name) for name, s in self._slots.items() if (d := s.due()) is not None]
+        # Stable sort: clients due at the same instant keep the config file's order.
+        for _, name in sorted((item for item in due if item[0] <= now), key=lambda item: item[0]):
+            slot = self._slots[name]
+            if slot.next_run is not None and slot.next_run <= now:
+                scheduled_for = slot.next_run
+                # A scheduled start supersedes a pending retry.
+                slot.retry_at, slot.attempt = None, 0
+                slot.next_run = next_client_run(slot.client, self._zone, now, rand=self._rand)
+                if self._queue.push(name):
+                    log.info("run_due", client=name, scheduled_for=scheduled_for.isoformat())
+                else:
+                    log.warning(
+                        "run_skipped_still_running",
+                        client=name,
+                        scheduled_for=scheduled_for.isoformat(),
+                        next_run=_iso(slot.next_run),
+                    )
+            else:
+                slot.retry_at = None
+                self._queue.push(name)
+                log.info("retry_due", client=name, attempt=slot.attempt)
+
+    def _start_allowed(self) -> None:
+        assert self._tasks is not None  # noqa: S101 - only called from inside serve()
+        while (name := self._queue.start_next(self.config.daemon.max_parallel)) is not None:
+            slot = self._slots[name]
+            self._running[name] = self._tasks.create_task(
+                self._run(self.config, slot.client, slot.attempt), name=f"pull {name}"
+            )
+
+    # --- one run ------------------------------------------------------------------------
+
+    async def _run(self, config: Config, client: ClientConfig, attempt: int) -> None:
+        bound = log.bind(client=client.name)
+        bound.info("run_starting", attempt=attempt + 1, attempts=client.retries + 1)
+        try:
+            try:
+                outcome = await self._attempt(config, client)
+            except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
+                bound.exception("run_crashed")
+                outcome = PullOutcome(client=client.name, error=f"internal error: {exc!r}")
+            self._after_run(client.name, outcome)
+        finally:
+            self._queue.finished(client.name)
+            self._running.pop(client.name, None)
+            self._wake.set()
+
+    async def _attempt(self, config: Config, client: ClientConfig) -> PullOutcome:
+        history = self._history
+        assert history is not None  # noqa: S101 - only called from inside serve()
+        if client.timeout is None:
+            return await self._runner(config, client, history)
+        previous = history.last_run(client.name)
+        limit = asyncio.timeout(client.timeout)
+        try:
+            async with limit:
+                return await self._runner(config, client, history)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+        error = (
+            f"timeout: the run took longer than timeout = {client.timeout:g} s and was cancelled"
+        )
+        log.error("run_timed_out", client=client.name, timeout=client.timeout)
+        _record_timeout(history, client.name, previous.id if previous else 0, error)
+        return PullOutcome(client=client.name, result=RunResult.FAILED, error=error)
+
+    def _after_run(self, name: str, outcome: PullOutcome) -> None:
+        """Decide about a retry; the slot may be gone (a reload removed the client)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return
+        fields = {"client": name, "next_run": _iso(slot.next_run)}
+        if self._stopping:
+            log.info("run_finished", result=str(outcome.result), **fields)
+        elif is_busy(outcome):
+            log.warning("run_skipped_busy", error=outcome.error, **fields)
+            slot.attempt = 0
+        elif is_retryable(outcome) and slot.attempt < slot.client.retries:
+            delay = retry_delay(slot.client.retry_wait, slot.attempt)
+            slot.attempt += 1
+            slot.retry_at = self._now() + timedelta(seconds=delay)
+            log.warning(
+                "retry_scheduled",
+                retry=slot.attempt,
+                retries=slot.client.retries,
+                in_seconds=delay,
+                error=outcome.error,
+                **fields,
+            )
+        elif is_retryable(outcome):
+            log.warning(
+                "client_unreachable", attempts=slot.attempt + 1, error=outcome.error, **fields
+            )
+            slot.attempt = 0
+        else:
+            log.info("run_finished", result=str(outcome.result), **fields)
+            slot.attempt = 0
+
+    # --- stop ---------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        dropped = self._queue.clear_waiting()
+        if dropped:
+            log.info("queued_runs_dropped", clients=dropped)
+        running = list(self._running.values())
+        if not running:
+            return
+        if not self._forced.is_set():
+            grace = self.config.daemon.stop_timeout
+            log.info("waiting_for_running_pulls", clients=sorted(self._running), timeout=grace)
+            await _wait_all_or(running, self._forced, grace)
+        left = [task for task in running if not task.done()]
+        if left:
+            log.warning("cancelling_running_pulls", clients=sorted(self._running))
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left)
+
+    # --- reload -------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self._reload_pending = False
+        if self._config_path is None:
+            log.warning("config_reload_impossible", reason="no config file path")
+            return
+        self._notifier.reloading("reloading configuration")
+        try:
+            new = load_config(self._config_path)
+            _check_reloadable(self.config, new)
+        except ConfigError as exc:
+            log.error(
+                "config_reload_failed",
+                path=str(self._config_path),
+                problems=[f"{key}: {message}" if key else message for key, message in exc.problems],
+                keeping="the previous configuration",
+            )
+        else:
+            previous = self.config
+            self.config = new
+            self._plan(new, previous=dict(self._slots), old_config=previous)
+            log.info("config_reloaded", path=str(self._config_path))
+        self._last_status = ""  # READY=1 below carries the status anyway
+        self._notifier.ready(self._status_text(self._now()))
+
+    def _plan(
+        self,
+        config: Config,
+        *,
+        previous: dict[str, _Slot],
+        old_config: Config | None = None,
+    ) -> None:
+        """Build the slots for ``config``; unchanged clients keep their pending times."""
+        # The configured name, not the zone objects: the system zone read from a file is a new
+        # object on every call and would count as a change.
+        zone_changed = (
+            old_config is not None and old_config.daemon.timezone != config.daemon.timezone
+        )
+        zone = self._zone = config.daemon.zone() if zone_changed else self._zone
+        now = self._now()
+        slots: dict[str, _Slot] = {}
+        for name, client in config.clients.items():
+            if client.schedule is None:
+                continue
+            old = previous.get(name)
+            if old is None:
+                slots[name] = _Slot(client, next_client_run(client, zone, now, rand=self._rand))
+                continue
+            keep = not zone_changed and _schedule_inputs(old.client) == _schedule_inputs(client)
+            next_run = old.next_run if keep else next_client_run(client, zone, now, rand=self._rand)
+            slots[name] = _Slot(client, next_run, old.retry_at, old.attempt)
+        self._queue.discard(set(previous) - set(slots))
+        self._slots = slots
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def _status_text(self, now: datetime) -> str:
+        pending = [
+            (due, name)
+            for name, slot in self._slots.items()
+            if name not in self._running and (due := slot.due()) is not None
+        ]
+        upcoming = None
+        if pending:
+            due, name = min(pending)
+            upcoming = (name, due.astimezone(self._zone))
+        return status_line(len(self._running), len(self._queue.waiting), upcoming, now)
+
+    def _publish_status(self, now: datetime) -> None:
+        text = self._status_text(now)
+        if text != self._last_status:
+            self._last_status = text
+            self._notifier.status(text)
+
+    def _describe_schedule(self) -> dict[str, str | None]:
+        return {name: _iso(slot.next_run) for name, slot in self._slots.items()}
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def _check_reloadable(old: Config, new: Config) -> None:
+    """The history and the locks live in state_dir: moving it needs a restart."""
+    if new.server.state_dir != old.server.state_dir:
+        raise ConfigError(
+            new.source,
+            [("server.state_dir", "cannot change while the daemon runs; restart it instead")],
+        )
+
+
+def _record_timeout(history: History, client: str, after_id: int, error: str) -> None:
+    """Turn the ``interrupted`` row that run_recorded wrote on cancellation into ``failed``.
+
+    Only a row of this process, newer than the one before the run, is touched: a one-shot pull
+    that started right after ours has another pid.
+    """
+    me = os.getpid()
+    for run in history.last_runs(client, 5):
+        if run.id > after_id and run.pid == me and run.result is RunResult.INTERRUPTED:
+            history.finish_run(
+                run.id,
+                RunResult.FAILED,
+                exit_code=run.exit_code,
+                archive=run.archive,
+                stats=run.stats,
+                error=error,
+                finished=run.finished,
+            )
+            return
+
+
+async def _wait_all_or(tasks: list[asyncio.Task[None]], event: asyncio.Event, grace: float) -> None:
+    """Until every task is done, ``event`` is set, or ``grace`` seconds pass."""
+    all_done = asyncio.ensure_future(asyncio.wait(tasks))
+    event_set = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait(
+            {all_done, event_set}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        # Cancelling asyncio.wait() does not cancel the tasks it watches.
+        all_done.cancel()
+        event_set.cancel()
+
+
+def _watchdog_interval() -> float | None:
+    try:
+        return systemd.watchdog_interval()
+    except ValueError as exc:
+        log.warning("watchdog_ignored", error=str(exc))
+        return None
+
+
+def run_daemon(config_path: Path, config: Config, *, now: Now | None = None) -> int:
+    """``borgtunnel daemon``: serve until SIGTERM/SIGINT (twice forces); SIGHUP reloads."""
+    return asyncio.run(_main(config_path, config, now or system_now))
+
+
+async def _main(config_path: Path, config: Config, now: Now) -> int:
+    daemon = Daemon(config, config_path=config_path, now=now)
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in handled[:2]:
+        loop.add_signal_handler(signum, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    try:
+        await daemon.serve()
+    except (OSError, sqlite3.Error, HistoryError) as exc:
+        log.error("daemon_failed", error=str(exc), state_dir=str(config.server.state_dir))
+        return EXIT_FAILURE
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    return EXIT_OK

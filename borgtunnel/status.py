@@ -1,11 +1,252 @@
-"""Placeholder: status and history reports are being written (issue: long-running daemon)."""
+"""``borgtunnel status`` and ``borgtunnel history``: what is backed up, and what is not.
+
+Both read the run history (they never write it) and print a table on a terminal, JSON otherwise
+or with ``--json``.
+
+status, per configured client:
+
+* ``last_success``: start of the newest run that created an archive (``ok`` or ``warning``);
+  the start, because that is the moment the archive's data is from. ``last_success_age_seconds``
+  is its age now.
+* ``last_result``: result of the newest finished run. A ``running`` row whose process is gone
+  counts as ``interrupted``, as the next daemon or pull start will record it.
+* ``next_run``: the next scheduled start computed now from ``schedule`` and ``blackout`` in the
+  daemon's zone, without jitter (the daemon draws it and does not publish it, so the real start
+  is up to ``jitter`` seconds later); null without a schedule.
+* ``running``: the newest row is ``running`` with a live pid *and* the client's run lock is held.
+  The row alone could be stale (its pid reused after a crash); the lock alone would mean taking
+  the lock for a moment on every call, which could make a run starting at that moment fail with
+  "busy". Probing only when the row says running avoids that in every case but a stale row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from typing import Any
 
 from borgtunnel.config import ClientConfig, Config
+from borgtunnel.history import History, ProcessIdentity, RunRecord, RunResult
+from borgtunnel.lock import ClientBusy, acquire_client_lock
+from borgtunnel.planning import next_client_run
+
+EXIT_OK = 0
+EXIT_FAILURE = 2
+
+# How far back to look past running rows for the last finished result.
+_SCAN_ROWS = 50
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    client: str
+    last_success: datetime | None
+    last_result: RunResult | None
+    next_run: datetime | None
+    running: bool
+
+    def age_seconds(self, now: datetime) -> int | None:
+        if self.last_success is None:
+            return None
+        return max(int((now - self.last_success).total_seconds()), 0)
+
+
+def client_status(
+    config: Config, history: History, client: ClientConfig, now: datetime
+) -> ClientStatus:
+    zone = config.daemon.zone()
+    success = history.last_success(client.name)
+    last_result, running_row = _last_result(history.last_runs(client.name, _SCAN_ROWS))
+    return ClientStatus(
+        client=client.name,
+        last_success=success.started.astimezone(zone) if success else None,
+        last_result=last_result,
+        next_run=next_client_run(client, zone, now, jitter=False),
+        running=running_row and _lock_held(config, client),
+    )
+
+
+def _last_result(runs: Sequence[RunRecord]) -> tuple[RunResult | None, bool]:
+    """(newest finished result, whether the newest row is a live running one)."""
+    running = False
+    for index, run in enumerate(runs):
+        if run.result is not RunResult.RUNNING:
+            return run.result, running
+        if not ProcessIdentity(run.pid, None, None).is_alive():
+            return RunResult.INTERRUPTED, running
+        running = running or index == 0
+    return None, running
+
+
+def _lock_held(config: Config, client: ClientConfig) -> bool:
+    try:
+        acquire_client_lock(config.server.state_dir, client.name, wait=False).release()
+    except ClientBusy:
+        return True
+    return False
+
+
+def status_json(rows: Sequence[ClientStatus], now: datetime) -> list[dict[str, Any]]:
+    return [
+        {
+            "client": row.client,
+            "last_success": _iso(row.last_success),
+            "last_result": str(row.last_result) if row.last_result else None,
+            "next_run": _iso(row.next_run),
+            "running": row.running,
+            "last_success_age_seconds": row.age_seconds(now),
+        }
+        for row in rows
+    ]
+
+
+def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
+    header = ("CLIENT", "LAST SUCCESS", "AGE", "LAST RESULT", "NEXT RUN", "RUNNING")
+    lines = [
+        (
+            row.client,
+            _when(row.last_success) if row.last_success else "never",
+            _age(row.age_seconds(now)),
+            str(row.last_result) if row.last_result else "-",
+            _when(row.next_run) if row.next_run else "not scheduled",
+            "yes" if row.running else "no",
+        )
+        for row in rows
+    ]
+    return _table(header, lines)
 
 
 def show_status(config: Config, *, as_json: bool) -> int:
-    raise NotImplementedError
+    now = datetime.now(UTC)
+    try:
+        with History.open(config.server.state_dir) as history:
+            rows = [client_status(config, history, c, now) for c in config.clients.values()]
+    except OSError as exc:
+        print(
+            f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if as_json or not sys.stdout.isatty():
+        print(json.dumps(status_json(rows, now), indent=2))
+    else:
+        print(status_table(rows, now))
+    return EXIT_OK
+
+
+# --- history ----------------------------------------------------------------------------
+
+
+def history_json(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": run.id,
+            "client": run.client,
+            "trigger": run.trigger,
+            "started": _iso(run.started),
+            "finished": _iso(run.finished),
+            "result": str(run.result),
+            "exit_code": run.exit_code,
+            "archive": run.archive,
+            "original_size": run.stats.original_size,
+            "compressed_size": run.stats.compressed_size,
+            "deduplicated_size": run.stats.deduplicated_size,
+            "nfiles": run.stats.nfiles,
+            "duration": run.stats.duration,
+            "error": run.error,
+        }
+        for run in runs
+    ]
+
+
+def history_table(runs: Sequence[RunRecord], zone: tzinfo) -> str:
+    header = ("STARTED", "TOOK", "RESULT", "TRIGGER", "ARCHIVE", "FILES", "ADDED", "ERROR")
+    lines = [
+        (
+            _when(run.started.astimezone(zone), seconds=True),
+            _took(run),
+            str(run.result),
+            run.trigger,
+            run.archive or "-",
+            "-" if run.stats.nfiles is None else str(run.stats.nfiles),
+            _size(run.stats.deduplicated_size),
+            run.error or "",
+        )
+        for run in runs
+    ]
+    return _table(header, lines)
 
 
 def show_history(config: Config, client: ClientConfig, *, limit: int, as_json: bool) -> int:
-    raise NotImplementedError
+    if limit < 1:
+        print(f"borgtunnel: --limit must be at least 1, got {limit}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        with History.open(config.server.state_dir) as history:
+            runs = history.last_runs(client.name, limit)
+    except OSError as exc:
+        print(
+            f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if as_json or not sys.stdout.isatty():
+        print(json.dumps(history_json(runs), indent=2))
+    elif runs:
+        print(history_table(runs, config.daemon.zone()))
+    else:
+        print(f"{client.name}: no runs recorded")
+    return EXIT_OK
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat(timespec="seconds") if when is not None else None
+
+
+def _when(when: datetime, *, seconds: bool = False) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m" if minutes else f"{seconds}s"
+
+
+def _took(run: RunRecord) -> str:
+    if run.finished is None:
+        return "-"
+    seconds = (run.finished - run.started).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 600 else _age(int(seconds))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1000
+    return f"{value:.1f}TB"
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in (header, *lines)) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *lines)
+    )

@@ -11,9 +11,12 @@ Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn
   busy, or still running from its previous slot, is skipped with a warning; the client keeps its
   schedule. Connection failures are retried ``retries`` times after ``retry_wait * 2**attempt``
   seconds; other failures wait for the next scheduled run.
-* ``timeout`` cancels a run that takes longer; the run is then recorded ``failed`` with a
-  "timeout" error (not ``interrupted``, which is kept for runs that a stop or a crash cut short:
-  a timeout says something about the client, a shutdown does not).
+* ``timeout`` cancels a run that takes longer (its cleanup then still runs, so the run ends up
+  to ``serve_stop_timeout`` later); the run is recorded ``failed`` with a "timeout" error, not
+  ``interrupted``, which is kept for runs that a stop or a crash cut short: a timeout says
+  something about the client, a shutdown does not.
+* Missed slots are not caught up: a schedule time that passed while no daemon ran (or while the
+  client was busy) is skipped, and the client waits for its next one.
 * Stop (SIGTERM/SIGINT, or ``shutdown_trigger`` completing): nothing new starts, running pulls
   get ``[daemon] stop_timeout`` seconds to finish, then each is cancelled once; cancellation runs
   the pull's own cleanup (``borg serve`` stopped, both sockets removed) and records the run

@@ -22,6 +22,7 @@ status, per configured client:
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.history import History, ProcessIdentity, RunRecord, RunResult
+from borgtunnel.history import History, HistoryError, ProcessIdentity, RunRecord, RunResult
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.planning import next_client_run
 
@@ -124,7 +125,7 @@ def show_status(config: Config, *, as_json: bool) -> int:
     try:
         with History.open(config.server.state_dir) as history:
             rows = [client_status(config, history, c, now) for c in config.clients.values()]
-    except OSError as exc:
+    except (OSError, sqlite3.Error, HistoryError) as exc:
         print(
             f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
             file=sys.stderr,
@@ -187,7 +188,7 @@ def show_history(config: Config, client: ClientConfig, *, limit: int, as_json: b
     try:
         with History.open(config.server.state_dir) as history:
             runs = history.last_runs(client.name, limit)
-    except OSError as exc:
+    except (OSError, sqlite3.Error, HistoryError) as exc:
         print(
             f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
             file=sys.stderr,

@@ -1,8 +1,9 @@
-"""``python -m tests.daemon_run CONFIG OFFSET``: the real ``run_daemon`` with a shifted clock.
+"""``python -m tests.daemon_run CONFIG SECONDS``: the real ``run_daemon`` with a shifted clock.
 
 The same entry point ``borgtunnel daemon`` calls (asyncio.run, SIGTERM/SIGINT/SIGHUP handlers),
-only with ``now`` running OFFSET seconds ahead, so a test can place a cron time a few seconds
-away and then signal a real daemon process in the middle of a real pull.
+only with a clock that reaches ``FIRE_AT`` (02:00 UTC) SECONDS after start-up, so a test can
+signal a real daemon process in the middle of a real scheduled pull. The offset is computed here,
+after the imports, so a slow interpreter start does not eat into SECONDS.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 from borgtunnel import logs
 from borgtunnel.config import load_config
 from borgtunnel.daemon import run_daemon
-from tests.daemon_support import shifted_now
+from tests.daemon_support import FIRE_AT, clock_offset, shifted_now
 
 
 def main() -> int:
-    config_path, offset = Path(sys.argv[1]), float(sys.argv[2])
+    config_path, fire_in = Path(sys.argv[1]), float(sys.argv[2])
     logs.configure("json", level="debug")
-    return run_daemon(config_path, load_config(config_path), now=shifted_now(offset))
+    config = load_config(config_path)
+    return run_daemon(config_path, config, now=shifted_now(clock_offset(FIRE_AT, fire_in)))
 
 
 if __name__ == "__main__":

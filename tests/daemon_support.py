@@ -361,15 +361,16 @@ def daemon_process(
     config: Path,
     log_path: Path,
     *,
-    clock_offset_seconds: float | None = None,
+    fire_in: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``borgtunnel --config CONFIG daemon``, or with a shifted clock ``tests.daemon_run``
-    (the same ``run_daemon``, signal handlers included). Killed at exit if still running."""
-    if clock_offset_seconds is None:
+    """``borgtunnel --config CONFIG daemon``; with ``fire_in``, ``tests.daemon_run`` (the same
+    ``run_daemon``, signal handlers included) whose clock reaches FIRE_AT that many seconds
+    after it started. Killed at exit if still running."""
+    if fire_in is None:
         argv = [BORGTUNNEL, "--config", str(config), "--log-format", "json", "daemon"]
     else:
-        argv = [sys.executable, "-m", "tests.daemon_run", str(config), str(clock_offset_seconds)]
+        argv = [sys.executable, "-m", "tests.daemon_run", str(config), str(fire_in)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             argv,

@@ -119,7 +119,7 @@ async def test_due_clients_start_first_come_first_served_within_max_parallel(tmp
     clients = {n: offline_client(tmp_path / n, schedule="0 2 * * *") for n in names}
     config = config_with(tmp_path, clients, daemon={"max_parallel": 2})
     runner = GatedRunner()
-    daemon = daemon_firing_in(config, 0.3, runner=runner)
+    daemon = daemon_firing_in(config, 0.5, runner=runner)
     async with serving(daemon):
         assert daemon.next_runs() == dict.fromkeys(names, FIRE_AT)
         await eventually(lambda: len(runner.started) == 2, within=5, what="two runs")
@@ -140,7 +140,7 @@ async def test_a_client_still_running_at_its_next_slot_skips_that_slot(tmp_path)
     clients = {n: offline_client(tmp_path / n, schedule="* * * * *") for n in ("slow", "quick")}
     config = config_with(tmp_path, clients)
     runner = GatedRunner()
-    clock = shifted_now(clock_offset(FIRE_AT, 0.2))
+    clock = shifted_now(clock_offset(FIRE_AT, 0.5))
     daemon = Daemon(config, now=clock, notifier=QUIET, runner=runner)
     with capture_logs() as logs:
         async with serving(daemon):
@@ -160,15 +160,15 @@ async def test_a_run_due_in_a_blackout_window_starts_when_the_window_ends(tmp_pa
     config = config_with(tmp_path, {"db1": client})
     runner = GatedRunner()
     runner.release("db1")
-    # 01:29:59.8: the cron time is 0.2 s away but inside the window.
-    clock = shifted_now(clock_offset(FIRE_AT - timedelta(minutes=30), 0.2))
+    # 01:29:59.5: the cron time is 0.5 s away but inside the window.
+    clock = shifted_now(clock_offset(FIRE_AT - timedelta(minutes=30), 0.5))
     # max_sleep: how long the daemon trusts the wall clock between looks (here: a jump follows).
     daemon = Daemon(config, now=clock, notifier=QUIET, runner=runner, max_sleep=0.1)
     async with serving(daemon):
         assert daemon.next_runs() == {"db1": FIRE_AT}
-        await asyncio.sleep(0.5)
-        assert runner.started == []  # 01:30 passed, deferred
-        clock.jump(30 * 60 - 0.5)  # a clock step to 01:59:59.8
+        await asyncio.sleep(0.7)
+        assert runner.started == []  # 01:30 has passed: deferred
+        clock.jump(30 * 60 - 1.0)  # a clock step to about 01:59:59.2
         await eventually(lambda: runner.finished, within=5, what="the run at 02:00")
         assert clock() - FIRE_AT < timedelta(seconds=1)
         assert daemon.next_runs() == {"db1": NEXT_DAY}
@@ -191,7 +191,7 @@ async def test_offline_client_is_retried_with_backoff_then_waits_for_its_next_ru
     """Real pulls against a port nobody listens on: a connection failure in state CONNECTING."""
     client = offline_client(tmp_path / "repo", schedule="0 2 * * *", retries=2, retry_wait=0.2)
     config = config_with(tmp_path, {"web1": client})
-    daemon = daemon_firing_in(config, 0.2)
+    daemon = daemon_firing_in(config, 0.5)
     state_dir = config.server.state_dir
     with capture_logs() as logs:
         async with serving(daemon):
@@ -215,7 +215,7 @@ async def test_a_borg_failure_is_not_retried(tmp_path):
     config = config_with(tmp_path, {"web1": client})
     runner = GatedRunner(outcome=RunResult.FAILED, state=State.RUNNING)
     runner.release("web1")
-    daemon = daemon_firing_in(config, 0.2, runner=runner)
+    daemon = daemon_firing_in(config, 0.5, runner=runner)
     async with serving(daemon):
         await eventually(lambda: runner.finished, within=5, what="the run")
         await asyncio.sleep(0.5)  # ten retry_waits: a retry would have started
@@ -226,7 +226,7 @@ async def test_a_borg_failure_is_not_retried(tmp_path):
 async def test_a_busy_client_skips_the_slot_and_keeps_its_schedule(tmp_path):
     """Another holder (as a one-shot ``borgtunnel pull`` would) has the client's real lock."""
     config = config_with(tmp_path, {"web1": offline_client(tmp_path / "r", schedule="0 2 * * *")})
-    daemon = daemon_firing_in(config, 0.2)
+    daemon = daemon_firing_in(config, 0.5)
     lock = acquire_client_lock(config.server.state_dir, "web1", wait=False)
     try:
         with capture_logs() as logs:
@@ -254,7 +254,7 @@ async def test_a_crashing_client_does_not_stop_the_daemon_or_the_others(tmp_path
         done.append(client.name)
         return PullOutcome(client=client.name, result=RunResult.OK, state=State.DONE)
 
-    daemon = daemon_firing_in(config, 0.2, runner=runner)
+    daemon = daemon_firing_in(config, 0.5, runner=runner)
     with capture_logs() as logs:
         async with serving(daemon) as task:
             await eventually(lambda: events(logs, "run_crashed") and done, within=5, what="runs")
@@ -271,7 +271,7 @@ async def test_stop_lets_running_pulls_finish_within_stop_timeout(tmp_path):
     clients = {n: offline_client(tmp_path / n, schedule="0 2 * * *") for n in ("a", "b")}
     config = config_with(tmp_path, clients, daemon={"max_parallel": 1, "stop_timeout": 10})
     runner = GatedRunner()
-    daemon = daemon_firing_in(config, 0.2, runner=runner)
+    daemon = daemon_firing_in(config, 0.5, runner=runner)
     task = asyncio.create_task(daemon.serve())
     await eventually(lambda: runner.started, within=5, what="the first run")
     daemon.request_stop()
@@ -288,7 +288,7 @@ async def test_stop_cancels_pulls_after_stop_timeout(tmp_path):
     client = offline_client(tmp_path / "r", schedule="0 2 * * *")
     config = config_with(tmp_path, {"web1": client}, daemon={"stop_timeout": 0.3})
     runner = GatedRunner()
-    daemon = daemon_firing_in(config, 0.2, runner=runner)
+    daemon = daemon_firing_in(config, 0.5, runner=runner)
     task = asyncio.create_task(daemon.serve())
     await eventually(lambda: runner.started, within=5, what="the run")
     started = time.monotonic()
@@ -302,7 +302,7 @@ async def test_a_second_stop_request_cancels_at_once(tmp_path):
     client = offline_client(tmp_path / "r", schedule="0 2 * * *")
     config = config_with(tmp_path, {"web1": client}, daemon={"stop_timeout": 600})
     runner = GatedRunner()
-    daemon = daemon_firing_in(config, 0.2, runner=runner)
+    daemon = daemon_firing_in(config, 0.5, runner=runner)
     task = asyncio.create_task(daemon.serve())
     await eventually(lambda: runner.started, within=5, what="the run")
     daemon.request_stop()
@@ -470,7 +470,7 @@ async def test_one_shot_pull_is_busy_while_the_daemon_pulls_and_waits_with_wait(
     path = write_config(tmp_path / "borgtunnel.toml", tmp_path, sshd=sshd, clients={"web1": client})
     config = load_config(path)
     state_dir = config.server.state_dir
-    daemon = daemon_firing_in(config, 0.3)
+    daemon = daemon_firing_in(config, 0.5)
     async with serving(daemon):
         await eventually(lambda: runs(state_dir, "web1"), within=15, what="the daemon's run")
         busy = await run_cli("--config", str(path), "pull", "web1")
@@ -507,7 +507,7 @@ async def test_a_run_over_its_timeout_is_cancelled_cleaned_up_and_recorded_faile
     path = write_config(tmp_path / "borgtunnel.toml", tmp_path, sshd=sshd, clients={"web1": client})
     config = load_config(path)
     state_dir = config.server.state_dir
-    daemon = daemon_firing_in(config, 0.3)
+    daemon = daemon_firing_in(config, 0.5)
     async with serving(daemon):
         await eventually(lambda: finished_runs(state_dir, "web1"), within=30, what="the timeout")
         await asyncio.sleep(0.5)  # five retry_waits: a retry would have started
@@ -536,8 +536,7 @@ def test_sigterm_during_a_pull_cleans_up_and_records_interrupted(sshd, tmp_path)
     config = load_config(path)
     remote_socket = Path(client["remote_socket"])
     log = tmp_path / "daemon.log"
-    offset = clock_offset(FIRE_AT, 1.5)
-    with daemon_process(path, log, clock_offset_seconds=offset, env=server_env(tmp_path)) as proc:
+    with daemon_process(path, log, fire_in=1.0, env=server_env(tmp_path)) as proc:
         # borg serve on this side and borg create on the client both run: mid-pull.
         wait_until(lambda: len(borg_processes(repo)) >= 2, within=30, what="borg serve + create")
         wait_until(remote_socket.exists, within=10, what="the remote socket")
@@ -564,10 +563,9 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(sshd, tmp_path):
     log = tmp_path / "daemon.log"
     notify_path = tmp_path / "notify.sock"
     env = {**server_env(tmp_path), "NOTIFY_SOCKET": str(notify_path)}
-    offset = clock_offset(FIRE_AT, 4.0)
     with (
         notify_listener(notify_path) as notify,
-        daemon_process(path, log, clock_offset_seconds=offset, env=env) as proc,
+        daemon_process(path, log, fire_in=3.0, env=env) as proc,
     ):
         notify.wait_for(lambda m: "READY=1" in m.splitlines(), within=15, what="READY=1")
         path.write_text(path.read_text().replace("retries = 2", 'retries = "many"'))

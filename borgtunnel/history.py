@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -266,12 +267,22 @@ def _record(row: sqlite3.Row) -> RunRecord:
 
 
 def _create_private_file(path: Path) -> None:
-    """Make sure *path* exists with mode 0600 before SQLite opens it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    """Make sure *path* exists with mode 0600 before SQLite opens it.
+
+    An existing database is never opened (and so never closed) from Python: POSIX drops all of
+    a process's fcntl locks on a file when *any* descriptor of it is closed, and SQLite relies
+    on those locks. Another process would then think it is the last user and delete the WAL
+    under our live connection ("database disk image is malformed").
+    """
     try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+    except FileExistsError:
+        if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+            path.chmod(0o600)
+        return
+    os.close(fd)  # a brand-new file: no SQLite connection can have locks on it yet
 
 
 class History:

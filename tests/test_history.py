@@ -533,3 +533,38 @@ def test_writer_waits_for_a_held_write_lock(history: History, state_dir: Path) -
     assert not thread.is_alive()
     assert len(results) == 1
     assert history.get(results[0]) is not None
+
+
+def test_reopening_in_the_same_process_keeps_sqlite_locks(tmp_path: Path) -> None:
+    """A second History.open() in a process with a live connection must not drop its locks.
+
+    Regression: opening and closing the database file from Python released the process's fcntl
+    locks, so another process's close deleted the WAL under the live connection.
+    """
+    first = History.open(tmp_path)
+    try:
+        run_id = first.start_run("web1", "daemon")
+        History.open(tmp_path).close()  # e.g. a status query inside the daemon
+        other = subprocess.run(
+            [sys.executable, "-c", _OPEN_AND_CLOSE, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert other.returncode == 0, other.stderr
+        assert (tmp_path / "history.sqlite3-wal").exists()  # still there for `first`
+        first.finish_run(run_id, RunResult.OK)
+        record = first.get(run_id)
+        assert record is not None
+        assert record.result is RunResult.OK
+    finally:
+        first.close()
+
+
+_OPEN_AND_CLOSE = """
+import sys
+from pathlib import Path
+from borgtunnel.history import History
+History.open(Path(sys.argv[1])).close()
+"""

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import sqlite3
@@ -50,7 +49,7 @@ import structlog
 
 from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
-from borgtunnel.history import History, HistoryError, RunResult
+from borgtunnel.history import History, HistoryError
 from borgtunnel.jobs import run_recorded
 from borgtunnel.planning import (
     RunQueue,
@@ -81,7 +80,9 @@ def system_now() -> datetime:
 
 async def recorded_pull(config: Config, client: ClientConfig, history: History) -> PullOutcome:
     """The real runner: one locked, recorded pull."""
-    return await run_recorded(config, client, trigger="daemon", wait=False, history=history)
+    return await run_recorded(
+        config, client, trigger="daemon", wait=False, history=history, time_limit=client.timeout
+    )
 
 
 @dataclass
@@ -284,22 +285,7 @@ class Daemon:
     async def _attempt(self, config: Config, client: ClientConfig) -> PullOutcome:
         history = self._history
         assert history is not None  # noqa: S101 - only called from inside serve()
-        if client.timeout is None:
-            return await self._runner(config, client, history)
-        previous = history.last_run(client.name)
-        limit = asyncio.timeout(client.timeout)
-        try:
-            async with limit:
-                return await self._runner(config, client, history)
-        except TimeoutError:
-            if not limit.expired():
-                raise
-        error = (
-            f"timeout: the run took longer than timeout = {client.timeout:g} s and was cancelled"
-        )
-        log.error("run_timed_out", client=client.name, timeout=client.timeout)
-        _record_timeout(history, client.name, previous.id if previous else 0, error)
-        return PullOutcome(client=client.name, result=RunResult.FAILED, error=error)
+        return await self._runner(config, client, history)
 
     def _after_run(self, name: str, outcome: PullOutcome) -> None:
         """Decide about a retry; the slot may be gone (a reload removed the client)."""
@@ -443,27 +429,6 @@ def _check_reloadable(old: Config, new: Config) -> None:
             new.source,
             [("server.state_dir", "cannot change while the daemon runs; restart it instead")],
         )
-
-
-def _record_timeout(history: History, client: str, after_id: int, error: str) -> None:
-    """Turn the ``interrupted`` row that run_recorded wrote on cancellation into ``failed``.
-
-    Only a row of this process, newer than the one before the run, is touched: a one-shot pull
-    that started right after ours has another pid.
-    """
-    me = os.getpid()
-    for run in history.last_runs(client, 5):
-        if run.id > after_id and run.pid == me and run.result is RunResult.INTERRUPTED:
-            history.finish_run(
-                run.id,
-                RunResult.FAILED,
-                exit_code=run.exit_code,
-                archive=run.archive,
-                stats=run.stats,
-                error=error,
-                finished=run.finished,
-            )
-            return
 
 
 async def _wait_all_or(tasks: list[asyncio.Task[None]], event: asyncio.Event, grace: float) -> None:

@@ -275,9 +275,7 @@ def _create_private_file(path: Path) -> None:
     under our live connection ("database disk image is malformed").
     """
     try:
-        fd = os.open(
-            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         if stat.S_IMODE(path.lstat().st_mode) & 0o077:
             path.chmod(0o600)

@@ -26,6 +26,7 @@ def busy_outcome(client: ClientConfig, exc: ClientBusy) -> PullOutcome:
         client=client.name,
         result=RunResult.FAILED,
         error=f"busy: another borgtunnel process is pulling this client{holder}",
+        busy=True,
     )
 
 
@@ -36,10 +37,14 @@ async def run_recorded(
     trigger: str,
     wait: bool = False,
     history: History | None = None,
+    time_limit: float | None = None,
 ) -> PullOutcome:
     """Lock, record start, pull, record the end (``interrupted`` when cancelled).
 
     ``history`` may be shared by a long-running caller; otherwise one is opened for this run.
+    ``time_limit`` (a client's ``timeout``, seconds) limits the pull itself, not the wait for the
+    lock; a run over it is cancelled, cleaned up like any cancellation, and recorded ``failed``.
+    ``interrupted`` is kept for runs that a stop or a crash cut short.
     """
     state_dir = config.server.state_dir
     own_history = history is None
@@ -47,7 +52,7 @@ async def run_recorded(
     try:
         try:
             async with client_lock(state_dir, client.name, wait=wait):
-                return await _pull_recorded(config, client, trigger, db)
+                return await _pull_recorded(config, client, trigger, db, time_limit)
         except ClientBusy as exc:
             outcome = busy_outcome(client, exc)
             log.warning("client_busy", client=client.name, holder_pid=exc.pid)
@@ -58,12 +63,24 @@ async def run_recorded(
 
 
 async def _pull_recorded(
-    config: Config, client: ClientConfig, trigger: str, db: History
+    config: Config, client: ClientConfig, trigger: str, db: History, time_limit: float | None
 ) -> PullOutcome:
     run_id = db.start_run(client.name, trigger)
     started = time.monotonic()
+    limit = asyncio.timeout(time_limit)
     try:
-        outcome = await pull(config, client)
+        async with limit:
+            outcome = await pull(config, client)
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        outcome = PullOutcome(
+            client=client.name,
+            result=RunResult.FAILED,
+            error=f"timeout: the run took longer than timeout = {time_limit:g} s and was cancelled",
+            duration=time.monotonic() - started,
+        )
+        log.error("run_timed_out", client=client.name, timeout=time_limit)
     except asyncio.CancelledError:
         db.finish_run(
             run_id,

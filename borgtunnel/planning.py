@@ -20,10 +20,6 @@ from borgtunnel.pull import PullOutcome, State
 # before the last attempt, long after the next scheduled run. A retry_wait above the cap wins.
 MAX_RETRY_DELAY = 3600.0
 
-# jobs.busy_outcome's error text: another process (a one-shot pull, a second daemon) holds the
-# client's lock. Matched on the text because PullOutcome has no separate field for it.
-_BUSY_PREFIX = "busy:"
-
 
 def next_client_run(
     client: ClientConfig,
@@ -60,7 +56,7 @@ def retry_delay(retry_wait: float, attempt: int, *, cap: float = MAX_RETRY_DELAY
 
 def is_busy(outcome: PullOutcome) -> bool:
     """The run did not start: another process holds the client's lock."""
-    return outcome.state is State.STARTING and (outcome.error or "").startswith(_BUSY_PREFIX)
+    return outcome.busy
 
 
 def is_retryable(outcome: PullOutcome) -> bool:

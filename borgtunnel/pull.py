@@ -57,6 +57,8 @@ class PullOutcome:
     started: float = field(default_factory=time.time)
     duration: float = 0.0
     tool: str | None = None
+    # The run never started: another process holds the client's lock.
+    busy: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -164,7 +166,10 @@ def _log_outcome(run: _Run) -> None:
             nfiles=o.stats.nfiles,
             borg_duration=o.stats.duration,
         )
-    if o.result is RunResult.FAILED:
+    if o.result is RunResult.FAILED and o.state is State.CONNECTING:
+        # Offline clients are routine (laptops, maintenance): a soft failure, retried by the daemon.
+        run.log.warning("pull_failed", error=o.error, state=str(o.state), **fields)
+    elif o.result is RunResult.FAILED:
         run.log.error("pull_failed", error=o.error, state=str(o.state), **fields)
     elif o.result is RunResult.WARNING:
         run.log.warning("pull_finished", **fields)

@@ -240,14 +240,15 @@ class BorgServeListener:
             return
         for child in children:
             _signal(child.process, signal.SIGTERM)
-        waits = [asyncio.ensure_future(c.process.wait()) for c in children]
-        _, pending = await asyncio.wait(waits, timeout=self._stop_timeout)
-        for child in children:
-            if child.process.returncode is None:
+        # "Gone" is the exit *and* the closed stderr pipe: a wrapper shell may be dead while the
+        # borg below it (same process group) still holds the socket and the repository lock.
+        waits = {c: asyncio.ensure_future(_gone(c)) for c in children}
+        await asyncio.wait(waits.values(), timeout=self._stop_timeout)
+        for child, wait in waits.items():
+            if not wait.done():
                 self.log.warning("serve_killed", pid=child.process.pid)
                 _signal(child.process, signal.SIGKILL)
-        if pending:
-            await asyncio.wait(pending)
+        await asyncio.wait(waits.values())
         await self._idle.wait()
 
     async def aclose(self) -> None:
@@ -272,14 +273,18 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
             return
 
 
+async def _gone(child: _Child) -> None:
+    await child.process.wait()
+    await asyncio.shield(child.stderr_task)  # EOF: no process of the group holds it any more
+
+
 def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
     """Signal the child's whole process group (it leads its own session).
 
     A ``[server] borg`` that is a wrapper script without ``exec`` would otherwise lose only the
-    shell, while the real borg keeps the socket and the repository lock.
+    shell, while the real borg keeps the socket and the repository lock. The group is signalled
+    even after its leader exited: the number stays reserved while any member lives.
     """
-    if process.returncode is not None:
-        return
     try:
         os.killpg(process.pid, signum)
     except ProcessLookupError:

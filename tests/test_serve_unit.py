@@ -39,7 +39,7 @@ mode = sys.argv[1] if len(sys.argv) > 1 else "echo"
 if mode == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if mode == "long-stderr":
-    sys.stderr.write("x" * 200_000)
+    sys.stderr.write("x" * 200_000 + "\\n")
 sys.stderr.write(f"fake serve {os.getpid()} says hello\\n")
 sys.stderr.flush()
 os.write(1, f"pid={os.getpid()} blocking={os.get_blocking(0)}\\n".encode())
@@ -328,6 +328,9 @@ async def test_a_very_long_stderr_line_does_not_break_bookkeeping(kit: Kit) -> N
         async with asyncio.timeout(LINE_TIMEOUT):
             await listener.wait_idle()
     assert listener.stats.exit_codes == [0]
+    # The over-long line is logged in pieces (none lost); the next line arrives intact.
+    pieces = [e["line"] for e in logs if set(e.get("line", "")) == {"x"}]
+    assert sum(len(p) for p in pieces) == 200_000
     assert any(e.get("line") == f"fake serve {conn.pid} says hello" for e in logs)
 
 
@@ -338,9 +341,35 @@ async def test_aclose_stops_a_wrapped_serve_and_its_children(kit: Kit) -> None:
     try:
         async with asyncio.timeout(1.5):  # stop_timeout plus a generous margin
             await listener.aclose()
+        # aclose() returns once the pipes are closed; a dying process closes its files a moment
+        # before it becomes a zombie, so allow that moment (it is signalled already).
+        for _ in range(20):
+            if not running(conn.pid):
+                break
+            await asyncio.sleep(0.05)
         assert not running(conn.pid)
     finally:
         # Unblock the listener's pipe waits so the fixture can finish cleanly.
+        if running(conn.pid):
+            os.kill(conn.pid, signal.SIGKILL)
+        async with asyncio.timeout(LINE_TIMEOUT):
+            await listener.wait_idle()
+
+
+async def test_aclose_kills_a_wrapped_serve_that_ignores_sigterm(kit: Kit) -> None:
+    """The wrapper shell dies on SIGTERM; the borg below ignores it and must get SIGKILL."""
+    argv = ["/bin/sh", "-c", WRAPPER, "borg-wrapper", *kit.argv("ignore-term")]
+    path, listener = kit.listen(argv, stop_timeout=0.3)
+    conn = await kit.connect(path)
+    try:
+        async with asyncio.timeout(3):
+            await listener.aclose()
+        for _ in range(20):
+            if not running(conn.pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not running(conn.pid)
+    finally:
         if running(conn.pid):
             os.kill(conn.pid, signal.SIGKILL)
         async with asyncio.timeout(LINE_TIMEOUT):

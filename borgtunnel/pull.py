@@ -32,6 +32,9 @@ log = structlog.get_logger("borgtunnel.pull")
 SHELL_NOT_FOUND = 127
 SHELL_NOT_EXECUTABLE = 126
 
+# After a finished create, how long serve gets to exit on its own before it is terminated.
+SERVE_EXIT_GRACE = 2.0
+
 
 class State(StrEnum):
     STARTING = "starting"
@@ -209,6 +212,12 @@ async def _pull(run: _Run) -> None:
             finally:
                 reached = run.outcome.state
                 run.enter(State.CLEANING_UP)
+                if run.remote_finished:
+                    # borg create has closed its end: serve is committing and exits by itself.
+                    # SIGTERM only what is still there after a moment.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SERVE_EXIT_GRACE):
+                            await listener.wait_idle()
                 await listener.terminate_children()
                 if not run.remote_finished:
                     await _stop_remote(run, tunnel)

@@ -48,7 +48,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--proto",
-        default="fold-execs",
+        default="pidfd",
         help="bench.patches options for the (b*) prototype column, comma-separated",
     )
     parser.add_argument("--report", type=Path, help="also write the Markdown here")

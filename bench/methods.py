@@ -77,7 +77,7 @@ class Methods:
         self.config = ws.root / "borgtunnel.toml"
         self._runs = 0
         self._warm: subprocess.Popen[bytes] | None = None
-        self.proto_options: Sequence[str] = ("fold-execs",)
+        self.proto_options: Sequence[str] = ("pidfd",)
 
     # --- repositories -----------------------------------------------------------------
 

@@ -6,56 +6,11 @@ its command line. None of this is used by borgtunnel itself.
 from __future__ import annotations
 
 import asyncio
-import shlex
 import socket
 from typing import Any
 
 import asyncssh
 from asyncssh.forward import SSHForwarder
-
-from borgtunnel import pull
-from borgtunnel.remote import PID_PREFIX, RemoteSocket
-from borgtunnel.tunnel import Tunnel
-
-
-def fold_execs() -> None:
-    """Two SSH round trips fewer per pull (each is a channel open plus a shell start on the
-    client, whose rc files are read every time):
-
-    * the remote socket is removed by the shell that ran ``borg create``, right after it exits,
-      instead of by a separate ``rm`` exec during cleanup (which still runs when the create did
-      not finish: cancellation, lost connection);
-    * the prepare exec is skipped, reusing what an earlier run learned (tool ``nc``, the
-      configured absolute path, its existing private directory). The real change would cache
-      the prepare result per client and fall back to the prepare step when the forward or the
-      command fails, or move the prepare checks into the create command's shell (after the
-      forward, before borg connects). A stale socket is already handled: the forward fails and
-      ``_forward_retrying`` removes it and retries.
-
-    Prototype limits: assumes an absolute ``remote_socket`` whose directory an earlier pull
-    created, and ``nc`` on the client.
-    """
-    original_remove = pull._remove_remote_socket
-
-    def reporting_pid_then_remove(argv: list[str]) -> str:
-        # Not `exec "$@"`: the shell stays to remove the socket once borg is done. The real change
-        # must then let the kill script signal the shell's child too (e.g. pkill -P PID).
-        socket_path = next(a.split("=", 1)[1] for a in argv if a.startswith("BORGTUNNEL_SOCKET="))
-        script = (
-            f'printf "{PID_PREFIX}%s\\n" "$$" >&2; p=$1; shift; "$@"; s=$?; rm -f -- "$p"; exit $s'
-        )
-        return shlex.join(["sh", "-c", script, "borgtunnel-run", socket_path, *argv])
-
-    async def prepare_socket(self: Tunnel, configured_path: str) -> RemoteSocket:
-        return RemoteSocket(path=configured_path, tool="nc")
-
-    async def remove_remote_socket(run: pull._Run, tunnel: Tunnel, path: str) -> None:
-        if not run.remote_finished:
-            await original_remove(run, tunnel, path)
-
-    pull.reporting_pid = reporting_pid_then_remove  # type: ignore[attr-defined]
-    Tunnel.prepare_socket = prepare_socket  # type: ignore[method-assign]
-    pull._remove_remote_socket = remove_remote_socket
 
 
 def max_pktsize(size: int) -> None:
@@ -119,12 +74,13 @@ def pidfd_child_watcher() -> None:
 
 
 def apply(options: list[str]) -> None:
-    """``fold-execs``, ``max-pktsize=N``, ``sndbuf=N``, ``pidfd``."""
+    """``max-pktsize=N``, ``sndbuf=N``, ``pidfd``.
+
+    (``fold-execs``, measured here first, is now how borgtunnel works: one remote command.)
+    """
     for option in options:
         name, _, value = option.partition("=")
-        if name == "fold-execs":
-            fold_execs()
-        elif name == "pidfd":
+        if name == "pidfd":
             pidfd_child_watcher()
         elif name == "max-pktsize":
             max_pktsize(int(value))

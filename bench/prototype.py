@@ -1,6 +1,6 @@
 """``python -m bench.prototype [OPTION...] -- ARGS``: the CLI with proposed changes patched in.
 
-Runs ``borgtunnel.cli.main(ARGS)`` after ``bench.patches.apply(OPTIONS)`` (``fold-execs``,
+Runs ``borgtunnel.cli.main(ARGS)`` after ``bench.patches.apply(OPTIONS)`` (``pidfd``,
 ``max-pktsize=N``, ``sndbuf=N``; see bench/patches.py). Measures an idea before anyone edits
 borgtunnel/*.
 """

@@ -13,12 +13,13 @@ import argparse
 import asyncio
 import json
 import resource
-import shlex
 import time
 from pathlib import Path
 
 from bench import patches
+from borgtunnel.borg import RSH_BY_TOOL
 from borgtunnel.config import load_config
+from borgtunnel.remote import GO, parse_ready_line, run_command
 from borgtunnel.tunnel import Target, Tunnel
 
 
@@ -30,16 +31,29 @@ async def _transfer(args: argparse.Namespace) -> dict[str, object]:
         ssh = ssh.model_copy(update={"window": args.window})
     target = Target(client.host, client.port, client.user, ssh)
     async with Tunnel.connect(target) as tunnel:
-        remote = await tunnel.prepare_socket(client.remote_socket_path)
         errors: list[str] = []
-        async with tunnel.forward(remote.path, Path(args.sink)):
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            started = time.perf_counter()
-            command = f"head -c {args.bytes} /dev/zero | nc -N -U {shlex.quote(remote.path)}"
-            status, _ = await tunnel.run(command, stdin=b"", on_stderr=errors.append)
-            seconds = time.perf_counter() - started
-            after = resource.getrusage(resource.RUSAGE_SELF)
-        await tunnel.remove_socket(remote.path)
+        # The same one-command protocol as a pull (borgtunnel/remote.py), with the transfer in
+        # place of borg create: prepare, "ready", forward, "go", run, socket removed.
+        payload = ["sh", "-c", f'head -c {args.bytes} /dev/zero | nc -N -U "$BORGTUNNEL_SOCKET"']
+        command = run_command(
+            client.remote_socket_path, RSH_BY_TOOL["nc"], RSH_BY_TOOL["socat"], payload
+        )
+        async with tunnel.start(command) as rr:
+            remote = None
+            while remote is None:
+                line = await rr.next_line()
+                if line is None:
+                    raise SystemExit(f"remote prepare failed: {''.join(errors)}")
+                remote = parse_ready_line(line)
+                if remote is None:
+                    errors.append(line)
+            async with tunnel.forward(remote.path, Path(args.sink)):
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                started = time.perf_counter()
+                rr.send_and_close(GO)
+                status, _ = await rr.finish(on_stderr=errors.append)
+                seconds = time.perf_counter() - started
+                after = resource.getrusage(resource.RUSAGE_SELF)
         conn = tunnel._conn  # bench only: which cipher did asyncssh negotiate?
         cipher = conn.get_extra_info("recv_cipher")
     if status != 0:

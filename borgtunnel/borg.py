@@ -18,8 +18,8 @@ from typing import Any
 # interactive question when it changes. A fixed URL keeps that check quiet between runs.
 URL_HOST = "borgtunnel"
 
-# The remote shell learns the socket path from this variable, so BORG_RSH is a constant string and
-# the path is quoted exactly once (in the env assignment) instead of twice (shell inside shell).
+# The remote run script exports the resolved socket path in this variable, so BORG_RSH is a
+# constant string: the path is never quoted into shell text inside shell text.
 SOCKET_VAR = "BORGTUNNEL_SOCKET"
 
 RSH_BY_TOOL: Mapping[str, str] = {
@@ -104,15 +104,14 @@ def create_argv(
     ]
 
 
-def client_env(*, socket_path: str, tool: str, encrypted: bool) -> dict[str, str]:
+def client_env(*, encrypted: bool) -> dict[str, str]:
     """Non-secret environment for the client's borg. Secrets go over stdin, never here.
 
     Sent inline in the command (``env K=V … borg``) because a session's env requests are dropped
-    unless the client's sshd has a matching AcceptEnv.
+    unless the client's sshd has a matching AcceptEnv. BORG_RSH and the socket path are set by
+    the remote run script, which knows the resolved path and whether nc or socat is there.
     """
     env = {
-        SOCKET_VAR: socket_path,
-        "BORG_RSH": RSH_BY_TOOL[tool],
         # UTF-8 regardless of the client's locale: --log-json/--json output and file names.
         "PYTHONUTF8": "1",
         "LANG": "C.UTF-8",

@@ -22,9 +22,24 @@ from borgtunnel import borg
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.remote import RemoteSocket, kill_command, parse_pid_line, reporting_pid
+from borgtunnel.remote import (
+    GO,
+    RemoteSocket,
+    cleanup_command,
+    parse_pid_line,
+    parse_ready_line,
+    run_command,
+)
 from borgtunnel.serve import BorgServeListener, pull_socket
-from borgtunnel.tunnel import ForwardError, Target, Tunnel, TunnelError
+from borgtunnel.tunnel import (
+    SHORT_COMMAND_TIMEOUT,
+    ForwardError,
+    RemotePrepareError,
+    RemoteRun,
+    Target,
+    Tunnel,
+    TunnelError,
+)
 
 log = structlog.get_logger("borgtunnel.pull")
 
@@ -195,7 +210,52 @@ async def _pull(run: _Run) -> None:
         run.enter(State.CONNECTING)
         async with Tunnel.connect(target) as tunnel:
             run.enter(State.PREPARING)
-            remote = await tunnel.prepare_socket(client.remote_socket_path)
+            async with tunnel.start(_remote_command(run, encrypted=passphrase is not None)) as rr:
+                remote = await _await_ready(run, rr, target)
+                try:
+                    run.enter(State.FORWARDING)
+                    async with _forward_retrying(run, tunnel, remote.path, local_path):
+                        run.enter(State.RUNNING)
+                        rr.send_and_close(GO + (passphrase or b""))
+                        await _finish_create(run, rr, listener)
+                finally:
+                    reached = run.outcome.state
+                    run.enter(State.CLEANING_UP)
+                    await _stop_serve(run, listener)
+                    if not run.remote_finished:  # a finished run removed its socket itself
+                        await _abandon_remote(run, tunnel, remote.path)
+                    run.outcome.state = reached  # a failure reports where it happened
+    run.enter(State.DONE)
+
+
+def _remote_command(run: _Run, *, encrypted: bool) -> str:
+    client = run.client
+    argv = borg.create_argv(
+        remote_borg=client.remote_borg,
+        repository=client.repository,
+        archive=client.archive,
+        paths=client.paths,
+        exclude=client.exclude,
+        extra=client.create_args,
+    )
+    run.log.debug("remote_command", argv=argv)
+    return run_command(
+        client.remote_socket_path,
+        borg.RSH_BY_TOOL["nc"],
+        borg.RSH_BY_TOOL["socat"],
+        borg.with_env(argv, borg.client_env(encrypted=encrypted)),
+    )
+
+
+async def _await_ready(run: _Run, rr: RemoteRun, target: Target) -> RemoteSocket:
+    """The client prepared the socket directory: where the socket goes, and nc or socat."""
+    said: list[str] = []
+    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+        while (line := await rr.next_line()) is not None:
+            remote = parse_ready_line(line)
+            if remote is None:
+                said.append(line.rstrip("\n"))  # a refusal's reason, or login noise
+                continue
             run.outcome.tool = remote.tool
             run.log.info("remote_prepared", path=remote.path, tool=remote.tool)
             if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
@@ -204,26 +264,18 @@ async def _pull(run: _Run) -> None:
                     f"remote socket path {remote.path!r} has characters socat reads as syntax; "
                     "install netcat-openbsd on the client or choose a plainer remote_socket",
                 )
-            try:
-                run.enter(State.FORWARDING)
-                async with _forward_retrying(run, tunnel, remote.path, local_path):
-                    run.enter(State.RUNNING)
-                    await _run_create(run, tunnel, remote, passphrase, listener)
-            finally:
-                reached = run.outcome.state
-                run.enter(State.CLEANING_UP)
-                if run.remote_finished:
-                    # borg create has closed its end: serve is committing and exits by itself.
-                    # SIGTERM only what is still there after a moment.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(SERVE_EXIT_GRACE):
-                            await listener.wait_idle()
-                await listener.terminate_children()
-                if not run.remote_finished:
-                    await _stop_remote(run, tunnel)
-                await _remove_remote_socket(run, tunnel, remote.path)
-                run.outcome.state = reached  # a failure reports where it happened
-    run.enter(State.DONE)
+            return remote
+        raise RemotePrepareError(target, await rr.status(), "\n".join(said))
+
+
+async def _stop_serve(run: _Run, listener: BorgServeListener) -> None:
+    if run.remote_finished:
+        # borg create has closed its end: serve is committing and exits by itself.
+        # SIGTERM only what is still there after a moment.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SERVE_EXIT_GRACE):
+                await listener.wait_idle()
+    await listener.terminate_children()
 
 
 @contextlib.asynccontextmanager
@@ -241,33 +293,11 @@ async def _forward_retrying(
         yield
 
 
-async def _run_create(
-    run: _Run,
-    tunnel: Tunnel,
-    remote: RemoteSocket,
-    passphrase: bytes | None,
-    listener: BorgServeListener,
-) -> None:
-    client = run.client
-    argv = borg.create_argv(
-        remote_borg=client.remote_borg,
-        repository=client.repository,
-        archive=client.archive,
-        paths=client.paths,
-        exclude=client.exclude,
-        extra=client.create_args,
-    )
-    env = borg.client_env(
-        socket_path=remote.path, tool=remote.tool, encrypted=passphrase is not None
-    )
-    command = reporting_pid(borg.with_env(argv, env))
-    run.log.debug("remote_command", argv=argv)
+async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:
     # On cancellation, _pull's cleanup stops serve first: that breaks the remote borg's RPC pipe
     # and it exits within a second, where closing the channel would leave it running.
-    status, stdout = await tunnel.run(
-        command, stdin=passphrase or b"", on_stderr=run.on_remote_line
-    )
-    run.remote_finished = True
+    status, stdout = await rr.finish(on_stderr=run.on_remote_line)
+    run.remote_finished = status is not None
     outcome = run.outcome
     outcome.borg_status = status
     outcome.stats = borg.parse_create_json(stdout)
@@ -298,25 +328,17 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     return f"borg create failed (status {status}): {detail}"
 
 
-async def _stop_remote(run: _Run, tunnel: Tunnel) -> None:
-    """The run was abandoned (cancelled, link lost): make sure borg create is not left behind.
+async def _abandon_remote(run: _Run, tunnel: Tunnel, path: str) -> None:
+    """The run was abandoned (cancelled, link lost, forward refused): leave nothing behind.
 
-    Stopping serve usually ends it already (broken RPC pipe); a create blocked elsewhere (a FIFO,
-    a hung NFS mount) would linger, so it also gets a SIGTERM by pid.
+    Stopping serve usually ends borg create already (broken RPC pipe); one blocked elsewhere (a
+    FIFO, a hung NFS mount) would linger, so it also gets a SIGTERM by pid, and the socket file
+    (never unlinked by sshd) is removed. Best effort: over a dead link the next run's prepare
+    step removes the socket.
     """
-    if run.remote_pid is None:
-        return
     try:
-        await tunnel.exec_quiet(kill_command(run.remote_pid))
+        await tunnel.exec_quiet(cleanup_command(run.remote_pid, path))
     except TunnelError as exc:
-        run.log.warning("remote_borg_not_stopped", pid=run.remote_pid, error=str(exc))
+        run.log.warning("remote_cleanup_failed", pid=run.remote_pid, path=path, error=str(exc))
     else:
-        run.log.info("remote_borg_stopped", pid=run.remote_pid)
-
-
-async def _remove_remote_socket(run: _Run, tunnel: Tunnel, path: str) -> None:
-    """Best effort: a dead link cannot remove it, and the next run's prepare step will."""
-    try:
-        await tunnel.remove_socket(path)
-    except TunnelError as exc:
-        run.log.warning("remote_socket_not_removed", path=path, error=str(exc))
+        run.log.info("remote_cleaned_up", pid=run.remote_pid, path=path)

@@ -1,21 +1,31 @@
-"""Shell text that runs on the client before and after a pull. Pure: builders and parsers only.
+"""Shell text that runs on the client. Pure: builders and parsers only.
 
-One round trip prepares everything (resolve ``~``, make the socket directory private, remove a
-stale socket, pick nc or socat), because every extra exec on the client is a full SSH channel
-open and shell start, and the unchanged-data pull is dominated by such fixed costs.
+A pull is ONE remote command (every extra exec costs an SSH channel open plus a login-shell
+start — 0.1 s on a client whose ~/.bashrc does work — and the unchanged-data pull is dominated by
+such fixed costs). The command speaks a tiny line protocol on stderr/stdin:
+
+1. it prepares the socket directory (resolve ``~``; create 0700; refuse a symlink, a directory
+   owned by someone else or a shared sticky one; remove a stale socket, which sshd never unlinks;
+   pick ``nc -N -U`` or ``socat``) and prints ``borgtunnel-ready TOOL PATH`` on stderr;
+2. it waits for a line ``go`` on stdin — sent once the server holds the reverse forward at PATH —
+   and hands the rest of stdin (the passphrase, if any) to borg;
+3. it starts borg, prints ``borgtunnel-pid N`` (so an abandoned run can be stopped by pid), waits
+   for it, removes the socket and exits with borg's status.
+
+If stdin closes without ``go`` (the forward failed) the script exits without running borg.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 
-class PrepareExit(IntEnum):
-    """Exit codes of the prepare script, each with a fixed meaning (see PREPARE_SCRIPT)."""
+class RunExit(IntEnum):
+    """Exit codes of the run script before borg starts, each with a fixed meaning."""
 
-    OK = 0
     SYMLINK = 65
     MKDIR_FAILED = 66
     NOT_OWNER = 67
@@ -23,12 +33,18 @@ class PrepareExit(IntEnum):
     NO_TOOL = 69
     SHARED_DIR = 70
     TOO_LONG = 71
+    NO_GO = 72
 
 
-# $1 is the configured path (possibly starting with "~/"). Prints "TOOL\0PATH\0" on success.
-PREPARE_SCRIPT = r"""
+READY_PREFIX = "borgtunnel-ready "
+PID_PREFIX = "borgtunnel-pid "
+GO = b"go\n"
+
+# $1 configured socket path (may start with "~/"), $2 BORG_RSH for nc, $3 for socat, then borg's
+# argv. Messages go to stderr; the server shows them as the reason of a failed pull.
+RUN_SCRIPT = r"""
 set -u
-p=$1
+p=$1; rsh_nc=$2; rsh_socat=$3; shift 3
 case $p in "~/"*) p=$HOME/${p#"~/"} ;; esac
 if [ ${#p} -gt 100 ]; then
   echo "borgtunnel: socket path $p is longer than 100 bytes (unix socket limit)" >&2; exit 71
@@ -54,54 +70,36 @@ if [ -S "$p" ]; then
 elif [ -e "$p" ] || [ -L "$p" ]; then
   echo "borgtunnel: $p exists and is not a socket; refusing to remove it" >&2; exit 68
 fi
-if command -v nc >/dev/null 2>&1 && nc -h 2>&1 | grep -q -e '-N'; then t=nc
-elif command -v socat >/dev/null 2>&1; then t=socat
+if command -v nc >/dev/null 2>&1 && nc -h 2>&1 | grep -q -e '-N'; then
+  t=nc; BORG_RSH=$rsh_nc
+elif command -v socat >/dev/null 2>&1; then
+  t=socat; BORG_RSH=$rsh_socat
 else
   echo "borgtunnel: neither nc (netcat-openbsd, with -N and -U) nor socat is installed" >&2
   exit 69
 fi
-printf '%s\0%s\0' "$t" "$p"
+BORGTUNNEL_SOCKET=$p
+export BORG_RSH BORGTUNNEL_SOCKET
+printf 'borgtunnel-ready %s %s\n' "$t" "$p" >&2
+IFS= read -r go || exit 72
+[ "$go" = go ] || exit 72
+exec 3<&0
+"$@" 0<&3 3<&- &
+pid=$!
+exec 3<&-
+printf 'borgtunnel-pid %s\n' "$pid" >&2
+wait "$pid"
+s=$?
+rm -f -- "$p"
+exit "$s"
 """
 
 
-def prepare_command(configured_path: str) -> str:
-    """``sh -c SCRIPT borgtunnel-prepare PATH``: the path is an argument, never script text."""
-    return shlex.join(["sh", "-c", PREPARE_SCRIPT, "borgtunnel-prepare", configured_path])
-
-
-def remove_command(path: str) -> str:
-    return shlex.join(["rm", "-f", "--", path])
-
-
-PID_PREFIX = "borgtunnel-pid "
-
-# The shell reports its pid, then becomes the command (exec keeps the pid). Closing an SSH
-# channel does not kill a non-pty remote process, and OpenSSH < 10 refuses signal requests for
-# root, so a run we abandon is stopped with a plain `kill` over a fresh exec instead.
-_PID_WRAPPER = f'printf "{PID_PREFIX}%s\\n" "$$" >&2; exec "$@"'
-
-# Only signal the pid if it is still a borg (pid reuse); without /proc, trust the short window.
-_KILL_SCRIPT = r"""
-if [ -r "/proc/$1/cmdline" ] && ! tr '\0' ' ' < "/proc/$1/cmdline" | grep -q borg; then exit 0; fi
-kill -TERM "$1" 2>/dev/null
-exit 0
-"""
-
-
-def reporting_pid(argv: list[str]) -> str:
-    """``argv`` as one remote command line that first prints ``borgtunnel-pid N`` on stderr."""
-    return shlex.join(["sh", "-c", _PID_WRAPPER, "borgtunnel-run", *argv])
-
-
-def parse_pid_line(line: str) -> int | None:
-    if not line.startswith(PID_PREFIX):
-        return None
-    text = line[len(PID_PREFIX) :].strip()
-    return int(text) if text.isdigit() else None
-
-
-def kill_command(pid: int) -> str:
-    return shlex.join(["sh", "-c", _KILL_SCRIPT, "borgtunnel-kill", str(pid)])
+def run_command(configured_path: str, rsh_nc: str, rsh_socat: str, argv: Sequence[str]) -> str:
+    """The whole remote side of a pull as one command line; every value is an argument."""
+    return shlex.join(
+        ["sh", "-c", RUN_SCRIPT, "borgtunnel-run", configured_path, rsh_nc, rsh_socat, *argv]
+    )
 
 
 @dataclass(frozen=True)
@@ -112,8 +110,41 @@ class RemoteSocket:
     tool: str
 
 
-def parse_prepare_output(stdout: bytes) -> RemoteSocket:
-    parts = stdout.split(b"\0")
-    if len(parts) != 3 or parts[2] or parts[0] not in {b"nc", b"socat"} or not parts[1]:
-        raise ValueError(f"unexpected output from the prepare step: {stdout[:200]!r}")
-    return RemoteSocket(path=parts[1].decode("utf-8", "surrogateescape"), tool=parts[0].decode())
+def parse_ready_line(line: str) -> RemoteSocket | None:
+    """``borgtunnel-ready TOOL PATH`` -> RemoteSocket; anything else -> None."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    tool, _, path = line[len(READY_PREFIX) :].rstrip("\n").partition(" ")
+    if tool not in {"nc", "socat"} or not path.startswith("/"):
+        return None
+    return RemoteSocket(path=path, tool=tool)
+
+
+def parse_pid_line(line: str) -> int | None:
+    if not line.startswith(PID_PREFIX):
+        return None
+    text = line[len(PID_PREFIX) :].strip()
+    return int(text) if text.isdigit() else None
+
+
+def remove_command(path: str) -> str:
+    return shlex.join(["rm", "-f", "--", path])
+
+
+# Only signal the pid if it is still a borg (pid reuse); without /proc, trust the short window.
+_KILL_SCRIPT = r"""
+if [ -r "/proc/$1/cmdline" ] && ! tr '\0' ' ' < "/proc/$1/cmdline" | grep -q borg; then exit 0; fi
+kill -TERM "$1" 2>/dev/null
+exit 0
+"""
+
+
+def cleanup_command(pid: int | None, path: str) -> str:
+    """For an abandoned run: SIGTERM borg (closing a channel does not kill a non-pty process,
+    and OpenSSH < 10 refuses signal requests for root), then remove the socket. One exec."""
+    kill = (
+        shlex.join(["sh", "-c", _KILL_SCRIPT, "borgtunnel-kill", str(pid)])
+        if pid is not None
+        else "true"
+    )
+    return f"{kill}; {remove_command(path)}"

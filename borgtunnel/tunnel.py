@@ -18,13 +18,7 @@ from typing import cast
 import asyncssh
 
 from borgtunnel.config import SSHSettings
-from borgtunnel.remote import (
-    PrepareExit,
-    RemoteSocket,
-    parse_prepare_output,
-    prepare_command,
-    remove_command,
-)
+from borgtunnel.remote import remove_command
 
 LineCallback = Callable[[str], None]
 
@@ -144,16 +138,6 @@ class Tunnel:
         stderr = cast(bytes, result.stderr or b"").decode("utf-8", "replace")
         return result.exit_status, stdout, stderr
 
-    async def prepare_socket(self, configured_path: str) -> RemoteSocket:
-        """Resolve ``~``, make the directory private, remove a stale socket, pick nc or socat."""
-        code, stdout, stderr = await self._exec(prepare_command(configured_path))
-        if code != PrepareExit.OK:
-            raise RemotePrepareError(self.target, code, stderr)
-        try:
-            return parse_prepare_output(stdout)
-        except ValueError as exc:
-            raise RemotePrepareError(self.target, code, str(exc)) from None
-
     async def remove_socket(self, path: str) -> None:
         await self.exec_quiet(remove_command(path))
 
@@ -196,35 +180,65 @@ class Tunnel:
         finally:
             listener.close()
 
-    async def run(
-        self,
-        command: str,
-        *,
-        stdin: bytes,
-        on_stderr: LineCallback,
-    ) -> tuple[int | None, str]:
-        """Run ``command`` with ``stdin`` written then closed; stream stderr lines to a callback.
+    @contextlib.asynccontextmanager
+    async def start(self, command: str) -> AsyncIterator[RemoteRun]:
+        """Start ``command``; the caller drives its stdin and reads its stderr line by line.
 
-        Returns (exit status or None when killed/lost, stdout text). Not ``async with``:
-        create_process's __aexit__ can hang while a remote child lives on.
+        Not ``async with create_process``: its __aexit__ can hang while a remote child lives on.
         """
         try:
             process = await self._conn.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             raise ConnectError(self.target, f"cannot start the remote command: {exc}") from None
+        run = RemoteRun(self.target, process)
         try:
-            process.stdin.write(stdin)
-            process.stdin.write_eof()
-            stdout_task = asyncio.ensure_future(process.stdout.read())
-            async for raw in process.stderr:
-                on_stderr(cast(bytes, raw).decode("utf-8", "replace"))
-            stdout = cast(bytes, await stdout_task).decode("utf-8", "replace")
-            await process.wait_closed()
-        except (OSError, asyncssh.Error) as exc:
-            raise ConnectError(self.target, f"connection lost during the run: {exc}") from None
+            yield run
         finally:
+            run.stop_reading()
             process.close()
-        return process.exit_status, stdout
+
+
+class RemoteRun:
+    """A started remote command: stdin under our control, stderr as lines, stdout collected."""
+
+    def __init__(self, target: Target, process: asyncssh.SSHClientProcess[bytes]) -> None:
+        self._target = target
+        self._process = process
+        self._stdout = asyncio.ensure_future(process.stdout.read())
+
+    async def next_line(self) -> str | None:
+        """The next stderr line, or None at EOF (the command ended or the link dropped)."""
+        try:
+            raw = await self._process.stderr.readline()
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectError(self._target, f"connection lost during the run: {exc}") from None
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def send_and_close(self, data: bytes) -> None:
+        """Write ``data`` then EOF: borg reads BORG_PASSPHRASE_FD=0 until EOF."""
+        if data:
+            self._process.stdin.write(data)
+        self._process.stdin.write_eof()
+
+    async def finish(self, on_stderr: LineCallback) -> tuple[int | None, str]:
+        """Stream the remaining stderr; return (exit status or None when killed/lost, stdout)."""
+        while (line := await self.next_line()) is not None:
+            on_stderr(line)
+        try:
+            stdout = (await self._stdout).decode("utf-8", "replace")
+            await self._process.wait_closed()
+        except (OSError, asyncssh.Error) as exc:
+            raise ConnectError(self._target, f"connection lost during the run: {exc}") from None
+        return self._process.exit_status, stdout
+
+    async def status(self) -> int | None:
+        """Wait for the end (after EOF on stderr) and return the exit status."""
+        with contextlib.suppress(OSError, asyncssh.Error):
+            await self._process.wait_closed()
+        return self._process.exit_status
+
+    def stop_reading(self) -> None:
+        self._stdout.cancel()
 
 
 def _load_trust(target: Target) -> tuple[asyncssh.SSHKnownHosts, list[asyncssh.SSHKey]]:

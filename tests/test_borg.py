@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,14 +25,18 @@ from typing import Any
 import pytest
 
 from borgtunnel import borg
-from borgtunnel.remote import parse_pid_line, reporting_pid
+from borgtunnel.remote import GO, parse_pid_line, parse_ready_line, run_command
 
 SHELLS = [s for s in ("/bin/sh", "/bin/bash", "/usr/bin/zsh") if Path(s).exists()]
 
-# Reports argv (without argv[0]), environment and pid as JSON on stdout.
+# Reports argv (without argv[0]), environment, pid and what it read on stdin as JSON on stdout.
 ARGV_DUMPER = """\
 import json, os, sys
-json.dump({"argv": sys.argv[1:], "env": dict(os.environ), "pid": os.getpid()}, sys.stdout)
+stdin = sys.stdin.read()
+json.dump(
+    {"argv": sys.argv[1:], "env": dict(os.environ), "pid": os.getpid(), "stdin": stdin},
+    sys.stdout,
+)
 """
 
 
@@ -70,11 +75,25 @@ def dumper(tmp_path: Path) -> str:
     return shlex.join([sys.executable, str(script)])
 
 
-def run_in_shell(shell: str, command: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+def run_in_shell(
+    shell: str, command: str, cwd: Path, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
     """What sshd does with an exec request: ``$SHELL -c COMMAND``, in a plain environment."""
     env = {"PATH": os.environ["PATH"], "HOME": str(cwd)}
     return subprocess.run(
-        [shell, "-c", command], cwd=cwd, env=env, capture_output=True, timeout=20, check=False
+        [shell, "-c", command],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def remote(argv: list[str], env: dict[str, str], socket: str = "~/run/s.sock") -> str:
+    return run_command(
+        socket, borg.RSH_BY_TOOL["nc"], borg.RSH_BY_TOOL["socat"], borg.with_env(argv, env)
     )
 
 
@@ -145,14 +164,14 @@ def test_create_argv_remote_borg_honours_quotes() -> None:
 
 
 def test_client_env() -> None:
-    plain = borg.client_env(socket_path="/s.sock", tool="nc", encrypted=False)
-    assert plain[borg.SOCKET_VAR] == "/s.sock"
-    assert plain["BORG_RSH"] == borg.RSH_BY_TOOL["nc"]
+    plain = borg.client_env(encrypted=False)
+    assert plain["PYTHONUTF8"] == "1"
     assert "BORG_PASSPHRASE_FD" not in plain
-    assert not any("PASSPHRASE" in key and key != "BORG_PASSPHRASE_FD" for key in plain)
-    encrypted = borg.client_env(socket_path="/s.sock", tool="socat", encrypted=True)
-    assert encrypted["BORG_PASSPHRASE_FD"] == "0"
-    assert encrypted["BORG_RSH"] == borg.RSH_BY_TOOL["socat"]
+    assert not any("PASSPHRASE" in key for key in plain)
+    # Set by the remote run script from what it found on the client, never by the server.
+    assert "BORG_RSH" not in plain
+    assert borg.SOCKET_VAR not in plain
+    assert borg.client_env(encrypted=True)["BORG_PASSPHRASE_FD"] == "0"
 
 
 # --- the remote command line through real shells ----------------------------------------------
@@ -170,28 +189,58 @@ def test_remote_command_round_trips_through_shell(shell: str, tmp_path: Path, du
         exclude=values,
         extra=values,
     )
-    env = borg.client_env(socket_path="/tmp/s $(touch PWNED) '\".sock", tool="nc", encrypted=True)
-    command = reporting_pid(borg.with_env(argv, env))
+    env = borg.client_env(encrypted=True)
+    # A short home: the resolved socket path must stay under the unix socket limit.
+    with tempfile.TemporaryDirectory(prefix="bt-") as short:
+        home = Path(short)
+        socket = "~/d $(touch PWNED) '\"/s `x`.sock"
+        command = remote(argv, env, socket)
 
-    result = run_in_shell(shell, command, tmp_path)
+        result = run_in_shell(shell, command, home, stdin=GO + b"secret\npass")
 
-    assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, result.stderr
+        resolved = f"{home}/d $(touch PWNED) '\"/s `x`.sock"
+        assert not (home / "PWNED").exists()
     received: dict[str, Any] = json.loads(result.stdout)
     assert received["argv"] == argv[2:]  # argv[:2] is "python fake-borg.py"
     assert {k: received["env"].get(k) for k in env} == env
+    assert received["env"]["BORGTUNNEL_SOCKET"] == resolved
+    assert received["env"]["BORG_RSH"] == borg.RSH_BY_TOOL["nc"]
+    assert received["stdin"] == "secret\npass"  # everything after the go line, for borg
     assert not marker.exists()
-    assert not (tmp_path / "PWNED").exists()
-    # The pid line comes first, and `exec` kept it: killing that pid kills borg itself.
-    first_line = result.stderr.decode().splitlines()[0]
-    assert parse_pid_line(first_line) == received["pid"]
+    lines = result.stderr.decode().splitlines()
+    ready = parse_ready_line(lines[0])
+    assert ready is not None
+    assert ready.path == resolved
+    # The pid line names borg itself (env execs it): killing that pid kills borg.
+    assert parse_pid_line(lines[1]) == received["pid"]
+
+
+def test_remote_command_without_go_runs_nothing(tmp_path: Path, dumper: str) -> None:
+    argv = borg.create_argv(remote_borg=dumper, repository=Path("/r"), archive="a", paths=["/"])
+
+    result = run_in_shell("/bin/sh", remote(argv, {}), tmp_path, stdin=b"")
+
+    assert result.returncode == 72
+    assert result.stdout == b""  # the dumper never ran
+    assert parse_ready_line(result.stderr.decode().splitlines()[0]) is not None
+
+
+def test_remote_command_removes_its_socket_and_keeps_borgs_status(tmp_path: Path) -> None:
+    sock_dir = tmp_path / "run"
+    argv = ["sh", "-c", 'touch "$BORGTUNNEL_SOCKET"; exit 3']  # stands in for borg + sshd's socket
+
+    result = run_in_shell("/bin/sh", remote(argv, {}), tmp_path, stdin=GO)
+
+    assert result.returncode == 3
+    assert list(sock_dir.iterdir()) == []
 
 
 def test_remote_command_missing_borg_is_status_127(tmp_path: Path) -> None:
     argv = borg.create_argv(
         remote_borg="/nonexistent/borg", repository=Path("/r"), archive="a", paths=["/"]
     )
-    command = reporting_pid(borg.with_env(argv, {"A": "1"}))
-    assert run_in_shell("/bin/sh", command, tmp_path).returncode == 127
+    assert run_in_shell("/bin/sh", remote(argv, {"A": "1"}), tmp_path, stdin=GO).returncode == 127
 
 
 # --- BORG_RSH: borg's appended words are ignored ----------------------------------------------

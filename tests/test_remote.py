@@ -1,7 +1,8 @@
-"""The client-side prepare step, run for real by dash on this machine.
+"""The client-side run script's prepare part, run for real by dash on this machine.
 
-``prepare_command`` is what the pull sends over SSH; here it runs under ``/bin/sh -c`` locally with
-HOME and PATH pointing into tmp_path, which exercises the same shell text as on a client.
+``run_command`` is what the pull sends over SSH; here it runs under ``/bin/sh -c`` locally with
+HOME and PATH pointing into tmp_path and ``true`` standing in for borg, which exercises the same
+shell text as on a client.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from borgtunnel import borg
 from borgtunnel.remote import (
-    PrepareExit,
+    GO,
     RemoteSocket,
-    parse_prepare_output,
-    prepare_command,
+    RunExit,
+    parse_ready_line,
     remove_command,
+    run_command,
 )
 
 # What the script needs besides a tool: dash itself (the command says `sh -c`) and coreutils.
@@ -34,13 +37,26 @@ def run_prepare(
 ) -> subprocess.CompletedProcess[bytes]:
     path = ":".join(str(d) for d in path_dirs) if path_dirs is not None else os.environ["PATH"]
     return subprocess.run(
-        ["/bin/sh", "-c", prepare_command(configured)],
+        [
+            "/bin/sh",
+            "-c",
+            run_command(configured, borg.RSH_BY_TOOL["nc"], borg.RSH_BY_TOOL["socat"], ["true"]),
+        ],
+        input=GO,
         env={"HOME": str(home), "PATH": path},
         cwd=home,
         capture_output=True,
         timeout=20,
         check=False,
     )
+
+
+def prepared(result: subprocess.CompletedProcess[bytes]) -> RemoteSocket:
+    """The ``borgtunnel-ready`` line the script printed before running borg."""
+    first = result.stderr.decode("utf-8", "surrogateescape").splitlines()[0]
+    ready = parse_ready_line(first)
+    assert ready is not None, result.stderr
+    return ready
 
 
 def stale_socket(path: Path) -> None:
@@ -77,9 +93,7 @@ def test_creates_private_dir_under_home(home: Path) -> None:
     socket_dir = home / ".cache" / "borgtunnel"
     assert socket_dir.is_dir()
     assert mode(socket_dir) == 0o700
-    assert parse_prepare_output(result.stdout) == RemoteSocket(
-        path=f"{home}/.cache/borgtunnel/web1.sock", tool="nc"
-    )
+    assert prepared(result) == RemoteSocket(path=f"{home}/.cache/borgtunnel/web1.sock", tool="nc")
 
 
 def test_removes_a_stale_socket(home: Path) -> None:
@@ -95,7 +109,7 @@ def test_refuses_a_regular_file_at_the_path(home: Path) -> None:
     victim = home / "important.sock"
     victim.write_text("not a socket")
     result = run_prepare(str(victim), home)
-    assert result.returncode == PrepareExit.NOT_A_SOCKET
+    assert result.returncode == RunExit.NOT_A_SOCKET
     assert b"not a socket" in result.stderr
     assert victim.read_text() == "not a socket"
 
@@ -105,7 +119,7 @@ def test_refuses_a_symlink_at_the_path(home: Path) -> None:
     target.write_text("keep")
     (home / "s.sock").symlink_to(target)
     result = run_prepare(str(home / "s.sock"), home)
-    assert result.returncode == PrepareExit.NOT_A_SOCKET
+    assert result.returncode == RunExit.NOT_A_SOCKET
     assert target.read_text() == "keep"
 
 
@@ -114,7 +128,7 @@ def test_refuses_a_symlinked_directory(home: Path, tmp_path: Path) -> None:
     real.mkdir(mode=0o700)
     (home / "sockets").symlink_to(real)
     result = run_prepare("~/sockets/s.sock", home)
-    assert result.returncode == PrepareExit.SYMLINK
+    assert result.returncode == RunExit.SYMLINK
     assert b"symlink" in result.stderr
 
 
@@ -125,7 +139,7 @@ def test_refuses_a_directory_owned_by_someone_else(home: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     os.chown(foreign, nobody.pw_uid, nobody.pw_gid)
     result = run_prepare(str(foreign / "s.sock"), home)
-    assert result.returncode == PrepareExit.NOT_OWNER
+    assert result.returncode == RunExit.NOT_OWNER
     assert b"not owned by" in result.stderr
 
 
@@ -143,7 +157,7 @@ def test_refuses_a_sticky_shared_directory(home: Path) -> None:
     shared.mkdir()
     shared.chmod(0o1777)
     result = run_prepare(str(shared / "s.sock"), home)
-    assert result.returncode == PrepareExit.SHARED_DIR
+    assert result.returncode == RunExit.SHARED_DIR
     assert mode(shared) == 0o1777  # left alone: it is not ours to tighten
 
 
@@ -153,7 +167,7 @@ def test_socket_directly_under_root(home: Path) -> None:
     if Path("/").stat().st_uid == os.geteuid():
         assert result.returncode == 0, result.stderr
     else:
-        assert result.returncode == PrepareExit.NOT_OWNER
+        assert result.returncode == RunExit.NOT_OWNER
 
 
 def test_path_with_shell_syntax_is_taken_literally() -> None:
@@ -168,7 +182,7 @@ def _literal_path_check(home: Path, odd: str) -> None:
     assert result.returncode == 0, result.stderr
     assert (home / odd).is_dir()
     assert mode(home / odd) == 0o700
-    assert parse_prepare_output(result.stdout).path == f"{home}/{odd}/s $(x).sock"
+    assert prepared(result).path == f"{home}/{odd}/s $(x).sock"
     assert not (home / "PWNED").exists()
     assert not (home / "PWNED2").exists()
 
@@ -180,14 +194,14 @@ def _literal_path_check(home: Path, odd: str) -> None:
 def test_picks_nc_when_it_supports_dash_n(home: Path, tmp_path: Path) -> None:
     result = run_prepare("~/s.sock", home, [bin_dir(tmp_path, "nc", "socat")])
     assert result.returncode == 0, result.stderr
-    assert parse_prepare_output(result.stdout).tool == "nc"
+    assert prepared(result).tool == "nc"
 
 
 @pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed")
 def test_picks_socat_without_nc(home: Path, tmp_path: Path) -> None:
     result = run_prepare("~/s.sock", home, [bin_dir(tmp_path, "socat")])
     assert result.returncode == 0, result.stderr
-    assert parse_prepare_output(result.stdout).tool == "socat"
+    assert prepared(result).tool == "socat"
 
 
 @pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed")
@@ -199,12 +213,12 @@ def test_an_nc_without_dash_n_is_not_used(home: Path, tmp_path: Path) -> None:
     fake_nc.chmod(0o755)
     result = run_prepare("~/s.sock", home, [directory])
     assert result.returncode == 0, result.stderr
-    assert parse_prepare_output(result.stdout).tool == "socat"
+    assert prepared(result).tool == "socat"
 
 
 def test_neither_tool_is_a_clear_error(home: Path, tmp_path: Path) -> None:
     result = run_prepare("~/s.sock", home, [bin_dir(tmp_path)])
-    assert result.returncode == PrepareExit.NO_TOOL
+    assert result.returncode == RunExit.NO_TOOL
     assert b"nc" in result.stderr
     assert b"socat" in result.stderr
     assert result.stdout == b""
@@ -227,41 +241,38 @@ def test_remove_command_removes_only_the_literal_path(home: Path) -> None:
     assert not (home / "PWNED").exists()
 
 
-# --- parse_prepare_output -----------------------------------------------------------------------
+# --- parse_ready_line ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("stdout", "expected"),
+    ("line", "expected"),
     [
         (
-            b"nc\0/home/u/.cache/borgtunnel/w.sock\0",
+            "borgtunnel-ready nc /home/u/.cache/borgtunnel/w.sock\n",
             RemoteSocket("/home/u/.cache/borgtunnel/w.sock", "nc"),
         ),
-        (b"socat\0/tmp/a b\nc.sock\0", RemoteSocket("/tmp/a b\nc.sock", "socat")),
-        (b"nc\0/tmp/\xff.sock\0", RemoteSocket("/tmp/\udcff.sock", "nc")),
+        ("borgtunnel-ready socat /tmp/a b c.sock", RemoteSocket("/tmp/a b c.sock", "socat")),
     ],
-    ids=["nc", "socat-odd-path", "non-utf8"],
+    ids=["nc", "socat-path-with-spaces"],
 )
-def test_parse_prepare_output_good(stdout: bytes, expected: RemoteSocket) -> None:
-    assert parse_prepare_output(stdout) == expected
+def test_parse_ready_line_good(line: str, expected: RemoteSocket) -> None:
+    assert parse_ready_line(line) == expected
 
 
 @pytest.mark.parametrize(
-    "stdout",
+    "line",
     [
-        b"",
-        b"nc",
-        b"nc\0/p",
-        b"nc\0\0",
-        b"telnet\0/p\0",
-        b"nc\0/p\0extra\0",
-        b"motd banner\nnc\0/p\0",
+        "",
+        "borgtunnel-ready nc",
+        "borgtunnel-ready telnet /p",
+        "borgtunnel-ready nc relative.sock",
+        "motd banner borgtunnel-ready nc /p",
+        "borgtunnel-pid 12",
     ],
-    ids=["empty", "tool-only", "no-trailing-nul", "empty-path", "unknown-tool", "extra", "banner"],
+    ids=["empty", "no-path", "unknown-tool", "relative", "banner", "pid-line"],
 )
-def test_parse_prepare_output_bad(stdout: bytes) -> None:
-    with pytest.raises(ValueError, match="unexpected output from the prepare step"):
-        parse_prepare_output(stdout)
+def test_parse_ready_line_bad(line: str) -> None:
+    assert parse_ready_line(line) is None
 
 
 def test_refuses_a_socket_path_too_long_after_expanding_home(tmp_path: Path) -> None:
@@ -271,6 +282,6 @@ def test_refuses_a_socket_path_too_long_after_expanding_home(tmp_path: Path) -> 
 
     result = run_prepare("~/.cache/borgtunnel/web1.sock", deep_home)
 
-    assert result.returncode == PrepareExit.TOO_LONG
+    assert result.returncode == RunExit.TOO_LONG
     assert b"longer than 100 bytes" in result.stderr
     assert not (deep_home / ".cache").exists()

@@ -24,15 +24,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, TypeVar
 
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, HistoryError, ProcessIdentity, RunRecord, RunResult
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.planning import next_client_run
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 2
@@ -120,16 +122,26 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
     return _table(header, lines)
 
 
-def show_status(config: Config, *, as_json: bool) -> int:
-    now = datetime.now(UTC)
+def _read(config: Config, query: Callable[[History], T]) -> T | None:
+    """Run one query on the history; None (after saying why on stderr) when it cannot be read."""
     try:
         with History.open(config.server.state_dir) as history:
-            rows = [client_status(config, history, c, now) for c in config.clients.values()]
+            return query(history)
     except (OSError, sqlite3.Error, HistoryError) as exc:
         print(
             f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
             file=sys.stderr,
         )
+        return None
+
+
+def show_status(config: Config, *, as_json: bool) -> int:
+    now = datetime.now(UTC)
+    rows = _read(
+        config,
+        lambda history: [client_status(config, history, c, now) for c in config.clients.values()],
+    )
+    if rows is None:
         return EXIT_FAILURE
     if as_json or not sys.stdout.isatty():
         print(json.dumps(status_json(rows, now), indent=2))
@@ -185,14 +197,8 @@ def show_history(config: Config, client: ClientConfig, *, limit: int, as_json: b
     if limit < 1:
         print(f"borgtunnel: --limit must be at least 1, got {limit}", file=sys.stderr)
         return EXIT_FAILURE
-    try:
-        with History.open(config.server.state_dir) as history:
-            runs = history.last_runs(client.name, limit)
-    except (OSError, sqlite3.Error, HistoryError) as exc:
-        print(
-            f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
-            file=sys.stderr,
-        )
+    runs = _read(config, lambda history: history.last_runs(client.name, limit))
+    if runs is None:
         return EXIT_FAILURE
     if as_json or not sys.stdout.isatty():
         print(json.dumps(history_json(runs), indent=2))

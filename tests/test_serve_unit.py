@@ -334,6 +334,24 @@ async def test_a_very_long_stderr_line_does_not_break_bookkeeping(kit: Kit) -> N
     assert any(e.get("line") == f"fake serve {conn.pid} says hello" for e in logs)
 
 
+async def _assert_gone(pid: int) -> None:
+    """aclose() returns once the pipes are closed; a dying process closes its files a moment
+    before it becomes a zombie, so allow that moment (it is signalled already)."""
+    for _ in range(20):
+        if not running(pid):
+            return
+        await asyncio.sleep(0.05)
+    assert not running(pid)
+
+
+async def _kill_leftover(pid: int, listener: BorgServeListener) -> None:
+    """Unblock the listener's pipe waits so the fixture can finish cleanly, even on failure."""
+    if running(pid):
+        os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(LINE_TIMEOUT):
+        await listener.wait_idle()
+
+
 async def test_aclose_stops_a_wrapped_serve_and_its_children(kit: Kit) -> None:
     argv = ["/bin/sh", "-c", WRAPPER, "borg-wrapper", *kit.argv()]
     path, listener = kit.listen(argv, stop_timeout=0.3)
@@ -341,19 +359,9 @@ async def test_aclose_stops_a_wrapped_serve_and_its_children(kit: Kit) -> None:
     try:
         async with asyncio.timeout(1.5):  # stop_timeout plus a generous margin
             await listener.aclose()
-        # aclose() returns once the pipes are closed; a dying process closes its files a moment
-        # before it becomes a zombie, so allow that moment (it is signalled already).
-        for _ in range(20):
-            if not running(conn.pid):
-                break
-            await asyncio.sleep(0.05)
-        assert not running(conn.pid)
+        await _assert_gone(conn.pid)
     finally:
-        # Unblock the listener's pipe waits so the fixture can finish cleanly.
-        if running(conn.pid):
-            os.kill(conn.pid, signal.SIGKILL)
-        async with asyncio.timeout(LINE_TIMEOUT):
-            await listener.wait_idle()
+        await _kill_leftover(conn.pid, listener)
 
 
 async def test_aclose_kills_a_wrapped_serve_that_ignores_sigterm(kit: Kit) -> None:
@@ -364,16 +372,9 @@ async def test_aclose_kills_a_wrapped_serve_that_ignores_sigterm(kit: Kit) -> No
     try:
         async with asyncio.timeout(3):
             await listener.aclose()
-        for _ in range(20):
-            if not running(conn.pid):
-                break
-            await asyncio.sleep(0.05)
-        assert not running(conn.pid)
+        await _assert_gone(conn.pid)
     finally:
-        if running(conn.pid):
-            os.kill(conn.pid, signal.SIGKILL)
-        async with asyncio.timeout(LINE_TIMEOUT):
-            await listener.wait_idle()
+        await _kill_leftover(conn.pid, listener)
 
 
 # --- pull_socket ----------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ such fixed costs). The command speaks a tiny line protocol on stderr/stdin:
 3. it starts borg, prints ``borgtunnel-pid N`` (so an abandoned run can be stopped by pid), waits
    for it, removes the socket and exits with borg's status.
 
+``PATH.pid`` next to the socket names the run that owns it ("SHELLPID BORGPID"). A run whose link
+dropped cannot be stopped by the server (no link), and its borg create would keep the client's
+borg cache lock: the next run finds its pid there and stops it first. A run only removes the
+socket and pid file while it still owns them, so an old run ending late never deletes a newer
+run's forwarded socket.
+
 If stdin closes without ``go`` (the forward failed) the script exits without running borg.
 """
 
@@ -78,6 +84,17 @@ else
   echo "borgtunnel: neither nc (netcat-openbsd, with -N and -U) nor socat is installed" >&2
   exit 69
 fi
+pf=$p.pid
+old=
+[ -f "$pf" ] && read -r _ old _ < "$pf" 2>/dev/null
+printf '%s\n' "$$" > "$pf"
+if [ -n "$old" ] && [ -r "/proc/$old/cmdline" ] && tr '\0' ' ' < "/proc/$old/cmdline" | grep -q borg
+then
+  echo "borgtunnel: stopping borg $old, left running by an earlier run whose link dropped" >&2
+  kill -TERM "$old" 2>/dev/null
+  i=0
+  while [ $i -lt 100 ] && kill -0 "$old" 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
+fi
 BORGTUNNEL_SOCKET=$p
 export BORG_RSH BORGTUNNEL_SOCKET
 printf 'borgtunnel-ready %s %s\n' "$t" "$p" >&2
@@ -87,10 +104,13 @@ exec 3<&0
 "$@" 0<&3 3<&- &
 pid=$!
 exec 3<&-
+printf '%s %s\n' "$$" "$pid" > "$pf"
 printf 'borgtunnel-pid %s\n' "$pid" >&2
 wait "$pid"
 s=$?
-rm -f -- "$p"
+owner=
+read -r owner _ < "$pf" 2>/dev/null
+[ "$owner" = "$$" ] && rm -f -- "$p" "$pf"
 exit "$s"
 """
 
@@ -147,4 +167,4 @@ def cleanup_command(pid: int | None, path: str) -> str:
         if pid is not None
         else "true"
     )
-    return f"{kill}; {remove_command(path)}"
+    return f"{kill}; {shlex.join(['rm', '-f', '--', path, path + '.pid'])}"

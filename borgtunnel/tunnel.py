@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,5 +297,7 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
     except TimeoutError:
         raise ConnectError(target, f"no answer within {ssh.connect_timeout:.0f}s") from None
     except OSError as exc:
-        raise ConnectError(target, exc.strerror or str(exc)) from None
+        # asyncio puts its own words ("Connect call failed …") in strerror; the errno says why.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConnectError(target, reason) from None
     return conn

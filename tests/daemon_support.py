@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from borgtunnel.daemon import Daemon
-from borgtunnel.history import DB_FILENAME, History, RunRecord, RunResult
+from borgtunnel.history import History, RunRecord, RunResult
 from tests.sshd import SshdServer, is_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -337,15 +336,11 @@ async def serving(daemon: Daemon) -> AsyncIterator[asyncio.Task[None]]:
 def runs(state_dir: Path, client: str) -> list[RunRecord]:
     """The client's recorded runs, oldest first.
 
-    Not ``History.open``: it opens and closes the database file with ``os.open`` first, and in
-    a process that already has a connection (the in-process daemon's) that ``close`` drops the
-    process's POSIX locks on the file. Another process closing its connection then believes it
-    is the last one and deletes the WAL under the daemon: "database disk image is malformed".
+    Through History.open, like status/history: it creates or migrates the schema under the
+    write lock, so reading while a daemon is still creating the database waits instead of
+    finding no table (a raw sqlite3.connect here once did).
     """
-    path = state_dir / DB_FILENAME
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    with History(conn, path) as history:
+    with History.open(state_dir) as history:
         return history.last_runs(client, 1000)[::-1]
 
 

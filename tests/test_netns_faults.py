@@ -14,7 +14,7 @@ FIFO) keeps running on the client until something wakes it; the client's sshd do
 the dead connection either (no ``ClientAliveInterval`` by default). What that session leaves
 behind on the client is the next pull's business: the remote socket file (still listened on),
 which it replaces, and the orphaned ``borg create`` holding the client's borg cache lock, which
-it does not stop yet (the xfail test below).
+it stops first (its pid is in the pid file next to the socket).
 """
 
 from __future__ import annotations
@@ -244,14 +244,6 @@ def test_dropped_link_mid_pull_fails_fast_and_leaves_the_server_clean(
     _assert_server_clean(tmp_path, cut.repo)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a borg create orphaned by a dropped link keeps the client's borg cache lock "
-    "(BORG_BASE_DIR/.cache/borg/<id>/lock.exclusive); the next pull after the link returns "
-    "fails with LockTimeout until the orphan dies. Nothing stops it: the abandoned run's "
-    "cleanup (SIGTERM by pid) could not reach the client, and the next run does not know the "
-    "pid (borgtunnel/remote.py RUN_SCRIPT, borgtunnel/pull.py _abandon_remote).",
-)
 def test_next_pull_after_a_dropped_link_stops_the_orphaned_borg_create(
     tmp_path: Path, link: Link, client_sshd: SshdServer
 ) -> None:
@@ -328,13 +320,6 @@ def test_unreachable_client_fails_within_connect_timeout(
     _assert_server_clean(tmp_path, repo)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failed TCP connect is reported as asyncio's text \"Connect call failed "
-    "('ADDR', 22)\" without the reason (No route to host, Connection refused): asyncio puts "
-    "that text into OSError.strerror, which borgtunnel/tunnel.py _open shows instead of "
-    "os.strerror(exc.errno).",
-)
 def test_unreachable_client_message_names_the_reason(
     tmp_path: Path, link: Link, client_sshd: SshdServer
 ) -> None:

@@ -21,6 +21,7 @@ import re
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
 from pathlib import Path
@@ -107,7 +108,7 @@ class GatedRunner:
         return PullOutcome(client=client.name, result=self.outcome, state=self.state)
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: Sequence[Mapping[str, Any]], name: str) -> list[Mapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
 
 
@@ -426,7 +427,9 @@ async def test_daemon_pulls_two_scheduled_clients_and_status_shows_them(sshd, tm
     async with serving(daemon):
         planned = daemon.next_runs()
         assert planned["web1"] == FIRE_AT
-        assert FIRE_AT <= planned["db1"] < FIRE_AT + timedelta(seconds=1)
+        db1 = planned["db1"]
+        assert db1 is not None
+        assert FIRE_AT <= db1 < FIRE_AT + timedelta(seconds=1)
         await eventually(
             lambda: all(finished_runs(state_dir, name) for name in names),
             within=60,

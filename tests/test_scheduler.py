@@ -165,7 +165,8 @@ def test_naive_after_is_rejected():
 
 
 def runs_between(schedule: Schedule, start: datetime, end: datetime, **kwargs) -> list[str]:
-    result, current = [], start
+    result: list[str] = []
+    current = start
     while True:
         current = next_run(schedule, current, **kwargs)
         if current.astimezone(UTC) >= end.astimezone(UTC):

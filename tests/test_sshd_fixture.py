@@ -376,6 +376,6 @@ def test_skip_reasons_name_what_is_missing(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="needs OpenSSH: sshd not installed"):
         skip_unless_usable()
     monkeypatch.setattr(sshd_module, "missing_tools", list)
-    monkeypatch.setattr(sshd_module.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the same os module tests.sshd uses
     with pytest.raises(pytest.skip.Exception, match="sshd fixture needs root"):
         skip_unless_usable()

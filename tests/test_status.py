@@ -113,7 +113,9 @@ def test_a_running_row_of_a_dead_process_shows_as_interrupted(config_path):
     with History.open(config.server.state_dir) as history:
         status = client_status(config, history, config.clients["web1"], NOW)
         assert (status.last_result, status.running) == (RunResult.INTERRUPTED, False)
-        assert history.last_run("web1").result is RunResult.RUNNING  # status only reads
+        last = history.last_run("web1")
+        assert last is not None
+        assert last.result is RunResult.RUNNING  # status only reads
 
 
 def test_status_table_is_readable(config_path):
@@ -174,9 +176,9 @@ def test_status_and_history_print_json_on_a_pipe(config_path):
     rows = json.loads(status.stdout)
     assert [row["client"] for row in rows] == ["web1", "db1", "laptop"]
     assert 290 <= rows[0]["last_success_age_seconds"] < 400
-    history = cli(config_path, "history", "web1", "--limit", "1")
-    assert history.returncode == 0, history.stderr
-    assert [run["result"] for run in json.loads(history.stdout)] == ["failed"]
+    listed = cli(config_path, "history", "web1", "--limit", "1")
+    assert listed.returncode == 0, listed.stderr
+    assert [run["result"] for run in json.loads(listed.stdout)] == ["failed"]
     assert json.loads(cli(config_path, "history", "db1", "--json").stdout) == []
 
 

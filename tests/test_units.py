@@ -92,7 +92,7 @@ def analyze() -> str:
 
 
 @pytest.fixture
-def unit_copy(tmp_path) -> Path:
+def unit_copy(tmp_path: Path) -> Path:
     """The units in tmp_path/units, ExecStart= pointing at a stub that exists."""
     stub = tmp_path / "bin" / "borgtunnel"
     stub.parent.mkdir()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,35 @@ def test_no_prefix_when_stderr_is_not_the_journal(tmp_path: Path) -> None:
 
     records = [json.loads(line) for line in lines]  # plain JSON, no "<N>"
     assert [r["level"] for r in records] == ["debug", "info", "warning", "error"]
+
+
+def test_console_lines_on_a_terminal() -> None:
+    """On a TTY (auto format) the lines are for people: no JSON, fields as key=value."""
+    snippet = (
+        "import structlog; from borgtunnel import logs; logs.configure('auto');"
+        "structlog.get_logger().bind(client='web1').warning('pull_failed', error='boom')"
+    )
+    leader, follower = pty.openpty()
+    try:
+        subprocess.run([sys.executable, "-c", snippet], stderr=follower, check=True, timeout=30)
+        os.close(follower)
+        follower = -1
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", output.decode())  # colours, as on a real terminal
+    assert output != text.encode()  # there were colours
+    assert "pull_failed" in text
+    assert "client=web1" in text
+    assert "error=boom" in text
+    assert not text.lstrip().startswith("{")

@@ -383,6 +383,12 @@ def test_borg_warning_exits_1_and_keeps_the_archive(tmp_path: Path, sshd: SshdSe
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith("c1: warning archive=")
     assert "vanished" in result.stdout  # the last borg warning is shown
+    # borg's own --log-json line from the client, re-logged here with the client bound.
+    relogged = [json.loads(x) for x in result.stderr.splitlines() if "vanished" in x]
+    assert any(
+        r.get("source") == "borg create" and r["client"] == "c1" and r["level"] == "warning"
+        for r in relogged
+    ), result.stderr
     names = pullkit.archives(tmp_path, repo)
     pullkit.extract(tmp_path, repo, names[0], tmp_path / "restored")
     pullkit.assert_same_tree(data, tmp_path / "restored")

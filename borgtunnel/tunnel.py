@@ -1,9 +1,10 @@
 """The SSH side: the only module that talks to asyncssh.
 
-One ``Tunnel`` is one verified SSH connection to a client. It can prepare the remote socket
-directory, hold a reverse unix-socket forward open, run a command with a secret on stdin, and
-remove the remote socket again. Failures are raised as ``TunnelError`` subclasses that carry the
-data an administrator needs (host, port, key fingerprint, remote stderr), never asyncssh types.
+One ``Tunnel`` is one verified SSH connection to a client. It can start a remote command whose
+stdin it drives and whose stderr it reads line by line (the run script of borgtunnel/remote.py),
+hold a reverse unix-socket forward open, and run short housekeeping commands. Failures are
+raised as ``TunnelError`` subclasses that carry the data an administrator needs (host, port, key
+fingerprint, remote stderr), never asyncssh types.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from borgtunnel.remote import remove_command
 
 LineCallback = Callable[[str], None]
 
-# A prepare or cleanup exec is a few shell builtins; anything slower than this is a stuck link.
+# The client's prepare step and a cleanup exec are a few shell builtins (plus waiting up to 10 s
+# for an orphaned borg to stop); anything slower than this is a stuck link.
 SHORT_COMMAND_TIMEOUT = 30.0
 
 
@@ -78,7 +80,7 @@ class ForwardError(TunnelError):
 
 
 class RemotePrepareError(TunnelError):
-    """The prepare step on the client refused (symlink, wrong owner, no nc/socat, ...)."""
+    """The client refused before borg started (symlink, wrong owner, no nc/socat, ...)."""
 
     def __init__(self, target: Target, code: int | None, stderr: str) -> None:
         self.code = code

@@ -65,25 +65,6 @@ with History.open(state) as h:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start child processes that are killed and reaped at teardown, whatever happened."""
-    children: list[subprocess.Popen[str]] = []
-
-    def start(*argv: str) -> subprocess.Popen[str]:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.wait(timeout=10)
-        if child.stdout is not None:
-            child.stdout.close()
-
-
-@pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 

@@ -18,7 +18,7 @@ import pytest
 from borgtunnel.lock import ClientBusy, acquire_client_lock, client_lock, lock_path
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -31,25 +31,6 @@ lock = acquire_client_lock(Path(sys.argv[1]), sys.argv[2], wait=False)
 print("locked", flush=True)
 time.sleep(60)
 """
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start child processes that are killed and reaped at teardown, whatever happened."""
-    children: list[subprocess.Popen[str]] = []
-
-    def start(*argv: str, close_fds: bool = True) -> subprocess.Popen[str]:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, close_fds=close_fds)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.wait(timeout=10)
-        if child.stdout is not None:
-            child.stdout.close()
 
 
 @pytest.fixture

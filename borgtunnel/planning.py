@@ -14,7 +14,7 @@ from datetime import datetime, tzinfo
 from borgtunnel import scheduler
 from borgtunnel.config import ClientConfig
 from borgtunnel.history import RunResult
-from borgtunnel.pull import PullOutcome, State
+from borgtunnel.pull import PullOutcome
 
 # Backoff doubles per attempt; without a cap, retries=10 with retry_wait=60 would wait 17 hours
 # before the last attempt, long after the next scheduled run. A retry_wait above the cap wins.
@@ -60,12 +60,14 @@ def is_busy(outcome: PullOutcome) -> bool:
 
 
 def is_retryable(outcome: PullOutcome) -> bool:
-    """A connection failure (client offline, network down): worth another try.
+    """The connection failed or dropped (client offline, network down, laptop asleep mid-backup):
+    worth another try. Retrying a dropped run is safe: the next run stops the borg create the
+    dead session left on the client (borgtunnel/remote.py).
 
-    A failure after connecting (borg error, refused prepare step, bad passphrase) would fail the
+    Anything else (borg error, refused prepare step, host key, bad passphrase) would fail the
     same way again, so it waits for the next scheduled run.
     """
-    return outcome.result is RunResult.FAILED and outcome.state is State.CONNECTING
+    return outcome.result is RunResult.FAILED and outcome.link_lost
 
 
 class RunQueue:

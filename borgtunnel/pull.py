@@ -33,6 +33,7 @@ from borgtunnel.remote import (
 from borgtunnel.serve import BorgServeListener, pull_socket
 from borgtunnel.tunnel import (
     SHORT_COMMAND_TIMEOUT,
+    ConnectError,
     ForwardError,
     RemotePrepareError,
     RemoteRun,
@@ -77,6 +78,9 @@ class PullOutcome:
     tool: str | None = None
     # The run never started: another process holds the client's lock.
     busy: bool = False
+    # The SSH connection could not be made or was lost (offline client, dropped link): the only
+    # kind of failure another try may cure.
+    link_lost: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -163,6 +167,7 @@ async def pull(config: Config, client: ClientConfig) -> PullOutcome:
     except (TunnelError, PassphraseError, OSError) as exc:
         run.outcome.result = RunResult.FAILED
         run.outcome.error = str(exc)
+        run.outcome.link_lost = isinstance(exc, ConnectError)
     run.outcome.duration = time.monotonic() - started
     _log_outcome(run)
     return run.outcome
@@ -184,7 +189,7 @@ def _log_outcome(run: _Run) -> None:
             nfiles=o.stats.nfiles,
             borg_duration=o.stats.duration,
         )
-    if o.result is RunResult.FAILED and o.state is State.CONNECTING:
+    if o.result is RunResult.FAILED and o.link_lost:
         # Offline clients are routine (laptops, maintenance): a soft failure, retried by the daemon.
         run.log.warning("pull_failed", error=o.error, state=str(o.state), **fields)
     elif o.result is RunResult.FAILED:

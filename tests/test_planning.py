@@ -79,18 +79,21 @@ def test_retry_delay_rejects_negative_attempts():
 
 
 @pytest.mark.parametrize(
-    ("result", "state", "retryable"),
+    ("result", "state", "link_lost", "retryable"),
     [
-        (RunResult.FAILED, State.CONNECTING, True),  # offline client, refused connection
-        (RunResult.FAILED, State.PREPARING, False),  # the client refused the prepare step
-        (RunResult.FAILED, State.RUNNING, False),  # borg error
-        (RunResult.FAILED, State.STARTING, False),  # passphrase, local socket
-        (RunResult.OK, State.DONE, False),
-        (RunResult.WARNING, State.DONE, False),
+        (RunResult.FAILED, State.CONNECTING, True, True),  # offline client, refused connection
+        (RunResult.FAILED, State.RUNNING, True, True),  # link dropped mid-backup
+        (RunResult.FAILED, State.CONNECTING, False, False),  # host key refused
+        (RunResult.FAILED, State.PREPARING, False, False),  # the client refused the prepare step
+        (RunResult.FAILED, State.RUNNING, False, False),  # borg error
+        (RunResult.FAILED, State.STARTING, False, False),  # passphrase, local socket
+        (RunResult.OK, State.DONE, False, False),
+        (RunResult.WARNING, State.DONE, False, False),
     ],
 )
-def test_only_connection_failures_are_retried(result, state, retryable):
-    assert is_retryable(PullOutcome(client="c", result=result, state=state)) is retryable
+def test_only_connection_failures_are_retried(result, state, link_lost, retryable):
+    outcome = PullOutcome(client="c", result=result, state=state, link_lost=link_lost)
+    assert is_retryable(outcome) is retryable
 
 
 def test_busy_is_recognised_from_the_jobs_outcome():

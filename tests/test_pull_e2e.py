@@ -19,7 +19,14 @@ import pytest
 from borgtunnel.config import load_config
 from borgtunnel.pull import pull
 from tests import pullkit
-from tests.sshd import SshdFactory, SshdServer, generate_key, known_hosts_line, public_key
+from tests.sshd import (
+    SshdFactory,
+    SshdServer,
+    generate_key,
+    known_hosts_line,
+    public_key,
+    stop_sshd,
+)
 
 pytestmark = pytest.mark.sshd
 
@@ -414,3 +421,43 @@ def test_several_clients_one_line_each_worst_exit_code(tmp_path: Path, sshd: Ssh
     assert lines[0].startswith("good: ok ")
     assert lines[1].startswith("bad: failed ")
     assert len(pullkit.archives(tmp_path, good)) == 1
+
+
+async def test_connection_lost_mid_run_is_marked_for_a_retry(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    """sshd dies while borg create runs: the outcome says the link was lost (daemon retries)."""
+    data = tmp_path / "client-data"
+    data.mkdir()
+    os.mkfifo(data / "blocking-fifo")
+    repo = tmp_path / "repos" / "c1"
+    pullkit.init_repo(tmp_path, repo)
+    table = pullkit.client_table(sshd, "c1", repo, [data], create_args=["--read-special"])
+    config = load_config(
+        pullkit.write_config(
+            tmp_path / "bt.toml", clients={"c1": table}, **pullkit.base_config(tmp_path, sshd)
+        )
+    )
+    task = asyncio.create_task(pull(config, config.client("c1")))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if pullkit.processes_mentioning(f"--read-special -- ssh://borgtunnel{repo}"):
+                break
+        stop_sshd(sshd)  # the listener, the session and its commands: the link is gone
+        async with asyncio.timeout(30):
+            outcome = await task
+    finally:
+        task.cancel()
+
+    assert outcome.result == "failed"
+    assert outcome.link_lost
+    assert outcome.state == "running"
+    _assert_no_leftovers_local(tmp_path, repo)
+
+
+def _assert_no_leftovers_local(tmp_path: Path, repo: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert not run_dir.exists() or list(run_dir.iterdir()) == []
+    assert pullkit.processes_mentioning(f"--restrict-to-repository {repo}") == []
+    assert not (repo / "lock.exclusive").exists()

@@ -114,10 +114,10 @@ class SshdServer:
             "agent_path": None,
         }
 
-    def ssh_command(self, *remote: str) -> list[str]:
-        """An OpenSSH ``ssh`` argv that reaches this server without any user configuration."""
+    def ssh_options(self, known_hosts: Path | None = None) -> list[str]:
+        """OpenSSH client options for this server's key and (by default) its known_hosts, with the
+        compiled-in defaults otherwise (``-F none``): no user configuration, no agent, no prompt."""
         return [
-            "ssh",
             "-F",
             "none",
             "-i",
@@ -129,11 +129,18 @@ class SshdServer:
             "-o",
             "BatchMode=yes",
             "-o",
-            f"UserKnownHostsFile={self.known_hosts}",
+            f"UserKnownHostsFile={known_hosts or self.known_hosts}",
             "-o",
             "GlobalKnownHostsFile=none",
             "-o",
             "StrictHostKeyChecking=yes",
+        ]
+
+    def ssh_command(self, *remote: str) -> list[str]:
+        """An OpenSSH ``ssh`` argv that reaches this server without any user configuration."""
+        return [
+            "ssh",
+            *self.ssh_options(),
             "-p",
             str(self.port),
             f"{self.user}@{self.host}",

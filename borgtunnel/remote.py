@@ -147,8 +147,8 @@ def parse_pid_line(line: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def remove_command(path: str) -> str:
-    return shlex.join(["rm", "-f", "--", path])
+def remove_command(*paths: str) -> str:
+    return shlex.join(["rm", "-f", "--", *paths])
 
 
 # Only signal the pid if it is still a borg (pid reuse); without /proc, trust the short window.
@@ -167,4 +167,4 @@ def cleanup_command(pid: int | None, path: str) -> str:
         if pid is not None
         else "true"
     )
-    return f"{kill}; {shlex.join(['rm', '-f', '--', path, path + '.pid'])}"
+    return f"{kill}; {remove_command(path, path + '.pid')}"

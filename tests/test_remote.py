@@ -161,15 +161,6 @@ def test_refuses_a_sticky_shared_directory(home: Path) -> None:
     assert mode(shared) == 0o1777  # left alone: it is not ours to tighten
 
 
-def test_socket_directly_under_root(home: Path) -> None:
-    """``/x.sock``: the directory part is "/" (not empty), checked like any other directory."""
-    result = run_prepare("/borgtunnel-test-nonexistent.sock", home)
-    if Path("/").stat().st_uid == os.geteuid():
-        assert result.returncode == 0, result.stderr
-    else:
-        assert result.returncode == RunExit.NOT_OWNER
-
-
 def test_path_with_shell_syntax_is_taken_literally() -> None:
     odd = "dir with space 'q' \"d\" $(touch PWNED) `touch PWNED2` ; && \\ ünï"
     # A short home: pytest's tmp_path plus this name would exceed the socket path limit.

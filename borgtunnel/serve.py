@@ -140,6 +140,18 @@ class BorgServeListener:
     def active(self) -> int:
         return len(self._children)
 
+    def io_bytes(self) -> int:
+        """Bytes the running children have read and written (``/proc/PID/io``): repository
+        traffic, which never passes through Python, made visible for stall detection."""
+        total = 0
+        for child in self._children:
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/{child.process.pid}/io").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("rchar", "wchar"):
+                        total += int(value)
+        return total + self.stats.connections
+
     def start(self) -> None:
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"accept {self._client}")
 

@@ -39,7 +39,8 @@ CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # sun_path is 108 bytes on Linux and 104 on the BSDs; OpenSSH's sshd also limits it.
 MAX_SOCKET_PATH = 100
 
-QUOTA_RE = re.compile(r"^[0-9]+(\.[0-9]+)?[KMGTP]?$")
+QUOTA_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTP]?)$")
+MIN_QUOTA = 10 * 1000**2  # borg serve refuses less
 
 # 16 MiB: the SSH channel window is the throughput lever on high-latency links (asyncssh's 2 MiB
 # default caps a 40 ms RTT link at ~23 MB/s; 16 MiB reaches ~150 MB/s, see BENCHMARKS.md).
@@ -203,11 +204,17 @@ class ClientConfig(_Model):
     @field_validator("storage_quota")
     @classmethod
     def _quota_valid(cls, value: str | None) -> str | None:
-        if value is not None and not QUOTA_RE.match(value):
+        if value is None:
+            return value
+        match = QUOTA_RE.match(value)
+        if not match:
             raise ValueError(
                 f"{value!r} is not a size borg understands (a number with an optional "
                 "K, M, G, T or P suffix, e.g. '500G')"
             )
+        number, unit = float(match.group(1)), match.group(2) or ""
+        if number * 1000 ** "_KMGTP".index(unit or "_") < MIN_QUOTA:
+            raise ValueError(f"{value!r} is below borg's minimum storage quota of 10M")
         return value
 
     @field_validator("remote_borg")

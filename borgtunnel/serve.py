@@ -109,6 +109,8 @@ class ServeStats:
     connections: int = 0
     failures: int = 0
     last_error: str | None = None
+    # The last line a child wrote on stderr (cut at 500 characters): usually the reason.
+    last_stderr: str | None = None
     exit_codes: list[int] = field(default_factory=list)
 
 
@@ -215,6 +217,7 @@ class BorgServeListener:
         async for chunk in _lines(process.stderr):
             line = chunk.decode("utf-8", "replace").rstrip()
             if line:
+                self.stats.last_stderr = line[:500]
                 self.log.warning("serve_stderr", pid=process.pid, connection=number, line=line)
 
     async def _reap(self, child: _Child) -> None:
@@ -229,7 +232,8 @@ class BorgServeListener:
         self.stats.exit_codes.append(code)
         if code != 0:
             self.stats.failures += 1
-            self.stats.last_error = f"borg serve exited with status {code}"
+            reason = f": {self.stats.last_stderr}" if self.stats.last_stderr else ""
+            self.stats.last_error = f"borg serve exited with status {code}{reason}"
         report = self.log.info if code == 0 else self.log.warning
         report("serve_exited", pid=child.process.pid, connection=child.number, status=code)
 

@@ -475,6 +475,8 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     parts = []
     if run.errors:
         parts.append(run.errors[-1])
+    elif run.outcome.warnings:  # plain text (a shell, nc) is kept as a warning
+        parts.append(run.outcome.warnings[-1])
     if listener.stats.last_error:
         parts.append(f"server side: {listener.stats.last_error}")
     if status is None:

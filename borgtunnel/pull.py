@@ -336,6 +336,7 @@ async def _verify(
             "can have been committed"
         )
     claim = borg.parse_create_claim(run.stdout)
+    started = time.monotonic()
     run.outcome.stats = await verify_archive(
         borg_cmd=server.borg,
         repository=client.repository,
@@ -345,6 +346,7 @@ async def _verify(
         known_ids=run.known_ids,
         transaction_before=before,
     )
+    run.log.info("archive_verified", seconds=round(time.monotonic() - started, 3))
     # The first verified pull of a repository made elsewhere saves the key the server now
     # knows opens it; later pulls compare against that copy.
     await keyguard.save_key_copy(server.borg, client.repository, server.state_dir, client.name)

@@ -220,13 +220,10 @@ class _CappedLines:
         lines: list[str] = []
         while data:
             cut = data.find(b"\n")
-            piece, data = (data, b"") if cut < 0 else (data[: cut + 1], data[cut + 1 :])
-            room = MAX_LINE - len(self._buffer)
-            if self._dropped or len(piece) > room:
-                self._buffer += piece[: max(room, 0)]
-                self._dropped += len(piece) - max(room, 0)
-            else:
-                self._buffer += piece
+            piece, data = (data, b"") if cut < 0 else (data[:cut], data[cut + 1 :])
+            room = max(MAX_LINE - len(self._buffer), 0)
+            self._buffer += piece[:room]
+            self._dropped += max(len(piece) - room, 0)
             if cut >= 0:
                 lines.append(self._take())
         return lines
@@ -235,7 +232,7 @@ class _CappedLines:
         return [self._take()] if self._buffer or self._dropped else []
 
     def _take(self) -> str:
-        text = bytes(self._buffer).decode("utf-8", "replace").rstrip("\n")
+        text = bytes(self._buffer).decode("utf-8", "replace")
         if self._dropped:
             text += f" …[{self._dropped} more bytes of this line not kept]"
         self._buffer.clear()

@@ -536,3 +536,10 @@ def test_parse_log_line_plain_text_is_a_warning(line: str) -> None:
 @pytest.mark.parametrize("line", ["", "\n", "   \r\n"])
 def test_parse_log_line_blank(line: str) -> None:
     assert borg.parse_log_line(line) is None
+
+
+def test_serve_argv_with_storage_quota() -> None:
+    assert borg.serve_argv("borg", Path("/srv/r"), storage_quota="500G")[-2:] == [
+        "--storage-quota",
+        "500G",
+    ]

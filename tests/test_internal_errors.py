@@ -42,7 +42,7 @@ def test_a_bug_in_one_pull_is_exit_70_and_the_next_client_still_pulls(
     tmp_path: Path, sshd: SshdServer, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     config, good = _two_client_config(tmp_path, sshd)
-    real_pull = jobs.pull
+    real_pull = jobs.pull  # type: ignore[attr-defined]  # patched below, as jobs sees it
 
     async def buggy_pull(config: Any, client: Any, **kw: Any) -> Any:
         if client.name == "buggy":

@@ -37,6 +37,9 @@ def _two_client_config(tmp_path: Path, sshd: SshdServer) -> tuple[Path, Path]:
     return config, good
 
 
+pytestmark = pytest.mark.usefixtures("reset_logging")
+
+
 @pytest.mark.sshd
 def test_a_bug_in_one_pull_is_exit_70_and_the_next_client_still_pulls(
     tmp_path: Path, sshd: SshdServer, monkeypatch: pytest.MonkeyPatch, capsys: Any

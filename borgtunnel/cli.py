@@ -28,6 +28,8 @@ from borgtunnel.config import (
 )
 from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
+from borgtunnel.maintenance import command as maintenance_command
+from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.repository import init_repository
 
@@ -99,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("client", metavar="NAME")
 
     commands.add_parser("check-config", help="validate and print the effective config as JSON")
+
+    maintain = commands.add_parser(
+        "maintain", help="prune, compact, check client repositories now (no flag: what is due)"
+    )
+    maintain.add_argument("clients", nargs="+", metavar="NAME")
+    maintain.add_argument("--prune", action="store_true", help="borg prune by the retention")
+    maintain.add_argument("--compact", action="store_true", help="borg compact")
+    maintain.add_argument("--check", action="store_true", help="borg check")
+    maintain.add_argument("--dry-run", action="store_true", help="show, change nothing")
+    maintain.add_argument(
+        "--accept-missing",
+        action="store_true",
+        help="acknowledge archives that vanished without our prune (after a tamper report)",
+    )
+    maintain.add_argument("--wait", action="store_true", help="wait if the client is busy")
+
+    archives = commands.add_parser("list", help="the archives of a client, read on this server")
+    archives.add_argument("client", metavar="NAME")
+    archives.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -139,6 +160,26 @@ def _cmd_serve(args: argparse.Namespace, _path: Path, config: Config) -> int:
     )
 
 
+def _cmd_maintain(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    clients = [config.client(name) for name in args.clients]
+    plan = requested_plan(prune=args.prune, compact=args.compact, check=args.check)
+    return _run(
+        maintenance_command.maintain_all(
+            config,
+            clients,
+            plan=plan,
+            dry_run=args.dry_run,
+            accept_missing=args.accept_missing,
+            wait=args.wait,
+        )
+    )
+
+
+def _cmd_list(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return _run(maintenance_command.list_archives(config, client, as_json=args.json))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -147,6 +188,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "status": _cmd_status,
     "history": _cmd_history,
     "serve": _cmd_serve,
+    "maintain": _cmd_maintain,
+    "list": _cmd_list,
 }
 
 

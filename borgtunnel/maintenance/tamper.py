@@ -26,16 +26,19 @@ class TamperReport:
 
     def message(self) -> str:
         names = ", ".join(repr(name) for name in self.missing)
+        repo = self.repository
         return (
-            f"tampering suspected: {len(self.missing)} archive(s) vanished from {self.repository} "
-            f"without a prune by borgtunnel: {names}. Compact (and prune) refused: they would "
-            "make the deletion permanent. The repository is append-only for the client, so the "
-            "data is still there: to roll back, stop borgtunnel, find the last transaction from "
-            f"before the deletion in {self.repository / 'transactions'}, remove the segment files "
-            f"in {self.repository / 'data'} with higher numbers and the index.*, hints.* and "
-            "integrity.* files, then run borg check (borg docs: 'append-only mode'); look at "
-            "the client (it had write access to this repository's log). If the removal was "
-            f"intended, run `borgtunnel maintain {self.client} --accept-missing`."
+            f"tampering suspected: {len(self.missing)} archive(s) vanished from {repo} without "
+            f"a prune by borgtunnel: {names}. Compact and prune refused: they would make the "
+            "deletion permanent. The client's serve is append-only, so the data is still there. "
+            f"To roll back: stop borgtunnel; in {repo / 'transactions'} find the last "
+            "transaction N from before the deletion; remove the segment files numbered above N "
+            f"under {repo / 'data'} and {repo}/index.*, hints.*, integrity.*; run borg check; "
+            "then remove this repository's borg cache (.cache/borg/ID) and "
+            ".config/borg/security/ID/manifest-timestamp, which are newer than the rolled-back "
+            "repository, on the server (in state_dir/borg) and on the client (README: 'Rolling "
+            "back a client's deletes'). Look at the client: it deleted through its tunnel. If "
+            f"the removal was intended: `borgtunnel maintain {self.client} --accept-missing`."
         )
 
 

@@ -323,3 +323,23 @@ def test_maintain_is_busy_while_the_client_is_locked_and_waits_with_wait(
     assert "prune ok" in out
     with History.open(tmp_path / "state") as history:
         assert [r.kind for r in history.last_runs("c1")] == ["maintain"]
+
+
+def test_list_shows_the_archives_as_the_servers_borg_reads_them(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    _, repo, config = _setup(tmp_path, sshd)
+    _forged(tmp_path, repo, "first one", "2026-11-01T10:00:00", size=120_000)
+    _forged(tmp_path, repo, "-second\n'odd'", "2026-11-02T10:00:00", size=80_000)
+
+    listed = pullkit.run_cli(config, "list", "c1", "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    own = json.loads(pullkit.borg(tmp_path, "list", "--json", str(repo)))["archives"]
+    assert [(r["name"], r["id"]) for r in rows] == [(a["name"], a["id"]) for a in own]
+    assert [r["time"][:19] for r in rows] == ["2026-11-01T10:00:00", "2026-11-02T10:00:00"]
+    assert [(r["nfiles"], r["original_size"]) for r in rows] == [(1, 120_000), (1, 80_000)]
+    assert all(r["deduplicated_size"] > 70_000 for r in rows)
+    empty = pullkit.run_cli(config, "list", "nosuch")
+    assert empty.returncode == 78

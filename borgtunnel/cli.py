@@ -32,6 +32,7 @@ from borgtunnel.maintenance import command as maintenance_command
 from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.repository import init_repository
+from borgtunnel.restore import restore_recorded
 
 EXIT_OK = 0
 EXIT_WARNING = 1
@@ -120,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     archives = commands.add_parser("list", help="the archives of a client, read on this server")
     archives.add_argument("client", metavar="NAME")
     archives.add_argument("--json", action="store_true", help="machine-readable output")
+
+    restore = commands.add_parser(
+        "restore", help="extract an archive (or paths of it) on the client, through a tunnel"
+    )
+    restore.add_argument("client", metavar="NAME")
+    restore.add_argument("archive", metavar="ARCHIVE")
+    restore.add_argument("paths", nargs="*", metavar="PATH", help="only these paths of it")
+    restore.add_argument(
+        "--target", required=True, metavar="DIR", help="absolute directory on the client"
+    )
+    restore.add_argument("--dry-run", action="store_true", help="read everything, write nothing")
+    restore.add_argument("--force", action="store_true", help="restore into a non-empty target")
+    restore.add_argument("--wait", action="store_true", help="wait if the client is busy")
     return parser
 
 
@@ -180,6 +194,31 @@ def _cmd_list(args: argparse.Namespace, _path: Path, config: Config) -> int:
     return _run(maintenance_command.list_archives(config, client, as_json=args.json))
 
 
+def _cmd_restore(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    if not args.target.startswith("/") or "\0" in args.target:
+        print(
+            f"borgtunnel: --target must be an absolute path, got {args.target!r}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    return _run(_restore(config, client, args))
+
+
+async def _restore(config: Config, client: ClientConfig, args: argparse.Namespace) -> int:
+    outcome = await restore_recorded(
+        config,
+        client,
+        args.archive,
+        args.paths,
+        args.target,
+        dry_run=args.dry_run,
+        force=args.force,
+        wait=args.wait,
+    )
+    print(outcome.summary(), flush=True)
+    return outcome.exit_code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -190,6 +229,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "serve": _cmd_serve,
     "maintain": _cmd_maintain,
     "list": _cmd_list,
+    "restore": _cmd_restore,
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from borgtunnel import __version__, daemon, logs, socketserve, status
+from borgtunnel import __version__, daemon, logs, socketserve, status, trust
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--dry-run", action="store_true", help="read everything, write nothing")
     restore.add_argument("--force", action="store_true", help="restore into a non-empty target")
     restore.add_argument("--wait", action="store_true", help="wait if the client is busy")
+
+    trust_cmd = commands.add_parser("trust", help="add a client's host key to its known_hosts")
+    trust_cmd.add_argument("client", metavar="NAME")
+    trust_cmd.add_argument(
+        "--fingerprint", metavar="SHA256:...", help="trust only if the offered key has this one"
+    )
+    trust_cmd.add_argument("--yes", action="store_true", help="do not ask")
+    trust_cmd.add_argument(
+        "--replace", action="store_true", help="replace a different key known for the host"
+    )
     return parser
 
 
@@ -219,6 +229,15 @@ async def _restore(config: Config, client: ClientConfig, args: argparse.Namespac
     return outcome.exit_code
 
 
+def _cmd_trust(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return _run(
+        trust.trust(
+            config, client, fingerprint=args.fingerprint, yes=args.yes, replace=args.replace
+        )
+    )
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -230,6 +249,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "maintain": _cmd_maintain,
     "list": _cmd_list,
     "restore": _cmd_restore,
+    "trust": _cmd_trust,
 }
 
 

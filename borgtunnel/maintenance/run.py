@@ -339,14 +339,14 @@ class _Maintenance:
         result = await self.borg(argv)
         step.exit_code = result.status
         if self.dry_run:
-            names = retention.would_prune(result.messages, before)
+            names = sorted(retention.would_prune(result.messages, before))
             step.result = _result(result)
             step.detail = (
                 f"would remove {len(names)}: {_names(names)}; keep {len(before) - len(names)}"
             )
             self.outcome.pruned = tuple(names)
             self.add(step)
-            return []
+            return names  # so that the dry run also shows the compact that would follow
         after = await self.list_archives()
         if after is None:
             # What prune removed is unknown: report it, and the next run's tamper check errs on

@@ -91,7 +91,7 @@ async def recorded_pull(config: Config, client: ClientConfig, history: History) 
         wait=False,
         history=history,
         time_limit=client.timeout,
-        after=lambda _outcome, db: after_pull(config, client, db),
+        after=lambda outcome, db: after_pull(config, client, db, outcome),
     )
 
 

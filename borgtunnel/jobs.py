@@ -137,6 +137,7 @@ def _check_sanity(client: ClientConfig, db: History, outcome: PullOutcome) -> No
         return
     log.warning("archive_suspicious", client=client.name, archive=stats.archive, reason=reason)
     outcome.result = RunResult.WARNING
+    outcome.suspicious = reason
     outcome.warnings.append(reason)
     if outcome.error is None:
         outcome.error = reason

@@ -81,6 +81,9 @@ class PullOutcome:
     # The SSH connection could not be made or was lost (offline client, dropped link): the only
     # kind of failure another try may cure.
     link_lost: bool = False
+    # Set after verification when the archive looks wrong (0 files, a large drop): the daemon
+    # then does not prune after it (borgtunnel/maintenance/sanity.py).
+    suspicious: str | None = None
 
     @property
     def exit_code(self) -> int:

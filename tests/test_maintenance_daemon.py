@@ -85,3 +85,31 @@ async def test_daemon_maintains_after_a_verified_pull(sshd: SshdServer, tmp_path
         prune = history.last_operation("web1", "prune")
         assert prune is not None
         assert prune.detail == "removed 2: old-1, old-2; kept 1"
+
+
+@pytest.mark.usefixtures("server_borg_env")
+async def test_daemon_does_not_prune_after_a_suspicious_archive(
+    sshd: SshdServer, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path, "web1")
+    forge_old_archives(tmp_path, repo)
+    empty = tmp_path / "emptied"
+    empty.mkdir()
+    client = sshd_client(sshd, "web1", repo, empty, schedule="0 2 * * *")
+    path = write_config(tmp_path / "borgtunnel.toml", tmp_path, sshd=sshd, clients={"web1": client})
+    path.write_text(path.read_text() + "\n[clients.web1.retention]\nkeep_daily = 1\n")
+    config = load_config(path)
+    daemon = Daemon(config, now=shifted_now(clock_offset(FIRE_AT, 1.0)), notifier=Notifier(""))
+    async with serving(daemon):
+        await eventually(
+            lambda: (
+                [r.result for r in runs(config.server.state_dir, "web1")] == [RunResult.WARNING]
+            ),
+            within=90,
+            what="the pull of an empty tree",
+        )
+    # The stop waited for the run, hook included: no maintenance run, nothing pruned.
+    (pull,) = runs(config.server.state_dir, "web1")
+    assert pull.error is not None
+    assert "0 files" in pull.error
+    assert sorted(archives(tmp_path, repo)) == sorted(["old-1", "old-2", str(pull.archive)])

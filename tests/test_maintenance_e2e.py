@@ -346,3 +346,35 @@ def test_list_shows_the_archives_as_the_servers_borg_reads_them(
     assert all(r["deduplicated_size"] > 70_000 for r in rows)
     empty = pullkit.run_cli(config, "list", "nosuch")
     assert empty.returncode == 78
+
+
+def test_an_encrypted_repository_is_listed_maintained_and_restored_with_its_passphrase(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    data = pullkit.make_client_data(tmp_path / "client-data")
+    repo = tmp_path / "repos" / "c1"
+    secret = tmp_path / "c1.passphrase"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)
+    conf = pullkit.base_config(tmp_path, sshd)
+    table = pullkit.client_table(
+        sshd, "c1", repo, [data], encryption="repokey-blake2", passphrase_file=str(secret)
+    )
+    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+    config.write_text(config.read_text() + "\n[clients.c1.retention]\nkeep_daily = 1\n")
+    for argv in (("init", "c1"), ("pull", "c1")):
+        result = pullkit.run_cli(config, *argv)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    listed = pullkit.run_cli(config, "list", "c1", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    maintained = pullkit.run_cli(config, "maintain", "c1", "--prune", "--check")
+    assert maintained.returncode == 0, maintained.stdout + maintained.stderr
+    assert "prune ok: removed 0: -; kept 1; check ok" in maintained.stdout
+    target = tmp_path / "target"
+    restored = pullkit.run_cli(config, "restore", "c1", row["name"], "--target", str(target))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    pullkit.assert_same_tree(data, target)
+    for result in (listed, maintained, restored):
+        assert "correct horse" not in result.stdout + result.stderr

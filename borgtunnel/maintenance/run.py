@@ -35,6 +35,7 @@ from borgtunnel.maintenance.localborg import LocalResult, run_local_borg
 from borgtunnel.maintenance.retention import Archive, Plan
 from borgtunnel.maintenance.tamper import tamper_report
 from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.pull import PullOutcome
 
 log = structlog.get_logger("borgtunnel.maintenance")
 
@@ -434,16 +435,26 @@ def _size(path: Path) -> int:
     return total
 
 
-async def after_pull(config: Config, client: ClientConfig, history: History) -> None:
+async def after_pull(
+    config: Config, client: ClientConfig, history: History, outcome: PullOutcome | None = None
+) -> None:
     """The daemon's hook after a verified pull (the caller still holds the client lock): prune
     (+ compact) when the client has a retention, a check when due. Never raises an operational
-    failure: it is logged and recorded."""
+    failure: it is logged and recorded.
+
+    After a suspicious archive (0 files, a large drop) nothing is pruned: a week of emptied
+    archives would otherwise push the last good ones out of ``keep_daily = 7``.
+    """
     if client.retention is None and client.check is None:
         return
     due = _Maintenance(config, client, history, dry_run=False).due_plan()
+    plan: Plan | None = None
+    if outcome is not None and outcome.suspicious is not None and (due.prune or due.compact):
+        log.warning("prune_skipped_after_suspicious_archive", client=client.name)
+        due = plan = Plan(check=due.check)
     if not due:
         return
     try:
-        await maintain_locked(config, client, history, plan=None, trigger="daemon")
+        await maintain_locked(config, client, history, plan=plan, trigger="daemon")
     except Exception:  # a maintenance bug must not turn a good pull into a crash
         log.exception("maintenance_crashed", client=client.name)

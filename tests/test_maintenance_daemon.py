@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from borgtunnel.config import load_config
 from borgtunnel.daemon import Daemon
 from borgtunnel.history import History, RunResult
+from borgtunnel.jobs import run_recorded
+from borgtunnel.pull import PullOutcome
 from borgtunnel.systemd import Notifier
 from tests.daemon_support import (
     FIRE_AT,
@@ -18,6 +21,7 @@ from tests.daemon_support import (
     eventually,
     make_data,
     make_repo,
+    run_cli,
     runs,
     server_env,
     serving,
@@ -113,3 +117,50 @@ async def test_daemon_does_not_prune_after_a_suspicious_archive(
     assert pull.error is not None
     assert "0 files" in pull.error
     assert sorted(archives(tmp_path, repo)) == sorted(["old-1", "old-2", str(pull.archive)])
+
+
+@pytest.mark.usefixtures("server_borg_env")
+async def test_the_maintenance_after_a_pull_holds_the_client_lock(
+    sshd: SshdServer, tmp_path: Path
+) -> None:
+    """Between the pull and the end of its maintenance a one-shot pull is busy, and `--wait`
+    waits for the end."""
+    repo = make_repo(tmp_path, "web1")
+    data = make_data(tmp_path, "web1")
+    client = sshd_client(sshd, "web1", repo, data)
+    path = write_config(tmp_path / "borgtunnel.toml", tmp_path, sshd=sshd, clients={"web1": client})
+    config = load_config(path)
+    in_hook = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_maintenance(outcome: PullOutcome, history: History) -> None:
+        assert outcome.result is RunResult.OK
+        in_hook.set()
+        await release.wait()
+
+    with History.open(config.server.state_dir) as history:
+        first = asyncio.create_task(
+            run_recorded(
+                config,
+                config.clients["web1"],
+                trigger="daemon",
+                history=history,
+                after=slow_maintenance,
+            )
+        )
+        try:
+            async with asyncio.timeout(60):
+                await in_hook.wait()
+            busy = await run_cli("--config", str(path), "pull", "web1")
+            assert busy.returncode == 2
+            assert "busy" in busy.stdout
+            waiting = asyncio.create_task(run_cli("--config", str(path), "pull", "web1", "--wait"))
+            await asyncio.sleep(1)
+            assert not waiting.done()
+        finally:
+            release.set()
+        outcome = await first
+        assert outcome.result is RunResult.OK
+        waited = await waiting
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert len(archives(tmp_path, repo)) == 2

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
     from types import TracebackType
 
 __all__ = [
@@ -132,6 +132,17 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
         "CREATE INDEX removals_by_client ON archive_removals (client, archive)",
+        # The id each archive of ours had when maintenance first saw it: an archive deleted and
+        # made again under the same name (through the client's tunnel) has another id.
+        """
+        CREATE TABLE archive_ids (
+            client  TEXT NOT NULL,
+            archive TEXT NOT NULL,
+            id      TEXT NOT NULL,
+            seen    TEXT NOT NULL,
+            PRIMARY KEY (client, archive)
+        )
+        """,
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -568,11 +579,37 @@ class History:
         """Archives that left the repository with our knowledge: ``pruned`` by our own prune,
         or ``accepted`` by an administrator after a tamper report."""
         when = _utc_text(_now())
+        names = list(archives)
         with _write(self._conn):
             self._conn.executemany(
                 "INSERT INTO archive_removals (client, archive, reason, run_id, at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                [(client, name, reason, run_id, when) for name in archives],
+                [(client, name, reason, run_id, when) for name in names],
+            )
+            # A name made again later (by a legitimate pull) starts with a new id.
+            self._conn.executemany(
+                "DELETE FROM archive_ids WHERE client = ? AND archive = ?",
+                [(client, name) for name in names],
+            )
+
+    def archive_ids(self, client: str) -> dict[str, str]:
+        """Archive name -> the id maintenance first saw it with."""
+        rows = self._conn.execute(
+            "SELECT archive, id FROM archive_ids WHERE client = ?", (client,)
+        ).fetchall()
+        return {row["archive"]: row["id"] for row in rows}
+
+    def remember_archive_ids(
+        self, client: str, ids: Mapping[str, str], *, replace: bool = False
+    ) -> None:
+        """Record ids of archives not known yet (``replace``: overwrite, for an accepted
+        replacement)."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        when = _utc_text(_now())
+        with _write(self._conn):
+            self._conn.executemany(
+                f"{verb} INTO archive_ids (client, archive, id, seen) VALUES (?, ?, ?, ?)",
+                [(client, name, archive_id, when) for name, archive_id in ids.items()],
             )
 
     def last_removal(self, client: str, reason: str) -> datetime | None:

@@ -157,6 +157,55 @@ def _hostile_borg(tmp_path: Path) -> Path:
     return script
 
 
+REPLACING_SCRIPT = r"""#!/bin/sh
+# Deletes the oldest archive and makes a forged one under its name, then the real create.
+for arg in "$@"; do case $arg in ssh://*::*) url=${arg%%::*} ;; esac; done
+victim=$(@BORG@ list --short "$url" | head -n 1)
+@BORG@ delete "$url::$victim" >&2 || exit 9
+@BORG@ create "$url::$victim" @FORGED@ >&2 || exit 9
+exec @BORG@ "$@"
+"""
+
+
+def test_an_archive_replaced_under_its_own_name_blocks_compact(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    name_format = "c1-{now:%Y-%m-%dT%H:%M:%S.%f}"
+    data, repo, config = _setup(tmp_path, sshd, retention="keep_daily = 7", archive=name_format)
+    assert pullkit.run_cli(config, "pull", "c1").returncode == 0
+    seen = pullkit.run_cli(config, "maintain", "c1")  # the first sight records the archive's id
+    assert seen.returncode == 0, seen.stdout + seen.stderr
+    (victim,) = pullkit.archives(tmp_path, repo)
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "ransom-note").write_text("pay\n")
+    borg = shutil.which("borg")
+    assert borg is not None
+    script = tmp_path / "replacing-borg"
+    script.write_text(REPLACING_SCRIPT.replace("@BORG@", borg).replace("@FORGED@", str(forged)))
+    script.chmod(0o755)
+    _write(
+        tmp_path,
+        sshd,
+        repo,
+        data,
+        retention="keep_daily = 7",
+        remote_borg=str(script),
+        archive=name_format,
+    )
+    assert pullkit.run_cli(config, "pull", "c1").returncode == 0
+    assert victim in pullkit.archives(tmp_path, repo)  # the name is still there ...
+
+    blocked = pullkit.run_cli(config, "maintain", "c1")
+    assert blocked.returncode == 2, blocked.stdout  # ... but not the archive we made
+    assert "replaced by another archive of the same name (the id changed)" in blocked.stdout
+    assert repr(victim) in blocked.stdout
+    accepted = pullkit.run_cli(config, "maintain", "c1", "--accept-missing")
+    assert accepted.returncode == 0, accepted.stdout
+    assert f"accepted as replaced: {victim!r}" in accepted.stdout
+    assert pullkit.run_cli(config, "maintain", "c1").returncode == 0
+
+
 def _last_transaction(repo: Path) -> int:
     lines = (repo / "transactions").read_text().splitlines()
     return int(lines[-1].split()[1].rstrip(","))

@@ -143,8 +143,8 @@ def test_requested_plan():
 
 def test_tamper_report_names_missing_archives_and_the_way_back():
     assert missing_archives({"a", "b"}, {"a", "b", "new"}) == ()
-    assert tamper_report("web1", Path("/srv/borg/web1"), {"a"}, {"a", "z"}) is None
-    report = tamper_report("web1", Path("/srv/borg/web1"), {"b", "a", "c"}, {"a"})
+    assert tamper_report("web1", Path("/srv/borg/web1"), {"a"}, {"a": "1", "z": "2"}) is None
+    report = tamper_report("web1", Path("/srv/borg/web1"), {"b", "a", "c"}, {"a": "1"})
     assert report is not None
     assert report.missing == ("b", "c")
     text = report.message()
@@ -156,6 +156,19 @@ def test_tamper_report_names_missing_archives_and_the_way_back():
         "borgtunnel maintain web1 --accept-missing",
     ):
         assert needle in text
+    assert "replaced" not in text
+
+
+def test_an_archive_made_again_under_a_known_name_is_reported_as_replaced():
+    known = {"a": "1", "b": "2", "gone": "3"}
+    present = {"a": "1", "b": "9", "new": "4"}
+    report = tamper_report("web1", Path("/r"), {"a", "b"}, present, known)
+    assert report is not None
+    assert (report.missing, report.replaced) == ((), ("b",))
+    assert "1 archive(s) in /r were replaced by another archive of the same name" in (
+        report.message()
+    )
+    assert tamper_report("web1", Path("/r"), {"a"}, present, {"a": "1"}) is None
 
 
 @pytest.mark.parametrize(
@@ -225,7 +238,13 @@ def test_expected_archives_subtract_our_removals_and_count_a_recreated_name(tmp_
         maintain = history.start_run("web1", "maintain", kind="maintain")
         history.finish_run(maintain, RunResult.OK, archive="not-an-archive-we-made")
         assert history.expected_archives("web1") == {"a", "b", "c"}
+        history.remember_archive_ids("web1", {"a": "id-a", "c": "id-c"})
+        history.remember_archive_ids("web1", {"a": "other", "b": "id-b"})  # known ones stay
+        assert history.archive_ids("web1") == {"a": "id-a", "b": "id-b", "c": "id-c"}
+        history.remember_archive_ids("web1", {"c": "id-c2"}, replace=True)
+        assert history.archive_ids("web1")["c"] == "id-c2"
         history.record_removals("web1", ["a", "b"], "pruned", maintain)
+        assert history.archive_ids("web1") == {"c": "id-c2"}  # removed names are forgotten
         assert history.expected_archives("web1") == {"c"}
         again = history.start_run("web1", "pull", started=NOW + timedelta(days=3650))
         history.finish_run(again, RunResult.OK, archive="a", finished=NOW + timedelta(days=3650))

@@ -260,21 +260,30 @@ class _Maintenance:
         archives = await self.list_archives()
         if archives is None:
             return
+        name = self.client.name
+        present = {a.name: a.id for a in archives}
         if accept_missing:
-            self.accept(archives)
+            self.accept(present)
         plan = requested if requested is not None else self.due_plan()
+        expected = self.history.expected_archives(name)
         report = tamper_report(
-            self.client.name,
-            self.client.repository,
-            self.history.expected_archives(self.client.name),
-            (a.name for a in archives),
+            name, self.client.repository, expected, present, self.history.archive_ids(name)
         )
+        if not self.dry_run:
+            # First sight of an archive of ours: remember its id (known ones are kept as they
+            # were, so a replacement keeps being reported).
+            ours = {n: i for n, i in present.items() if n in expected}
+            self.history.remember_archive_ids(name, ours)
         if self.dry_run and accept_missing and report is not None:
             report = None  # the dry run shows what would happen after the acknowledgement
         if report is not None:
             self.outcome.missing = report.missing
             if plan.prune or plan.compact:
-                self.log.error("tampering_suspected", missing=list(report.missing))
+                self.log.error(
+                    "tampering_suspected",
+                    missing=list(report.missing),
+                    replaced=list(report.replaced),
+                )
                 self.add(Step("tamper", RunResult.FAILED, report.message()))
                 plan = Plan(check=plan.check)
         removed: list[str] = []
@@ -315,17 +324,36 @@ class _Maintenance:
             self.outcome.error = f"cannot list the repository: {exc}"
             return None
 
-    def accept(self, archives: list[Archive]) -> None:
-        expected = self.history.expected_archives(self.client.name)
-        missing = sorted(expected - {a.name for a in archives})
-        if not missing:
-            self.add(Step("accept", RunResult.OK, "no archive is missing"))
+    def accept(self, present: dict[str, str]) -> None:
+        """The administrator's acknowledgement: missing archives are recorded as removed,
+        replaced ones are remembered with their new id."""
+        name = self.client.name
+        report = tamper_report(
+            name,
+            self.client.repository,
+            self.history.expected_archives(name),
+            present,
+            self.history.archive_ids(name),
+        )
+        if report is None:
+            self.add(Step("accept", RunResult.OK, "no archive is missing or replaced"))
             return
-        names = ", ".join(repr(n) for n in missing)
-        if not self.dry_run:
-            self.history.record_removals(self.client.name, missing, ACCEPTED, self.run_id)
-        self.log.warning("missing_archives_accepted", archives=missing)
-        self.add(Step("accept", RunResult.OK, f"accepted as gone: {names}"))
+        said = []
+        if report.missing:
+            if not self.dry_run:
+                self.history.record_removals(name, report.missing, ACCEPTED, self.run_id)
+            said.append("accepted as gone: " + ", ".join(repr(n) for n in report.missing))
+        if report.replaced:
+            if not self.dry_run:
+                new_ids = {n: present[n] for n in report.replaced}
+                self.history.remember_archive_ids(name, new_ids, replace=True)
+            said.append("accepted as replaced: " + ", ".join(repr(n) for n in report.replaced))
+        self.log.warning(
+            "missing_archives_accepted",
+            archives=list(report.missing),
+            replaced=list(report.replaced),
+        )
+        self.add(Step("accept", RunResult.OK, "; ".join(said)))
 
     async def prune(self, before: list[Archive]) -> list[str]:
         rules = self.client.retention

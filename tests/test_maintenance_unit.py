@@ -272,3 +272,43 @@ def test_operations_are_recorded_and_the_newest_is_found(tmp_path):
         assert ok is not None
         assert ok.detail == "at 0"
         assert history.last_operation("web1", "compact") is None
+
+
+async def test_a_cancelled_local_borg_is_stopped_and_the_run_recorded_interrupted(tmp_path):
+    import asyncio  # noqa: PLC0415 - only this test is async
+
+    from borgtunnel.maintenance.run import maintain_locked  # noqa: PLC0415
+    from tests.daemon_support import eventually  # noqa: PLC0415
+    from tests.sshd import is_alive  # noqa: PLC0415
+
+    fake = tmp_path / "fake-borg"
+    # Stands in for a long borg check: records its pid, answers `list`, hangs on `check`.
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo $$ > "{tmp_path}/$1.pid"\n'
+        "case $1 in list) echo '{\"archives\": []}'; exit 0 ;; esac\n"
+        "exec sleep 60\n"
+    )
+    fake.chmod(0o755)
+    config = parse_config(
+        {
+            "server": {"state_dir": str(tmp_path / "state"), "borg": str(fake)},
+            "clients": {"web1": {**client(), "check": {"every": "1d"}}},
+        }
+    )
+    check_pid = tmp_path / "check.pid"
+    with History.open(tmp_path / "state") as history:
+        task = asyncio.create_task(maintain_locked(config, config.clients["web1"], history))
+        try:
+            await eventually(
+                lambda: check_pid.exists() and check_pid.read_text().strip() != "",
+                within=30,
+                what="the check to start",
+            )
+        finally:
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not is_alive(int(check_pid.read_text()))
+        (run,) = history.last_runs("web1")
+        assert (run.kind, run.result) == ("maintain", RunResult.INTERRUPTED)

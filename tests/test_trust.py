@@ -7,6 +7,9 @@ import base64
 import hashlib
 import hmac
 import os
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,27 @@ def pullkit_fingerprint(private_key: Path) -> str:
     from tests.sshd import fingerprint  # noqa: PLC0415 - same helper the fixture uses
 
     return fingerprint(private_key)
+
+
+@pytest.mark.sshd
+@pytest.mark.parametrize(("answer", "code"), [("y", 0), ("n", 2)])
+def test_trust_asks_on_a_terminal(tmp_path: Path, sshd: SshdServer, answer: str, code: int) -> None:
+    script = shutil.which("script")
+    if script is None:
+        pytest.skip("script(1) (util-linux) is needed for a terminal")
+    known_hosts = tmp_path / "known_hosts"
+    config, _ = _config(tmp_path, sshd, known_hosts)
+    command = shlex.join([*pullkit.cli_argv(config), "trust", "c1"])
+    result = subprocess.run(
+        [script, "-qec", command, "/dev/null"],
+        input=f"{answer}\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == code, result.stdout
+    assert (
+        f"Trust {sshd.host_key_fingerprint} for [{sshd.host}]:{sshd.port}? [y/N]" in result.stdout
+    )
+    assert known_hosts.exists() == (code == 0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from borgtunnel import __version__, daemon, logs, socketserve, status
+from borgtunnel import __version__, daemon, logs, socketserve, status, trust
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -29,8 +29,11 @@ from borgtunnel.config import (
 from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
 from borgtunnel.keyguard import KeyGuardError
+from borgtunnel.maintenance import command as maintenance_command
+from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.repository import init_repository
+from borgtunnel.restore import restore_recorded
 
 EXIT_OK = 0
 EXIT_WARNING = 1
@@ -101,6 +104,48 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("client", metavar="NAME")
 
     commands.add_parser("check-config", help="validate and print the effective config as JSON")
+
+    maintain = commands.add_parser(
+        "maintain", help="prune, compact, check client repositories now (no flag: what is due)"
+    )
+    maintain.add_argument("clients", nargs="+", metavar="NAME")
+    maintain.add_argument("--prune", action="store_true", help="borg prune by the retention")
+    maintain.add_argument("--compact", action="store_true", help="borg compact")
+    maintain.add_argument("--check", action="store_true", help="borg check")
+    maintain.add_argument("--dry-run", action="store_true", help="show, change nothing")
+    maintain.add_argument(
+        "--accept-missing",
+        action="store_true",
+        help="acknowledge archives that vanished without our prune (after a tamper report)",
+    )
+    maintain.add_argument("--wait", action="store_true", help="wait if the client is busy")
+
+    archives = commands.add_parser("list", help="the archives of a client, read on this server")
+    archives.add_argument("client", metavar="NAME")
+    archives.add_argument("--json", action="store_true", help="machine-readable output")
+
+    restore = commands.add_parser(
+        "restore", help="extract an archive (or paths of it) on the client, through a tunnel"
+    )
+    restore.add_argument("client", metavar="NAME")
+    restore.add_argument("archive", metavar="ARCHIVE")
+    restore.add_argument("paths", nargs="*", metavar="PATH", help="only these paths of it")
+    restore.add_argument(
+        "--target", required=True, metavar="DIR", help="absolute directory on the client"
+    )
+    restore.add_argument("--dry-run", action="store_true", help="read everything, write nothing")
+    restore.add_argument("--force", action="store_true", help="restore into a non-empty target")
+    restore.add_argument("--wait", action="store_true", help="wait if the client is busy")
+
+    trust_cmd = commands.add_parser("trust", help="add a client's host key to its known_hosts")
+    trust_cmd.add_argument("client", metavar="NAME")
+    trust_cmd.add_argument(
+        "--fingerprint", metavar="SHA256:...", help="trust only if the offered key has this one"
+    )
+    trust_cmd.add_argument("--yes", action="store_true", help="do not ask")
+    trust_cmd.add_argument(
+        "--replace", action="store_true", help="replace a different key known for the host"
+    )
     return parser
 
 
@@ -141,6 +186,60 @@ def _cmd_serve(args: argparse.Namespace, _path: Path, config: Config) -> int:
     )
 
 
+def _cmd_maintain(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    clients = [config.client(name) for name in args.clients]
+    plan = requested_plan(prune=args.prune, compact=args.compact, check=args.check)
+    return _run(
+        maintenance_command.maintain_all(
+            config,
+            clients,
+            plan=plan,
+            dry_run=args.dry_run,
+            accept_missing=args.accept_missing,
+            wait=args.wait,
+        )
+    )
+
+
+def _cmd_list(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return _run(maintenance_command.list_archives(config, client, as_json=args.json))
+
+
+def _cmd_restore(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    if not args.target.startswith("/") or "\0" in args.target:
+        print(
+            f"borgtunnel: --target must be an absolute path, got {args.target!r}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    return _run(_restore(config, client, args))
+
+
+async def _restore(config: Config, client: ClientConfig, args: argparse.Namespace) -> int:
+    outcome = await restore_recorded(
+        config,
+        client,
+        args.archive,
+        args.paths,
+        args.target,
+        dry_run=args.dry_run,
+        force=args.force,
+        wait=args.wait,
+    )
+    print(outcome.summary(), flush=True)
+    return outcome.exit_code
+
+
+def _cmd_trust(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return _run(
+        trust.trust(
+            config, client, fingerprint=args.fingerprint, yes=args.yes, replace=args.replace
+        )
+    )
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -149,6 +248,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "status": _cmd_status,
     "history": _cmd_history,
     "serve": _cmd_serve,
+    "maintain": _cmd_maintain,
+    "list": _cmd_list,
+    "restore": _cmd_restore,
+    "trust": _cmd_trust,
 }
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from borgtunnel import scheduler
+from borgtunnel.maintenance.durations import parse_duration
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"
@@ -152,6 +153,50 @@ def _merge_ssh(*layers: SSHOptions | None) -> SSHSettings:
     return SSHSettings.model_validate(merged)
 
 
+KeepCount = Annotated[int, Field(ge=0, le=100_000)]
+
+
+class RetentionSettings(_Model):
+    """``[clients.NAME.retention]``: borg prune rules, run by the server after verified pulls."""
+
+    keep_within: str | None = None
+    keep_hourly: KeepCount = 0
+    keep_daily: KeepCount = 0
+    keep_weekly: KeepCount = 0
+    keep_monthly: KeepCount = 0
+    keep_yearly: KeepCount = 0
+    # borg compact after a prune that removed something (frees the space on disk).
+    compact: bool = True
+
+    @field_validator("keep_within")
+    @classmethod
+    def _within_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> Self:
+        # borg prune without any rule refuses to run; an empty table is a mistake, not "keep all".
+        counts = (self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly)
+        if self.keep_within is None and not any((*counts, self.keep_yearly)):
+            raise ValueError("set keep_within or at least one keep_* count above 0")
+        return self
+
+
+class CheckSettings(_Model):
+    """``[clients.NAME.check]``: borg check when the last one is older than ``every``."""
+
+    every: str = "30d"
+    verify_data: bool = False
+
+    @field_validator("every")
+    @classmethod
+    def _every_valid(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
 class ClientConfig(_Model):
     """``[clients.NAME]``: one machine to pull from."""
 
@@ -187,6 +232,12 @@ class ClientConfig(_Model):
     # Passed to `borg serve --storage-quota`: one client cannot fill the disk every repository
     # shares. borg's size syntax: a number with an optional K, M, G, T or P suffix.
     storage_quota: str | None = None
+    # Maintenance on the server (borgtunnel/maintenance/); none of it runs without these tables.
+    retention: RetentionSettings | None = None
+    check: CheckSettings | None = None
+    # A verified pull whose file count or original size fell by more than this many percent
+    # against the client's previous archive is a warning (wrong mount, emptied tree, wipe).
+    max_shrink: Annotated[float, Field(gt=0, le=100)] = 50.0
 
     @field_validator("schedule")
     @classmethod

@@ -11,6 +11,9 @@ Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn
   busy, or still running from its previous slot, is skipped with a warning; the client keeps its
   schedule. Connection failures are retried ``retries`` times after ``retry_wait * 2**attempt``
   seconds; other failures wait for the next scheduled run.
+* After a verified pull (ok or warning) of a client with ``retention`` the daemon prunes (and
+  compacts), and checks when ``check.every`` has passed, still under the client's lock
+  (borgtunnel/maintenance/run.py ``after_pull``); it is recorded as its own ``maintain`` run.
 * ``timeout`` cancels a run that takes longer (its cleanup then still runs, so the run ends up
   to ``serve_stop_timeout`` later); the run is recorded ``failed`` with a "timeout" error, not
   ``interrupted``, which is kept for runs that a stop or a crash cut short: a timeout says
@@ -51,6 +54,7 @@ from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
 from borgtunnel.history import History, HistoryError
 from borgtunnel.jobs import run_recorded
+from borgtunnel.maintenance.run import after_pull
 from borgtunnel.planning import (
     RunQueue,
     is_busy,
@@ -81,7 +85,13 @@ def system_now() -> datetime:
 async def recorded_pull(config: Config, client: ClientConfig, history: History) -> PullOutcome:
     """The real runner: one locked, recorded pull."""
     return await run_recorded(
-        config, client, trigger="daemon", wait=False, history=history, time_limit=client.timeout
+        config,
+        client,
+        trigger="daemon",
+        wait=False,
+        history=history,
+        time_limit=client.timeout,
+        after=lambda outcome, db: after_pull(config, client, db, outcome),
     )
 
 

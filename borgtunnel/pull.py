@@ -117,6 +117,9 @@ class PullOutcome:
     link_lost: bool = False
     # borgtunnel itself failed (a bug): exit 70, never read as "warnings only".
     internal_error: bool = False
+    # Set after verification when the archive looks wrong (0 files, a large drop): the daemon
+    # then does not prune after it (borgtunnel/maintenance/sanity.py).
+    suspicious: str | None = None
 
     @property
     def exit_code(self) -> int:

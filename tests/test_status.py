@@ -21,6 +21,9 @@ from tests.daemon_support import BORGTUNNEL, offline_client, write_config
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 STATUS_KEYS = {
+    "last_check",
+    "last_check_result",
+    "last_maintain_result",
     "client",
     "last_success",
     "last_result",
@@ -83,6 +86,9 @@ def test_status_fields_from_the_history(config_path):
         "next_run": "2026-03-03T02:00:00+00:00",
         "running": False,
         "last_success_age_seconds": 3 * 3600,
+        "last_check": None,
+        "last_check_result": None,
+        "last_maintain_result": None,
     }
     assert rows[1]["last_success_age_seconds"] is None
     assert rows[2]["next_run"] is None
@@ -125,10 +131,19 @@ def test_status_table_is_readable(config_path):
         rows = [client_status(config, history, c, NOW) for c in config.clients.values()]
     columns = [re.split(r"\s{2,}", line) for line in status_table(rows, NOW).splitlines()]
     assert columns == [
-        ["CLIENT", "LAST SUCCESS", "AGE", "LAST RESULT", "NEXT RUN", "RUNNING"],
-        ["web1", "2026-03-01 09:55 UTC", "1d 2h", "ok", "2026-03-03 02:00 UTC", "no"],
-        ["db1", "never", "-", "-", "2026-03-03 02:00 UTC", "no"],
-        ["laptop", "never", "-", "-", "not scheduled", "no"],
+        [
+            "CLIENT",
+            "LAST SUCCESS",
+            "AGE",
+            "LAST RESULT",
+            "NEXT RUN",
+            "RUNNING",
+            "LAST CHECK",
+            "MAINTENANCE",
+        ],
+        ["web1", "2026-03-01 09:55 UTC", "1d 2h", "ok", "2026-03-03 02:00 UTC", "no", "never", "-"],
+        ["db1", "never", "-", "-", "2026-03-03 02:00 UTC", "no", "never", "-"],
+        ["laptop", "never", "-", "-", "not scheduled", "no", "never", "-"],
     ]
 
 
@@ -149,8 +164,18 @@ def test_history_json_and_table(config_path):
     assert data[1]["deduplicated_size"] == 1_234_000
     lines = history_table(runs, UTC).splitlines()
     assert lines[0].split()[:3] == ["STARTED", "TOOK", "RESULT"]
-    assert lines[1].split()[3:] == ["90.0s", "failed", "daemon", "-", "-", "-", "host", "down"]
-    assert lines[2].split()[3:] == ["90.0s", "ok", "daemon", "web1-x", "12", "1.2MB"]
+    assert lines[1].split()[3:] == [
+        "90.0s",
+        "failed",
+        "pull",
+        "daemon",
+        "-",
+        "-",
+        "-",
+        "host",
+        "down",
+    ]
+    assert lines[2].split()[3:] == ["90.0s", "ok", "pull", "daemon", "web1-x", "12", "1.2MB"]
 
 
 # --- the commands ------------------------------------------------------------------------

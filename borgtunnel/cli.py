@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from borgtunnel import __version__, daemon, logs, socketserve, status
+from borgtunnel import __version__, daemon, doctor, enrol, logs, socketserve, status
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -99,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("client", metavar="NAME")
 
     commands.add_parser("check-config", help="validate and print the effective config as JSON")
+
+    commands.add_parser(
+        "gatekeeper", help="print the gatekeeper program to install on clients (forced command)"
+    )
+    key = commands.add_parser(
+        "authorized-key", help="print the client's authorized_keys line (with the gatekeeper)"
+    )
+    key.add_argument("client", metavar="NAME")
+    key.add_argument(
+        "--command",
+        dest="forced_command",  # not `command`: that names the subcommand
+        default=enrol.GATEKEEPER_PATH,
+        metavar="PATH",
+        help=f"the gatekeeper on the client (default {enrol.GATEKEEPER_PATH})",
+    )
+    doctor_cmd = commands.add_parser(
+        "doctor", help="connect to a client: borg, nc/socat, forwarding, gatekeeper and policy"
+    )
+    doctor_cmd.add_argument("client", metavar="NAME")
     return parser
 
 
@@ -139,6 +158,22 @@ def _cmd_serve(args: argparse.Namespace, _path: Path, config: Config) -> int:
     )
 
 
+def _cmd_authorized_key(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    try:
+        client = config.client(args.client)
+        print(enrol.authorized_key_line(config, client, command=args.forced_command))
+    except enrol.PublicKeyError as exc:
+        print(f"borgtunnel: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    report = asyncio.run(doctor.doctor(config, config.client(args.client)))
+    print("\n".join(report.lines()))
+    return report.exit_code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -147,6 +182,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "status": _cmd_status,
     "history": _cmd_history,
     "serve": _cmd_serve,
+    "authorized-key": _cmd_authorized_key,
+    "doctor": _cmd_doctor,
 }
 
 
@@ -154,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config once, dispatch. Config problems of any command exit 78."""
     args = build_parser().parse_args(argv)
     logs.configure(args.log_format, level=args.log_level)
+    if args.command == "gatekeeper":  # for a client: needs no server configuration
+        sys.stdout.write(enrol.gatekeeper_source())
+        return EXIT_OK
     path = config_path(args.config)
     try:
         config = load_config(path)

@@ -183,6 +183,15 @@ class Tunnel:
         finally:
             listener.close()
 
+    async def can_forward(self, remote_path: str) -> str | None:
+        """Try the reverse forward a pull needs (doctor): None if the client's sshd allowed it,
+        else its refusal. Nothing connects to it; the caller removes the socket file."""
+        try:
+            async with self.forward(remote_path, Path("/nonexistent/borgtunnel-doctor")):
+                return None
+        except ForwardError as exc:
+            return exc.message
+
     @contextlib.asynccontextmanager
     async def start(self, command: str) -> AsyncIterator[RemoteRun]:
         """Start ``command``; the caller drives its stdin and reads its stderr line by line.

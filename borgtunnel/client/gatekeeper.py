@@ -471,7 +471,7 @@ def _root_patterns(lines: Sequence[str]) -> list[str]:
     return found
 
 
-def _show(text: str, limit: int = 80) -> str:
+def _show(text: str, limit: int = 240) -> str:
     """A value for a one-line message: repr (newlines and controls escaped), shortened."""
     shown = repr(text)
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
@@ -656,10 +656,13 @@ def _fail(message: str, code: int) -> RefusedError:
 
 
 def prepare_socket(path: str) -> str:
-    """The run script's rules: 0700 directory of ours, no symlink, stale socket removed.
+    """The run script's rules, then the tool (nc or socat) that will connect borg to it."""
+    prepare_socket_dir(path)
+    return _pick_tool(path)
 
-    Returns the tool (nc or socat) that will connect borg to the forwarded socket.
-    """
+
+def prepare_socket_dir(path: str) -> None:
+    """0700 directory of ours (created if missing), no symlink, a stale socket removed."""
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise _fail(f"socket path {path} is longer than 100 bytes (unix socket limit)", 71)
     directory = path.rpartition("/")[0] or "/"
@@ -686,21 +689,15 @@ def prepare_socket(path: str) -> str:
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise _fail(f"{path} exists and is not a socket; refusing to remove it", 68)
-        os.unlink(path)
-    return _pick_tool(path)
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise _fail(f"{path} exists and is not a socket; refusing to remove it", 68)
+    os.unlink(path)
 
 
 def _pick_tool(path: str) -> str:
-    if shutil.which("nc"):
-        probe = subprocess.run(
-            ["nc", "-h"], capture_output=True, stdin=subprocess.DEVNULL, check=False, timeout=10
-        )
-        if b"-N" in probe.stdout + probe.stderr:
-            return "nc"
+    if _has_nc_with_n():
+        return "nc"
     if shutil.which("socat") and not SOCAT_UNSAFE.intersection(path):
         return "socat"
     raise _fail("neither nc (netcat-openbsd, with -N and -U) nor socat is installed", 69)
@@ -823,30 +820,55 @@ def _version_of(argv: Sequence[str]) -> str:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unusable ({exc})"
-    text = (result.stdout or result.stderr).decode("utf-8", "replace").strip()
-    return text.splitlines()[0] if text else f"exit status {result.returncode}"
+    lines = (result.stdout or result.stderr).decode("utf-8", "replace").strip().splitlines()
+    if not lines:
+        return f"exit status {result.returncode}"
+    return next((line for line in lines if "version" in line), lines[0])
+
+
+def _has_nc_with_n() -> bool:
+    if not shutil.which("nc"):
+        return False
+    probe = subprocess.run(
+        ["nc", "-h"], capture_output=True, stdin=subprocess.DEVNULL, check=False, timeout=10
+    )
+    return b"-N" in probe.stdout + probe.stderr
 
 
 def run_doctor(socket: str, policy: Policy) -> int:
-    """Versions and the policy, then a probe socket the server tries to reverse-forward."""
+    """Versions and the policy, then a probe socket the server tries to reverse-forward.
+
+    Same lines as the server's plain doctor script (borgtunnel/doctor.py), plus ``gatekeeper``
+    and ``policy``: ``borgtunnel-doctor KEY VALUE`` on stderr, ``probe PATH`` last, then wait
+    for a line on stdin and remove the probe socket.
+    """
     _say(f"borgtunnel-doctor gatekeeper {VERSION}")
     _say("borgtunnel-doctor policy " + json.dumps(policy.summary(), sort_keys=True))
-    _say(f"borgtunnel-doctor user {os.geteuid()}")
+    _say(f"borgtunnel-doctor user {pwd_name()}")
     _say(f"borgtunnel-doctor borg {_version_of([policy.borg, '--version'])}")
+    _say(f"borgtunnel-doctor nc {'yes' if _has_nc_with_n() else 'missing'}")
     _say(f"borgtunnel-doctor socat {_version_of(['socat', '-V'])}")
     directory = socket.rpartition("/")[0] or "/"
     probe = f"{directory}/doctor-{os.getpid()}.sock"
     try:
-        tool = prepare_socket(probe)
+        prepare_socket_dir(probe)
     except RefusedError as exc:
         _say(f"borgtunnel-doctor probe-failed {exc.reason}")
         return 0
-    _say(f"borgtunnel-doctor nc {'yes' if tool == 'nc' else 'missing'}")
-    _say(f"borgtunnel-ready {tool} {probe}")
+    _say(f"borgtunnel-doctor probe {probe}")
     _read_go()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(probe)
     return 0
+
+
+def pwd_name() -> str:
+    import pwd  # noqa: PLC0415 - only the doctor needs it
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 # --- main ------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def test_a_missing_policy_refuses_everything(client: Client) -> None:
 def test_authorized_key_names_a_missing_public_key(tmp_path: Path, sshd: SshdServer) -> None:
     key = tmp_path / "nokey"
     conf = pullkit.base_config(tmp_path, sshd)
-    conf["ssh"] = {**conf["ssh"], "identity": str(key)}  # type: ignore[dict-item]
+    conf["ssh"] = {**conf["ssh"], "identity": str(key)}
     table = pullkit.client_table(sshd, "c1", tmp_path / "repo", ["/x"])
     config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
 

@@ -9,6 +9,8 @@ forwarding: the lock-down the README recommends next to the gatekeeper.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shlex
 import shutil
 import subprocess
@@ -19,6 +21,8 @@ import asyncssh
 import pytest
 
 from borgtunnel import borg
+from borgtunnel.config import load_config
+from borgtunnel.pull import pull
 from borgtunnel.remote import run_command
 from tests import pullkit
 from tests.sshd import SshdFactory, SshdServer, install_authorized_key
@@ -329,3 +333,37 @@ def test_doctor_reports_refused_forwarding(tmp_path: Path, sshd_factory: SshdFac
     assert result.returncode == 2
     assert "forwarding  refused: the client's sshd refused to listen" in result.stdout
     assert "PROBLEM: reverse unix-socket forwarding: refused" in result.stdout
+
+
+async def test_a_cancelled_pull_is_cleaned_up_through_the_gatekeeper(client: Client) -> None:
+    """The server's unchanged cleanup (SIGTERM by pid, remove socket and pid file) passes the
+    gatekeeper: the pid is one its own pid file recorded."""
+    (client.data / "big.bin").write_bytes(os.urandom(4_000_000))
+    pullkit.init_repo(client.tmp, client.repo)
+    client.write(create_args=["--upload-ratelimit", "100"])
+    config = load_config(client.config)
+    create = f"ssh://borgtunnel{client.repo}::"
+
+    task = asyncio.create_task(pull(config, config.client("c1")))
+    try:
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            if pullkit.processes_mentioning(create):
+                break
+        assert pullkit.processes_mentioning(create), "borg create never started"
+        await asyncio.sleep(0.5)
+    finally:
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    for _ in range(100):
+        if not pullkit.processes_mentioning(create):
+            break
+        await asyncio.sleep(0.1)
+    assert pullkit.processes_mentioning(create) == []
+    assert pullkit.processes_mentioning(f"--restrict-to-repository {client.repo}") == []
+    assert list((client.sshd.workdir / "rsock").iterdir()) == []
+    assert "refused" not in client.logged()
+    assert "cleanup: pid " in client.logged()  # signalled, or "not ours" if it ended first
+    assert pullkit.archives(client.tmp, client.repo) == []  # usable, not locked

@@ -240,13 +240,16 @@ def test_other_socket_paths_are_refused(socket: str) -> None:
     assert "not a *.sock in the policy's socket_dir" in refusal(server_run_command(socket=socket))
 
 
-def test_cleanup_may_not_kill_a_pid_no_run_recorded(tmp_path: Path) -> None:
+def test_cleanup_never_signals_a_pid_no_run_recorded(tmp_path: Path) -> None:
     sock = f"{tmp_path}/web1.sock"
     pol = policy(socket_dir=str(tmp_path))
-    assert "pid 1 is not a borg started by a borgtunnel run" in refusal(
-        cleanup_command(1, sock), pol
-    )
+    request = gk.parse_request(cleanup_command(1, sock))
+    assert isinstance(request, gk.CleanupRequest)
+    assert gk.check_cleanup(request, pol, HOME) is None  # pid 1 is not signalled
+    (tmp_path / "web1.sock.pid").write_text("100 1\n")
+    assert gk.check_cleanup(request, pol, HOME) == 1  # recorded by a run: it may be signalled
     assert "not a *.sock" in refusal(remove_command("/etc/passwd"), pol)
+    assert "not a *.sock" in refusal(cleanup_command(1, "/run/docker.sock"), pol)
 
 
 def test_restore_is_refused_unless_the_policy_allows_it_into_that_target() -> None:

@@ -630,7 +630,9 @@ def check_restore(request: RestoreRequest, policy: Policy, home: str) -> str:
 
 
 def check_cleanup(request: CleanupRequest, policy: Policy, home: str) -> int | None:
-    """Only our own sockets and pid files; the pid only if one of those pid files records it."""
+    """Only our own sockets and pid files. The pid to signal, if one of those pid files records
+    it; any other pid is not signalled (the run usually ended and removed its pid file already,
+    which is why that is not a refusal: the server's cleanup still removes the socket)."""
     sockets: list[str] = []
     for path in request.paths:
         socket = path[: -len(".pid")] if path.endswith(".sock.pid") else path
@@ -640,7 +642,7 @@ def check_cleanup(request: CleanupRequest, policy: Policy, home: str) -> int | N
     for socket in sockets:
         if _recorded_borg_pid(socket + ".pid") == request.pid:
             return request.pid
-    raise RefusedError(f"pid {request.pid} is not a borg started by a borgtunnel run here")
+    return None
 
 
 # --- the client side of the protocol ---------------------------------------------------------
@@ -906,7 +908,8 @@ def handle(command: str, policy: Policy, home: str) -> int:
         return serve_borg(socket, argv, call, cwd=request.target)
     if isinstance(request, CleanupRequest):
         pid = check_cleanup(request, policy, home)
-        log("info", f"cleanup: pid {pid}, {list(request.paths)}")
+        signalled = f"pid {pid}" if pid is not None else f"pid {request.pid} not ours, no signal"
+        log("info", f"cleanup: {signalled}; remove {list(request.paths)}")
         return run_cleanup(request, pid)
     socket = check_socket(request.socket, policy, home)
     return run_doctor(socket, policy)

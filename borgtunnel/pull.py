@@ -123,6 +123,9 @@ class _Run:
         self.errors: list[str] = []
         self.remote_pid: int | None = None
         self.remote_finished = False
+        # The exception line of a traceback borg logged (e.g. "OSError: [Errno 28] No space left
+        # on device"): borg logs its system info after it, which says nothing about the cause.
+        self.exception: str | None = None
 
     def enter(self, state: State) -> None:
         self.outcome.state = state
@@ -141,6 +144,9 @@ class _Run:
             self.outcome.warnings.append(parsed.message)
         elif parsed.level == "error":
             self.errors.append(parsed.message)
+            if "Traceback (most recent call last)" in parsed.message:
+                lines = [x.strip() for x in parsed.message.splitlines() if x.strip()]
+                self.exception = lines[-1].removeprefix("Borg server: ")
         self.log.log(_LEVELS[parsed.level], parsed.message, source="borg create", **fields)
 
 
@@ -323,7 +329,9 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     if status == SHELL_NOT_EXECUTABLE:
         return f"remote_borg {client.remote_borg!r} is not executable on the client (status 126)"
     parts = []
-    if run.errors:
+    if run.exception:
+        parts.append(run.exception)
+    elif run.errors:
         parts.append(run.errors[-1])
     if listener.stats.last_error:
         parts.append(f"server side: {listener.stats.last_error}")

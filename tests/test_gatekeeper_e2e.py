@@ -23,7 +23,9 @@ import pytest
 from borgtunnel import borg
 from borgtunnel.config import load_config
 from borgtunnel.pull import pull
-from borgtunnel.remote import run_command
+from borgtunnel.remote import GO, parse_ready_line, run_command
+from borgtunnel.serve import pull_socket
+from borgtunnel.tunnel import Target, Tunnel
 from tests import pullkit
 from tests.sshd import SshdFactory, SshdServer, install_authorized_key
 
@@ -367,3 +369,57 @@ async def test_a_cancelled_pull_is_cleaned_up_through_the_gatekeeper(client: Cli
     assert "refused" not in client.logged()
     assert "cleanup: pid " in client.logged()  # signalled, or "not ours" if it ended first
     assert pullkit.archives(client.tmp, client.repo) == []  # usable, not locked
+
+
+async def test_an_allowed_restore_works_into_the_allowed_target(client: Client) -> None:
+    """The policy allows restores into one directory: borg extract runs there, through the same
+    ready/go/forward protocol as a pull (driven here with the server's own building blocks)."""
+    pullkit.init_repo(client.tmp, client.repo)
+    assert pullkit.run_cli(client.config, "pull", "c1").returncode == 0
+    (archive,) = pullkit.archives(client.tmp, client.repo)
+    allowed = client.tmp / "restores"
+    target = allowed / "today"
+    target.mkdir(parents=True)
+    with client.policy.open("a") as policy:
+        policy.write(f"restore = yes\nrestore_targets = {allowed}\n")
+    command = shlex.join(
+        [
+            "sh",
+            "-c",
+            "exit 99",  # the script text is never run by a gatekeeper
+            "borgtunnel-restore",
+            str(client.sshd.workdir / "rsock" / "c1.sock"),
+            "x",
+            "y",
+            str(target),
+            "env",
+            *(f"{k}={v}" for k, v in borg.client_env(encrypted=False).items()),
+            "borg",
+            "extract",
+            "--",
+            f"ssh://borgtunnel{client.repo}::{archive}",
+        ]
+    )
+    config = load_config(client.config)
+    c1 = config.client("c1")
+    tunnel_target = Target(c1.host, c1.port, c1.user, config.ssh_for(c1))
+    said: list[str] = []
+    serve = borg.serve_argv("borg", client.repo)
+    async with (
+        pull_socket(client.tmp / "run", "c1", serve, stop_timeout=5) as (local, _listener),
+        Tunnel.connect(tunnel_target) as tunnel,
+        tunnel.start(command) as run,
+    ):
+        ready = None
+        while ready is None and (line := await run.next_line()) is not None:
+            ready = parse_ready_line(line)
+            said.append(line)
+        assert ready is not None, said
+        async with tunnel.forward(ready.path, local):
+            run.send_and_close(GO)
+            status, _ = await run.finish(on_stderr=said.append)
+
+    assert status == 0, said
+    assert pullkit.tree(target / str(client.data).lstrip("/")) == pullkit.tree(client.data)
+    assert "restore: borg extract" in client.logged()
+    assert list((client.sshd.workdir / "rsock").iterdir()) == []

@@ -252,7 +252,10 @@ def test_cleanup_never_signals_a_pid_no_run_recorded(tmp_path: Path) -> None:
     assert "not a *.sock" in refusal(cleanup_command(1, "/run/docker.sock"), pol)
 
 
-def test_restore_is_refused_unless_the_policy_allows_it_into_that_target() -> None:
+def test_restore_is_refused_unless_the_policy_allows_it_into_that_target(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "restore" / "today"
     command = shlex.join(
         [
             "sh",
@@ -262,7 +265,7 @@ def test_restore_is_refused_unless_the_policy_allows_it_into_that_target() -> No
             "~/.cache/borgtunnel/web1.sock",
             "nc-rsh",
             "socat-rsh",
-            "/var/restore/today",
+            str(target),
             "env",
             "LANG=C.UTF-8",
             "borg",
@@ -274,12 +277,14 @@ def test_restore_is_refused_unless_the_policy_allows_it_into_that_target() -> No
         ]
     )
     assert "restore is not allowed" in refusal(command)
-    assert "restore target '/var/restore/today' is outside" in refusal(
+    assert f"restore target '{target}' is outside" in refusal(
         command, policy(restore=True, restore_targets=("/srv/elsewhere",))
     )
     request = gk.parse_request(command)
     assert isinstance(request, gk.RestoreRequest)
-    allowed = policy(restore=True, restore_targets=("/var/restore",))
+    allowed = policy(restore=True, restore_targets=(str(tmp_path / "restore"),))
+    assert "is not a directory" in refusal(command, allowed)
+    target.mkdir(parents=True)
     assert gk.check_restore(request, allowed, HOME) == "/home/u/.cache/borgtunnel/web1.sock"
     assert request.call.paths == ("etc/hosts",)
 

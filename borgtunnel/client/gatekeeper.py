@@ -626,6 +626,8 @@ def check_restore(request: RestoreRequest, policy: Policy, home: str) -> str:
     socket = check_socket(request.socket, policy, home)
     check_env(request.call.env)
     check_path(request.target, policy.restore_targets, "restore target")
+    if not os.path.isdir(request.target):
+        raise RefusedError(f"restore target {_show(request.target)} is not a directory")
     return socket
 
 

@@ -3,8 +3,8 @@
 The client key's authorized_keys line is what `borgtunnel authorized-key` prints, pointing at
 the program `borgtunnel gatekeeper` prints, run by the system python3 (standard library only).
 ``logger`` is a fake on the gatekeeper's PATH that appends its arguments to a file, so each
-refusal's log line can be checked. The sshd allows only remote (-R) unix forwards and no TCP
-forwarding: the lock-down the README recommends next to the gatekeeper.
+refusal's log line can be checked. The sshd allows only remote (-R) unix forwards, no local
+(-L) TCP forwards and no TCP listens: the lock-down the README recommends next to the gatekeeper.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from tests.sshd import SshdFactory, SshdServer, install_authorized_key
 pytestmark = pytest.mark.sshd
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-LOCKED_DOWN = ["AllowStreamLocalForwarding remote", "PermitOpen none", "PermitListen none"]
+# OpenSSH 9.2 applies AllowTcpForwarding to stream-local *remote* forwards too (with "no" the
+# pull's forward is denied), so it stays "remote"; PermitListen none still refuses TCP -R.
+LOCKED_DOWN = [
+    "AllowStreamLocalForwarding remote",
+    "AllowTcpForwarding remote",
+    "PermitListen none",
+    "PermitOpen none",
+]
 
 
 @dataclass
@@ -156,6 +163,8 @@ async def test_the_locked_down_key_cannot_reach_the_clients_own_sockets(client: 
             await conn.open_unix_connection(str(client.sshd.workdir / "sshd.pid"))
         with pytest.raises(asyncssh.ChannelOpenError):
             await conn.open_connection("127.0.0.1", client.sshd.port)
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
 
 
 def test_an_arbitrary_command_is_refused_and_logged(client: Client) -> None:

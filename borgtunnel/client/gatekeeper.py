@@ -258,7 +258,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # borg create/extract options a pull may use. "flag" takes no value, "value" one, "pattern" a
 # pattern (an R root pattern is a path to check), "file" a patterns file (must be in the policy's
 # paths; its R lines are checked too). Everything else is refused — --rsh, --remote-path,
-# --paths-from-command, --content-from-command, --paths-from-stdin, --read-special, ...
+# --paths-from-command, --content-from-command, --paths-from-stdin, --read-special (reads
+# devices and FIFOs), --timestamp (its reference-file form stats any path), ...
 _COMMON_FLAGS = [
     "--log-json",
     "--progress",
@@ -305,7 +306,6 @@ _CREATE_OPTIONS: Mapping[str, str] = {
             "--compression",
             "-C",
             "--comment",
-            "--timestamp",
             "--checkpoint-interval",
             "-c",
             "--chunker-params",

@@ -77,6 +77,8 @@ class DoctorReport:
     where: str
     facts: dict[str, str] = field(default_factory=dict)
     forwarding: str = "not tested"
+    # A local unix-socket forward a pull never needs (None: not tested).
+    local_forwarding: bool | None = None
     other_output: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -103,6 +105,16 @@ class DoctorReport:
             f"borg {policy.get('borg', '?')}; restore {restore}"
         )
 
+    def local_forwarding_text(self) -> str:
+        if self.local_forwarding is None:
+            return "not tested"
+        if self.local_forwarding:
+            return (
+                "ALLOWED: this key can connect to unix sockets on the client (e.g. "
+                "/run/docker.sock); set AllowStreamLocalForwarding remote (README: Gatekeeper)"
+            )
+        return "refused (good: a pull only needs the reverse forward)"
+
     def lines(self) -> list[str]:
         rows = [
             ("login user", self.facts.get("user", "?")),
@@ -110,6 +122,7 @@ class DoctorReport:
             ("nc", self.facts.get("nc", "?")),
             ("socat", self.facts.get("socat", "?")),
             ("forwarding", self.forwarding),
+            ("local fwd", self.local_forwarding_text()),
             ("gatekeeper", self.gatekeeper_text()),
         ]
         out = [f"{self.client}: {self.where}"]
@@ -155,12 +168,12 @@ async def _examine(target: Target, client: ClientConfig, report: DoctorReport) -
                     continue
                 report.facts[key] = value
         if probe is not None:
-            refused = await tunnel.can_forward(probe)
-            report.forwarding = (
-                f"allowed (reverse unix-socket forward at {probe})"
-                if refused is None
-                else f"refused: {refused}"
-            )
+            result = await tunnel.probe_forwarding(probe)
+            if result.remote_refused is not None:
+                report.forwarding = f"refused: {result.remote_refused}"
+            else:
+                report.forwarding = f"allowed (reverse unix-socket forward at {probe})"
+            report.local_forwarding = result.local_allowed
         elif not report.facts:
             report.forwarding = "not tested: the client did not run the doctor request"
         rr.send_and_close(GO)

@@ -183,14 +183,22 @@ class Tunnel:
         finally:
             listener.close()
 
-    async def can_forward(self, remote_path: str) -> str | None:
-        """Try the reverse forward a pull needs (doctor): None if the client's sshd allowed it,
-        else its refusal. Nothing connects to it; the caller removes the socket file."""
+    async def probe_forwarding(self, remote_path: str) -> ForwardProbe:
+        """For doctor: try the reverse forward a pull needs at ``remote_path``, and, while it is
+        held, a *local* unix-socket connection to that same path — which a pull never needs and
+        which would let whoever holds this key connect to any socket on the client (e.g.
+        /run/docker.sock). Nothing is served; the caller removes the socket file."""
         try:
             async with self.forward(remote_path, Path("/nonexistent/borgtunnel-doctor")):
-                return None
+                try:
+                    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+                        writer = (await self._conn.open_unix_connection(remote_path))[1]
+                except (asyncssh.ChannelOpenError, TimeoutError):
+                    return ForwardProbe(remote_refused=None, local_allowed=False)
+                writer.close()
+                return ForwardProbe(remote_refused=None, local_allowed=True)
         except ForwardError as exc:
-            return exc.message
+            return ForwardProbe(remote_refused=exc.message, local_allowed=None)
 
     @contextlib.asynccontextmanager
     async def start(self, command: str) -> AsyncIterator[RemoteRun]:
@@ -208,6 +216,15 @@ class Tunnel:
         finally:
             run.stop_reading()
             process.close()
+
+
+@dataclass(frozen=True)
+class ForwardProbe:
+    """``remote_refused``: None if the reverse forward worked, else sshd's refusal.
+    ``local_allowed``: whether a local (-L style) unix connection was allowed; None untested."""
+
+    remote_refused: str | None
+    local_allowed: bool | None
 
 
 class RemoteRun:

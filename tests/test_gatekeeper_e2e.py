@@ -317,6 +317,7 @@ def test_doctor_reports_the_gatekeeper_and_its_policy(client: Client) -> None:
     assert "forwarding  allowed (reverse unix-socket forward at " in out
     assert f"gatekeeper  version 1, policy {client.policy}: paths {client.data}" in out
     assert "restore refused" in out
+    assert "\n  local fwd   refused (good" in out  # the locked-down sshd
     assert list((client.sshd.workdir / "rsock").iterdir()) == []  # probe socket removed
 
 
@@ -330,6 +331,7 @@ def test_doctor_without_a_gatekeeper_says_so(tmp_path: Path, sshd: SshdServer) -
     assert result.returncode == 0, result.stdout + result.stderr
     assert "gatekeeper  none: the server's key can run any command" in result.stdout
     assert "forwarding  allowed" in result.stdout
+    assert "local fwd   ALLOWED: this key can connect to unix sockets" in result.stdout
     assert list((sshd.workdir / "rsock").iterdir()) == []
 
 

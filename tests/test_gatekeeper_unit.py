@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -394,3 +396,72 @@ def test_prepare_socket_dir_refuses_a_directory_owned_by_someone_else(tmp_path: 
     with pytest.raises(gk.RefusedError, match="is not owned by us") as caught:
         gk.prepare_socket_dir(f"{foreign}/c1.sock")
     assert caught.value.code == gk.EXIT_NOT_OWNER
+
+
+# --- the program itself, run as sshd would run it (no sshd needed for these) ----------------
+
+
+def _run_gatekeeper(
+    tmp_path: Path, command: str, stdin: bytes, borg_path: str
+) -> subprocess.CompletedProcess[bytes]:
+    sock_dir = tmp_path / "socks"
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    conf = tmp_path / "gatekeeper.conf"
+    conf.write_text(f"[gatekeeper]\npaths = {data}\nsocket_dir = {sock_dir}\nborg = {borg_path}\n")
+    return subprocess.run(
+        [sys.executable, gk.__file__, "--policy", str(conf)],
+        input=stdin,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "SSH_ORIGINAL_COMMAND": command},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_without_go_nothing_runs_and_the_pid_file_is_removed(tmp_path: Path) -> None:
+    marker = tmp_path / "borg-ran"
+    fake = tmp_path / "borg"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake.chmod(0o755)
+    command = server_run_command(socket=f"{tmp_path}/socks/c1.sock", paths=(f"{tmp_path}/data",))
+
+    result = _run_gatekeeper(tmp_path, command, b"", str(fake))
+
+    assert result.returncode == gk.EXIT_NO_GO
+    assert result.stderr.decode().startswith(f"borgtunnel-ready nc {tmp_path}/socks/c1.sock\n")
+    assert not marker.exists()
+    assert list((tmp_path / "socks").iterdir()) == []
+
+
+def test_a_missing_borg_is_named_and_leaves_nothing(tmp_path: Path) -> None:
+    command = server_run_command(socket=f"{tmp_path}/socks/c1.sock", paths=(f"{tmp_path}/data",))
+
+    result = _run_gatekeeper(tmp_path, command, b"go\n", "/nonexistent/borg")
+
+    assert result.returncode == 127
+    assert b"cannot run /nonexistent/borg: No such file or directory" in result.stderr
+    assert list((tmp_path / "socks").iterdir()) == []
+
+
+def test_the_passphrase_after_go_reaches_borg_on_stdin(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    fake = tmp_path / "borg"
+    fake.write_text(f'#!/bin/sh\ncat > {seen}\nprintf "%s\\n" "$@" "$BORG_RSH" >> {seen}\n')
+    fake.chmod(0o755)
+    command = server_run_command(socket=f"{tmp_path}/socks/c1.sock", paths=(f"{tmp_path}/data",))
+
+    result = _run_gatekeeper(tmp_path, command, b"go\nsecret words", str(fake))
+
+    assert result.returncode == 0, result.stderr
+    lines = seen.read_text().splitlines()
+    assert lines[0] == "secret words" + "create"  # cat saw the passphrase (no newline), then argv
+    assert lines[-1] == gk.RSH_BY_TOOL["nc"]
+    assert "borgtunnel-pid " in result.stderr.decode()
+    assert list((tmp_path / "socks").iterdir()) == []
+
+
+def test_the_gatekeepers_borg_rsh_is_the_servers() -> None:
+    """Kept in sync by this test: the gatekeeper cannot import borgtunnel on the client."""
+    assert dict(borg.RSH_BY_TOOL) == gk.RSH_BY_TOOL
+    assert frozenset(gk.SOCAT_UNSAFE) == borg.SOCAT_UNSAFE

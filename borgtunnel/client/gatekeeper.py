@@ -779,20 +779,30 @@ def serve_borg(socket: str, argv: Sequence[str], call: BorgCall, cwd: str | None
     _write_pid_file(pid_file, str(os.getpid()))
     _say(f"borgtunnel-ready {tool} {socket}")
     if not _read_go():
+        _remove_if_ours(socket, pid_file)
         raise RefusedError("no go from the server; borg not started", EXIT_NO_GO)
     env = _borg_env(call, tool, socket)
-    child = subprocess.Popen(argv, stdin=0, env=env, cwd=cwd)
+    try:
+        child = subprocess.Popen(argv, stdin=0, env=env, cwd=cwd)
+    except OSError as exc:
+        _remove_if_ours(socket, pid_file)
+        raise RefusedError(f"cannot run {argv[0]}: {exc.strerror or exc}", 127) from None
     # sshd may close the session with SIGHUP/SIGTERM to us; borg gets it too and cleans up.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
     _write_pid_file(pid_file, f"{os.getpid()} {child.pid}")
     _say(f"borgtunnel-pid {child.pid}")
     status = child.wait()
+    _remove_if_ours(socket, pid_file)
+    return status if status >= 0 else 128 - status
+
+
+def _remove_if_ours(socket: str, pid_file: str) -> None:
+    """Only while our pid file still names us: a newer run may own the socket by now."""
     if _owns(pid_file):
         for stale in (socket, pid_file):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
-    return status if status >= 0 else 128 - status
 
 
 def borg_argv(policy: Policy, subcommand: str, call: BorgCall, paths: Sequence[str]) -> list[str]:

@@ -465,3 +465,42 @@ def test_the_gatekeepers_borg_rsh_is_the_servers() -> None:
     """Kept in sync by this test: the gatekeeper cannot import borgtunnel on the client."""
     assert dict(borg.RSH_BY_TOOL) == gk.RSH_BY_TOOL
     assert frozenset(gk.SOCAT_UNSAFE) == borg.SOCAT_UNSAFE
+
+
+hostile = st.text(
+    st.one_of(st.sampled_from(list("$`'\"\\;&|<>(){}[]*?~#!\n\t -=:ü")), st.characters()),
+    min_size=1,
+    max_size=10,
+).filter(lambda v: "\0" not in v)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    paths=st.lists(hostile, min_size=1, max_size=3),
+    exclude=st.lists(hostile, max_size=3),
+    archive=hostile.filter(lambda v: "/" not in v),
+    socket=hostile.filter(lambda v: "/" not in v),
+)
+def test_the_gatekeeper_reads_back_exactly_the_servers_values(
+    paths: list[str], exclude: list[str], archive: str, socket: str
+) -> None:
+    absolute = tuple(f"/srv/{p}" for p in paths)
+    command = server_run_command(
+        socket=f"~/.cache/borgtunnel/{socket}",
+        paths=absolute,
+        exclude=tuple(exclude),
+        extra=(),
+        archive=archive,
+    )
+
+    request = gk.parse_request(command)
+
+    assert isinstance(request, gk.RunRequest)
+    assert request.socket == f"~/.cache/borgtunnel/{socket}"
+    assert request.call.paths == absolute
+    assert request.call.archive == archive
+    assert request.call.options == (
+        "--log-json",
+        "--json",
+        *(f"--exclude={pattern}" for pattern in exclude),
+    )

@@ -221,6 +221,15 @@ def test_paths_outside_the_policy_are_refused(paths: tuple[str, ...], shown: str
     assert shown in refusal(server_run_command(paths=paths))
 
 
+def test_a_policy_path_that_is_itself_a_symlink_still_works(tmp_path: Path) -> None:
+    real = tmp_path / "usr-home"
+    (real / "u").mkdir(parents=True)
+    (tmp_path / "home").symlink_to(real)
+    request = gk.parse_request(server_run_command(paths=(f"{tmp_path}/home/u",)))
+    assert isinstance(request, gk.RunRequest)
+    gk.check_run(request, policy(paths=(f"{tmp_path}/home",)), HOME)
+
+
 def test_a_symlink_inside_the_policy_pointing_outside_is_refused(tmp_path: Path) -> None:
     allowed = tmp_path / "allowed"
     allowed.mkdir()

@@ -568,7 +568,9 @@ def check_path(path: str, roots: Sequence[str], what: str) -> None:
     if "\0" in path or any(part == ".." for part in path.split("/")):
         raise RefusedError(f"{what} {_show(path)} contains '..'")
     given = os.path.normpath(path)
-    if not _within(given, roots) or not _within(os.path.realpath(given), roots):
+    # A policy path may itself be a symlink (/home -> /usr/home): compare resolved with resolved.
+    resolved_roots = [*roots, *(os.path.realpath(root) for root in roots)]
+    if not _within(given, roots) or not _within(os.path.realpath(given), resolved_roots):
         raise RefusedError(f"{what} {_show(path)} is outside the policy's paths")
 
 

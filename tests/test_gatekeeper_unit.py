@@ -87,6 +87,7 @@ def test_the_servers_run_command_becomes_a_checked_run_request() -> None:
     assert call.program == ("borg",)
     assert call.options == (
         "--log-json",
+        "--progress",
         "--json",
         "--exclude=/home/*/.cache",
         "--compression=zstd,3",
@@ -107,6 +108,7 @@ def test_borg_argv_is_built_from_the_policys_borg_not_the_servers_remote_borg() 
         "/usr/bin/borg",
         "create",
         "--log-json",
+        "--progress",
         "--json",
         "--exclude=/home/*/.cache",
         "--compression=zstd,3",
@@ -510,6 +512,7 @@ def test_the_gatekeeper_reads_back_exactly_the_servers_values(
     assert request.call.archive == archive
     assert request.call.options == (
         "--log-json",
+        "--progress",
         "--json",
         *(f"--exclude={pattern}" for pattern in exclude),
     )

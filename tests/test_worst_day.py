@@ -321,6 +321,7 @@ def test_hostile_values_reach_the_remote_borg_exactly_and_run_nothing(
     assert argv == [
         "create",
         "--log-json",
+        "--progress",
         "--json",
         *(f"--exclude={pattern}" for pattern in exclude),
         "--",

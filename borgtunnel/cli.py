@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from borgtunnel import __version__, daemon, logs, socketserve, status, trust
+from borgtunnel import __version__, daemon, doctor, enrol, logs, socketserve, status, trust
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -146,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     trust_cmd.add_argument(
         "--replace", action="store_true", help="replace a different key known for the host"
     )
+    commands.add_parser(
+        "gatekeeper", help="print the gatekeeper program to install on clients (forced command)"
+    )
+    key = commands.add_parser(
+        "authorized-key", help="print the client's authorized_keys line (with the gatekeeper)"
+    )
+    key.add_argument("client", metavar="NAME")
+    key.add_argument(
+        "--command",
+        dest="forced_command",  # not `command`: that names the subcommand
+        default=enrol.GATEKEEPER_PATH,
+        metavar="PATH",
+        help=f"the gatekeeper on the client (default {enrol.GATEKEEPER_PATH})",
+    )
+    doctor_cmd = commands.add_parser(
+        "doctor", help="connect to a client: borg, nc/socat, forwarding, gatekeeper and policy"
+    )
+    doctor_cmd.add_argument("client", metavar="NAME")
     return parser
 
 
@@ -240,6 +258,22 @@ def _cmd_trust(args: argparse.Namespace, _path: Path, config: Config) -> int:
     )
 
 
+def _cmd_authorized_key(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    try:
+        client = config.client(args.client)
+        print(enrol.authorized_key_line(config, client, command=args.forced_command))
+    except enrol.PublicKeyError as exc:
+        print(f"borgtunnel: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    report = asyncio.run(doctor.doctor(config, config.client(args.client)))
+    print("\n".join(report.lines()))
+    return report.exit_code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -252,6 +286,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "list": _cmd_list,
     "restore": _cmd_restore,
     "trust": _cmd_trust,
+    "authorized-key": _cmd_authorized_key,
+    "doctor": _cmd_doctor,
 }
 
 
@@ -259,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config once, dispatch. Config problems of any command exit 78."""
     args = build_parser().parse_args(argv)
     logs.configure(args.log_format, level=args.log_level)
+    if args.command == "gatekeeper":  # for a client: needs no server configuration
+        sys.stdout.write(enrol.gatekeeper_source())
+        return EXIT_OK
     path = config_path(args.config)
     try:
         config = load_config(path)

@@ -64,6 +64,7 @@ from borgtunnel.planning import (
     status_line,
 )
 from borgtunnel.pull import PullOutcome
+from borgtunnel.serve import sweep_stale_sockets
 
 log = structlog.get_logger("borgtunnel.daemon")
 
@@ -185,6 +186,8 @@ class Daemon:
             recovered = history.recover_interrupted()
             if recovered:
                 log.warning("interrupted_runs_recovered", count=recovered)
+            if swept := sweep_stale_sockets(self.config.server.socket_dir):
+                log.warning("stale_sockets_removed", paths=[str(p) for p in swept])
             self._plan(self.config, previous={})
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks

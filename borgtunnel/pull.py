@@ -168,6 +168,9 @@ class _Run:
         self.errors: list[str] = []
         self.remote_pid: int | None = None
         self.remote_finished = False
+        # The exception line of a traceback borg logged (e.g. "OSError: [Errno 28] No space left
+        # on device"): borg logs its system info after it, which says nothing about the cause.
+        self.exception: str | None = None
         self.lines_seen = 0
         self.stdout = ""
 
@@ -193,6 +196,9 @@ class _Run:
             self._keep(self.outcome.warnings, parsed.message)
         elif parsed.level == "error":
             self._keep(self.errors, parsed.message)
+            if "Traceback (most recent call last)" in parsed.message:
+                lines = [x.strip() for x in parsed.message.splitlines() if x.strip()]
+                self.exception = lines[-1].removeprefix("Borg server: ")
         self.lines_seen += 1
         if self.lines_seen == MAX_LOGGED_LINES:
             self.log.warning("remote_lines_not_logged", after=MAX_LOGGED_LINES)
@@ -478,7 +484,9 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     if status == SHELL_NOT_EXECUTABLE:
         return f"remote_borg {client.remote_borg!r} is not executable on the client (status 126)"
     parts = []
-    if run.errors:
+    if run.exception:
+        parts.append(run.exception)
+    elif run.errors:
         parts.append(run.errors[-1])
     elif run.outcome.warnings:  # plain text (a shell, nc) is kept as a warning
         parts.append(run.outcome.warnings[-1])

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import secrets
 import signal
 import socket
@@ -323,6 +324,22 @@ async def run_to_completion(cleanup: Coroutine[object, object, None]) -> None:
         if not task.done():
             await task
         raise
+
+
+_PULL_SOCKET = re.compile(r".+\.[0-9a-f]{8}\.sock")
+
+
+def sweep_stale_sockets(socket_dir: Path) -> list[Path]:
+    """Remove pull sockets a killed process left in ``socket_dir`` (nobody listens on them);
+    a live one (another borgtunnel process is pulling) is never touched. Returns the removed."""
+    removed: list[Path] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for path in socket_dir.iterdir():
+            if _PULL_SOCKET.fullmatch(path.name) and path.is_socket() and not _listening(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed.append(path)
+    return removed
 
 
 @contextlib.asynccontextmanager

@@ -183,6 +183,23 @@ class Tunnel:
         finally:
             listener.close()
 
+    async def probe_forwarding(self, remote_path: str) -> ForwardProbe:
+        """For doctor: try the reverse forward a pull needs at ``remote_path``, and, while it is
+        held, a *local* unix-socket connection to that same path — which a pull never needs and
+        which would let whoever holds this key connect to any socket on the client (e.g.
+        /run/docker.sock). Nothing is served; the caller removes the socket file."""
+        try:
+            async with self.forward(remote_path, Path("/nonexistent/borgtunnel-doctor")):
+                try:
+                    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+                        writer = (await self._conn.open_unix_connection(remote_path))[1]
+                except (asyncssh.ChannelOpenError, TimeoutError):
+                    return ForwardProbe(remote_refused=None, local_allowed=False)
+                writer.close()
+                return ForwardProbe(remote_refused=None, local_allowed=True)
+        except ForwardError as exc:
+            return ForwardProbe(remote_refused=exc.message, local_allowed=None)
+
     @contextlib.asynccontextmanager
     async def start(self, command: str) -> AsyncIterator[RemoteRun]:
         """Start ``command``; the caller drives its stdin and reads its stderr line by line.
@@ -199,6 +216,15 @@ class Tunnel:
         finally:
             run.stop_reading()
             process.close()
+
+
+@dataclass(frozen=True)
+class ForwardProbe:
+    """``remote_refused``: None if the reverse forward worked, else sshd's refusal.
+    ``local_allowed``: whether a local (-L style) unix connection was allowed; None untested."""
+
+    remote_refused: str | None
+    local_allowed: bool | None
 
 
 # Caps on what a client may make the server hold: borg's --json is a few kB, a log line rarely

@@ -594,6 +594,15 @@ def stop_sshd(server: SshdServer) -> None:
     _terminate(server.process, server.workdir)
 
 
+def install_authorized_key(server: SshdServer, line: str) -> None:
+    """Replace the client key's authorized_keys entry with ``line`` — e.g. one with options and
+    a forced command (sshd then puts the requested command in ``SSH_ORIGINAL_COMMAND``), as
+    `borgtunnel authorized-key` prints it. sshd reads the file at each login."""
+    if public_key(server.client_key) not in line or "\n" in line.rstrip("\n"):
+        raise SshdError(f"not one authorized_keys line for this server's client key: {line!r}")
+    (server.workdir / "authorized_keys").write_text(line.rstrip("\n") + "\n")
+
+
 # --- pytest fixtures ---------------------------------------------------------------------
 
 

@@ -33,10 +33,13 @@ from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, HistoryError, ProcessIdentity, RunRecord, RunResult
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.planning import next_client_run
+from borgtunnel.reporting.staleness import is_stale
 
 T = TypeVar("T")
 
 EXIT_OK = 0
+# `status` as a Nagios/cron check: some client is stale or its last run failed.
+EXIT_ATTENTION = 1
 EXIT_FAILURE = 2
 
 # How far back to look past running rows for the last finished result.
@@ -50,6 +53,12 @@ class ClientStatus:
     last_result: RunResult | None
     next_run: datetime | None
     running: bool
+    # max_age is set and the last verified archive is older (or there never was one).
+    stale: bool = False
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.stale or self.last_result is RunResult.FAILED
 
     def age_seconds(self, now: datetime) -> int | None:
         if self.last_success is None:
@@ -69,6 +78,7 @@ def client_status(
         last_result=last_result,
         next_run=next_client_run(client, zone, now, jitter=False),
         running=running_row and _lock_held(config, client),
+        stale=is_stale(success.started if success else None, config.max_age_for(client), now),
     )
 
 
@@ -101,13 +111,14 @@ def status_json(rows: Sequence[ClientStatus], now: datetime) -> list[dict[str, A
             "next_run": _iso(row.next_run),
             "running": row.running,
             "last_success_age_seconds": row.age_seconds(now),
+            "stale": row.stale,
         }
         for row in rows
     ]
 
 
 def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
-    header = ("CLIENT", "LAST SUCCESS", "AGE", "LAST RESULT", "NEXT RUN", "RUNNING")
+    header = ("CLIENT", "LAST SUCCESS", "AGE", "LAST RESULT", "NEXT RUN", "RUNNING", "STALE")
     lines = [
         (
             row.client,
@@ -116,6 +127,7 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
             str(row.last_result) if row.last_result else "-",
             _when(row.next_run) if row.next_run else "not scheduled",
             "yes" if row.running else "no",
+            "STALE" if row.stale else "no",
         )
         for row in rows
     ]
@@ -147,7 +159,7 @@ def show_status(config: Config, *, as_json: bool) -> int:
         print(json.dumps(status_json(rows, now), indent=2))
     else:
         print(status_table(rows, now))
-    return EXIT_OK
+    return EXIT_ATTENTION if any(row.needs_attention for row in rows) else EXIT_OK
 
 
 # --- history ----------------------------------------------------------------------------

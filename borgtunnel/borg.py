@@ -85,17 +85,21 @@ def create_argv(
     paths: Sequence[str],
     exclude: Sequence[str] = (),
     extra: Sequence[str] = (),
+    progress: bool = False,
 ) -> list[str]:
     """``borg create`` for the client, as an argv (quoted later, in one place).
 
     ``--exclude=PATTERN`` keeps a pattern starting with '-' a value; ``--`` keeps paths and the
-    archive name from being read as options.
+    archive name from being read as options. ``progress`` adds ``--progress`` (only when someone
+    watches: with ``--log-json`` it makes borg send an ``archive_progress`` line several times a
+    second).
     """
     return [
         *shlex.split(remote_borg),
         "create",
         "--log-json",
         "--json",
+        *(["--progress"] if progress else []),
         *(f"--exclude={pattern}" for pattern in exclude),
         *extra,
         "--",
@@ -164,6 +168,38 @@ def parse_create_json(text: str) -> ArchiveStats | None:
             duration=float(archive.get("duration", 0.0)),
         )
     except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One ``archive_progress`` line of ``borg create --log-json --progress``."""
+
+    original_size: int
+    compressed_size: int
+    deduplicated_size: int
+    nfiles: int
+    path: str
+    finished: bool
+
+
+def parse_progress(line: str) -> Progress | None:
+    """The progress figures in ``line``, or None if it is anything else."""
+    if '"archive_progress"' not in line:
+        return None
+    try:
+        record = json.loads(line)
+        if record.get("type") != "archive_progress":
+            return None
+        return Progress(
+            original_size=int(record.get("original_size") or 0),
+            compressed_size=int(record.get("compressed_size") or 0),
+            deduplicated_size=int(record.get("deduplicated_size") or 0),
+            nfiles=int(record.get("nfiles") or 0),
+            path=str(record.get("path") or ""),
+            finished=bool(record.get("finished", False)),
+        )
+    except (ValueError, TypeError, AttributeError):
         return None
 
 

@@ -1,13 +1,16 @@
 """Command line: parse arguments, load the config, call one function, map the result to a code.
 
 Exit codes: 0 ok, 1 borg warnings only, 2 any failure, 78 configuration error (EX_CONFIG, which
-the systemd units list in RestartPreventExitStatus: restarting cannot fix a bad file).
+the systemd units list in RestartPreventExitStatus: restarting cannot fix a bad file); ``pull``
+exits 75 when a ``before`` hook skipped a run (and nothing failed); ``status`` exits 1 when a
+client is stale or its last run failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -29,12 +32,18 @@ from borgtunnel.config import (
 from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
 from borgtunnel.passphrase import PassphraseError
+from borgtunnel.reporting import notify
+from borgtunnel.reporting.progress import LiveProgress
+from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.repository import init_repository
 
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_FAILURE = 2
+EXIT_SKIPPED = 75
 EXIT_CONFIG = 78
+# Which exit code wins when `pull` ran several clients: any failure beats a skip beats success.
+_EXIT_RANK = {EXIT_OK: 0, EXIT_WARNING: 1, EXIT_SKIPPED: 2, EXIT_FAILURE: 3}
 
 log = structlog.get_logger("borgtunnel")
 
@@ -67,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         action="store_true",
         help="if another borgtunnel process is pulling a client, wait for it instead of failing",
+    )
+    pull.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress line on a terminal, only the summary lines",
+    )
+
+    notify_test = commands.add_parser(
+        "notify-test", help="send a test notification through every configured URL"
+    )
+    notify_test.add_argument(
+        "client", nargs="?", metavar="NAME", help="only the URLs that apply to this client"
     )
 
     commands.add_parser("daemon", help="run the scheduler service (systemd Type=notify)")
@@ -109,7 +130,17 @@ def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) ->
 
 def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
     clients = [config.client(name) for name in args.clients]
-    return _run(_pull_all(config, clients, wait=args.wait))
+    progress = not args.no_progress and sys.stdout.isatty()
+    return _run(_pull_all(config, clients, wait=args.wait, progress=progress))
+
+
+def _cmd_notify_test(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    if args.client is None:
+        everyone = (config.notify_urls_for(c) for c in config.clients.values())
+        urls = tuple(dict.fromkeys((*config.notify.urls, *(u for us in everyone for u in us))))
+    else:
+        urls = config.notify_urls_for(config.client(args.client))
+    return _run(notify.notify_test(urls, args.client, limit=config.notify.timeout))
 
 
 def _cmd_init(args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -147,6 +178,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "status": _cmd_status,
     "history": _cmd_history,
     "serve": _cmd_serve,
+    "notify-test": _cmd_notify_test,
 }
 
 
@@ -184,15 +216,40 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(guarded())
 
 
-async def _pull_all(config: Config, clients: Sequence[ClientConfig], *, wait: bool) -> int:
-    """One after the other: a one-shot run should not compete with itself for bandwidth."""
+async def _pull_all(
+    config: Config, clients: Sequence[ClientConfig], *, wait: bool, progress: bool = False
+) -> int:
+    """One after the other: a one-shot run should not compete with itself for bandwidth.
+
+    Reporting (metrics textfile, notifications, pings) as in the daemon; before exiting, pending
+    notifications get at most ``[notify] timeout`` seconds (the summaries are printed already).
+    """
     with History.open(config.server.state_dir) as history:
         history.recover_interrupted()
+        reporter = Reporter(config, history, in_daemon=False)
+        reporter.start()
         worst = EXIT_OK
-        for client in clients:
-            outcome = await run_recorded(config, client, trigger="pull", wait=wait, history=history)
-            print(outcome.summary(), flush=True)
-            worst = max(worst, outcome.exit_code)
+        try:
+            with contextlib.ExitStack() as stack:
+                live = stack.enter_context(LiveProgress(sys.stdout)) if progress else None
+                for client in clients:
+                    reporter.run_started(client)
+                    outcome = await run_recorded(
+                        config,
+                        client,
+                        trigger="pull",
+                        wait=wait,
+                        history=history,
+                        progress=live.track(client.name) if live else None,
+                    )
+                    if live is not None:
+                        live.done(client.name, outcome.summary())
+                    else:
+                        print(outcome.summary(), flush=True)
+                    reporter.after_run(client, outcome)
+                    worst = max(worst, outcome.exit_code, key=_EXIT_RANK.__getitem__)
+        finally:
+            await reporter.aclose()
     return worst
 
 

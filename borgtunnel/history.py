@@ -534,13 +534,16 @@ class History:
         return cursor.lastrowid
 
     def finish_notification(
-        self, notification_id: int, *, sent: bool, attempts: int, error: str | None = None
+        self, notification_id: int, state: str, *, attempts: int, error: str | None = None
     ) -> None:
+        """``sent``, ``failed`` (every attempt failed) or ``muted`` (deliberately not sent)."""
+        if state not in {"sent", "failed", "muted"}:
+            raise ValueError(f"a notification cannot finish as {state!r}")
         with _write(self._conn):
             self._conn.execute(
                 "UPDATE notifications SET state = ?, attempts = ?, finished = ?, error = ?"
                 " WHERE id = ?",
-                ("sent" if sent else "failed", attempts, _utc_text(_now()), error, notification_id),
+                (state, attempts, _utc_text(_now()), error, notification_id),
             )
 
     def notifications(self, client: str, limit: int = 100) -> list[SentNotification]:

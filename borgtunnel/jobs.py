@@ -15,7 +15,8 @@ import structlog
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
-from borgtunnel.pull import PullOutcome, State, pull
+from borgtunnel.pull import ProgressCallback, PullOutcome, State, pull
+from borgtunnel.reporting import hooks
 
 log = structlog.get_logger("borgtunnel.jobs")
 
@@ -38,6 +39,7 @@ async def run_recorded(
     wait: bool = False,
     history: History | None = None,
     time_limit: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     """Lock, record start, pull, record the end (``interrupted`` when cancelled).
 
@@ -52,7 +54,9 @@ async def run_recorded(
     try:
         try:
             async with client_lock(state_dir, client.name, wait=wait):
-                return await _pull_recorded(config, client, trigger, db, time_limit)
+                return await _pull_recorded(
+                    config, client, trigger, db, time_limit, progress=progress
+                )
         except ClientBusy as exc:
             outcome = busy_outcome(client, exc)
             log.warning("client_busy", client=client.name, holder_pid=exc.pid)
@@ -63,14 +67,23 @@ async def run_recorded(
 
 
 async def _pull_recorded(
-    config: Config, client: ClientConfig, trigger: str, db: History, time_limit: float | None
+    config: Config,
+    client: ClientConfig,
+    trigger: str,
+    db: History,
+    time_limit: float | None,
+    *,
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     run_id = db.start_run(client.name, trigger)
     started = time.monotonic()
     limit = asyncio.timeout(time_limit)
     try:
         async with limit:
-            outcome = await pull(config, client)
+            # before hooks run inside the time limit: a hung hook is a hung run.
+            outcome = await hooks.run_before(config, client) or await pull(
+                config, client, progress=progress
+            )
     except TimeoutError:
         if not limit.expired():
             raise
@@ -108,6 +121,8 @@ async def _pull_recorded(
         ),
         error=outcome.error,
     )
+    outcome.run_id = run_id
+    await hooks.run_after(config, client, outcome)
     return outcome
 
 

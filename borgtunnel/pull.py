@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -81,11 +81,15 @@ class PullOutcome:
     # The SSH connection could not be made or was lost (offline client, dropped link): the only
     # kind of failure another try may cure.
     link_lost: bool = False
+    # A `before` hook stopped the run (failed, or exit 75 for skipped): no pull was attempted.
+    hook_failed: bool = False
+    # The history row of this run (set by jobs.run_recorded; None for a busy client).
+    run_id: int | None = None
 
     @property
     def exit_code(self) -> int:
-        """CLI meaning: 0 ok, 1 only warnings, 2 failed or interrupted."""
-        return {RunResult.OK: 0, RunResult.WARNING: 1}.get(self.result, 2)
+        """CLI meaning: 0 ok, 1 only warnings, 75 skipped by a before hook, 2 anything else."""
+        return {RunResult.OK: 0, RunResult.WARNING: 1, RunResult.SKIPPED: 75}.get(self.result, 2)
 
     def summary(self) -> str:
         """The one line per client that `borgtunnel pull` prints."""
@@ -112,12 +116,18 @@ def _size(n: int) -> str:
     return f"{n}B"  # pragma: no cover - loop always returns
 
 
+ProgressCallback = Callable[[borg.Progress], None]
+
+
 class _Run:
     """Mutable bookkeeping of the pull in progress."""
 
-    def __init__(self, config: Config, client: ClientConfig) -> None:
+    def __init__(
+        self, config: Config, client: ClientConfig, progress: ProgressCallback | None = None
+    ) -> None:
         self.config = config
         self.client = client
+        self.progress = progress
         self.outcome = PullOutcome(client=client.name)
         self.log = log.bind(client=client.name)
         self.errors: list[str] = []
@@ -133,6 +143,10 @@ class _Run:
             self.remote_pid = parse_pid_line(line)
             if self.remote_pid is not None:
                 return
+        if self.progress is not None and (figures := borg.parse_progress(line)) is not None:
+            with contextlib.suppress(Exception):  # a display problem must not break the pull
+                self.progress(figures)
+            return
         parsed = borg.parse_log_line(line)
         if parsed is None:
             return
@@ -147,13 +161,16 @@ class _Run:
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
-async def pull(config: Config, client: ClientConfig) -> PullOutcome:
+async def pull(
+    config: Config, client: ClientConfig, *, progress: ProgressCallback | None = None
+) -> PullOutcome:
     """Pull one archive from ``client``. Operational failures are reported in the outcome.
 
     Cancellation (daemon shutdown, timeout) runs the full cleanup and is then re-raised; the
-    caller records the run as interrupted.
+    caller records the run as interrupted. ``progress`` gets borg's live figures (and makes the
+    client's borg send them).
     """
-    run = _Run(config, client)
+    run = _Run(config, client, progress)
     started = time.monotonic()
     run.log.info("pull_started", host=client.host, repository=str(client.repository))
     try:
@@ -242,6 +259,7 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         paths=client.paths,
         exclude=client.exclude,
         extra=client.create_args,
+        progress=run.progress is not None,
     )
     run.log.debug("remote_command", argv=argv)
     return run_command(

@@ -33,7 +33,7 @@ import structlog
 
 from borgtunnel.history import History, SentNotification
 from borgtunnel.reporting.background import call_in_thread
-from borgtunnel.reporting.settings import EventKind, NotifySettings
+from borgtunnel.reporting.settings import EventKind, NotifySettings, import_apprise
 from borgtunnel.reporting.staleness import age_text
 
 log = structlog.get_logger("borgtunnel.notify")
@@ -110,8 +110,7 @@ async def apprise_send(
     """Send through one apprise URL in a daemon thread; None when apprise reports success."""
 
     def send() -> str | None:
-        import apprise  # noqa: PLC0415 - heavy, only loaded by processes that notify
-
+        apprise = import_apprise()
         notifier = apprise.Apprise()
         if not notifier.add(url):
             return "apprise does not understand this URL"

@@ -7,7 +7,11 @@ Validation follows ``config.py``: unknown keys are errors and messages name what
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
+import warnings
+from types import ModuleType
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -34,15 +38,38 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@functools.cache
+def import_apprise() -> ModuleType:
+    """apprise, imported on first use: it takes half a second, only configs that notify pay.
+
+    apprise 2.x still imports the stdlib's deprecated ``imghdr``; that warning is apprise's to
+    fix and says nothing to our users (and would fail tests run with warnings as errors).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import apprise  # noqa: PLC0415 - see above
+
+        # apprise loads its plugins (and so imghdr) on first use: do that here, in one thread,
+        # with the filter on, rather than from a sending thread.
+        apprise.Apprise.instantiate("json://localhost")
+    return apprise
+
+
 def check_apprise_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
     """Every URL must be one apprise can build a notifier from (checked at load, not at 3 am)."""
     if not urls:
         return urls
-    import apprise  # noqa: PLC0415 - heavy (0.5 s): only configs that notify pay for it
-
-    for index, url in enumerate(urls):
-        if "\0" in url or apprise.Apprise.instantiate(url) is None:
-            raise ValueError(f"[{index}]: not a notification URL apprise understands: {url!r}")
+    apprise = import_apprise()
+    # apprise logs its own "Unparseable URL" line; the config error below says it better.
+    apprise_log = logging.getLogger("apprise")
+    level = apprise_log.level
+    apprise_log.setLevel(logging.CRITICAL)
+    try:
+        for index, url in enumerate(urls):
+            if "\0" in url or apprise.Apprise.instantiate(url) is None:
+                raise ValueError(f"[{index}]: not a notification URL apprise understands: {url!r}")
+    finally:
+        apprise_log.setLevel(level)
     return urls
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-pytest_plugins = ["tests.sshd"]
+pytest_plugins = ["tests.sshd", "tests.reporting_kit"]
 
 Spawn = Callable[..., subprocess.Popen[str]]
 

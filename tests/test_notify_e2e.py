@@ -11,7 +11,9 @@ import json
 import signal
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +80,7 @@ def test_failure_recovery_and_stale_are_sent_once_each_and_survive_restarts(
     for attempt in range(2):  # the second daemon start must not repeat the stale notice
         log = tmp_path / f"daemon-{attempt}.log"
         with daemon_process(config, log) as daemon:
-            wait_until(lambda log=log: has_event(log, "daemon_ready"), within=30, what="ready")
+            wait_until(partial(has_event, log, "daemon_ready"), within=30, what="ready")
             if attempt == 0:
                 # 2 messages and 8 pings so far; the stale notice makes it 11.
                 receiver.wait_for(11, what="the stale notice")
@@ -174,7 +176,7 @@ def test_a_dead_notifier_changes_nothing_and_delays_by_at_most_its_timeout(
     ]
 
 
-def log_events_text(text: str) -> list[dict[str, object]]:
+def log_events_text(text: str) -> list[dict[str, Any]]:
     """The JSON log lines of a CLI run's stderr."""
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 

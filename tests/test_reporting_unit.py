@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from borgtunnel.borg import ArchiveStats, parse_progress
-from borgtunnel.config import Config, ConfigError, parse_config
+from borgtunnel.config import Config, ConfigError, load_config, parse_config
 from borgtunnel.durations import format_duration, parse_duration
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.pull import PullOutcome
@@ -325,3 +325,64 @@ def test_outcome_summary_of_a_skipped_run_and_exit_code():
     assert "skipped" in skipped.summary()
     ok = outcome(RunResult.OK, stats=ArchiveStats("a", 1, 1, 1, 1, 0.1))
     assert ok.exit_code == 0
+
+
+# --- hooks: timeouts, and the daemon with a hanging notifier -------------------------------
+
+
+async def test_a_hook_over_its_timeout_is_killed_with_its_children(tmp_path):
+    from borgtunnel.reporting.hooks import run_hook  # noqa: PLC0415 - only this test
+
+    marker = tmp_path / "child-survived"
+    script = f"sleep 30 & wait; touch {marker}"
+    started = time.monotonic()
+    result = await run_hook(["/bin/sh", "-c", script], {}, limit=0.5)
+    assert result.returncode is None
+    assert result.error is not None
+    assert "timed out" in result.error
+    assert time.monotonic() - started < 10
+    assert not marker.exists()
+    missing = await run_hook(["/nonexistent/hook"], {}, limit=5)
+    assert missing.error is not None
+    assert "cannot start" in missing.error
+
+
+async def test_daemon_run_is_not_held_up_by_a_hanging_notifier(tmp_path):
+    from borgtunnel.daemon import Daemon  # noqa: PLC0415 - only this test
+    from borgtunnel.systemd import Notifier  # noqa: PLC0415
+    from tests.daemon_support import (  # noqa: PLC0415
+        FIRE_AT,
+        clock_offset,
+        eventually,
+        finished_runs,
+        offline_client,
+        serving,
+        shifted_now,
+        write_config,
+    )
+
+    path = write_config(
+        tmp_path / "bt.toml",
+        tmp_path,
+        clients={"web1": offline_client(tmp_path / "r", schedule="0 2 * * *", retries=0)},
+    )
+    path.write_text(path.read_text() + '[notify]\nurls = ["json://127.0.0.1:1/x"]\ntimeout = 2\n')
+    config = load_config(path)
+    sender = FakeSender("hang")
+    daemon = Daemon(
+        config,
+        now=shifted_now(clock_offset(FIRE_AT, 1.0)),
+        notifier=Notifier(""),
+        notify_sender=sender,
+    )
+    async with serving(daemon):
+        await eventually(
+            lambda: finished_runs(config.server.state_dir, "web1"), within=30, what="the run"
+        )
+        await eventually(lambda: sender.sent, within=10, what="the send to start")
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 30  # stop waited at most ~timeout for the send
+    (run,) = finished_runs(config.server.state_dir, "web1")
+    assert run.result is RunResult.FAILED  # the client's own failure, nothing else
+    assert run.error is not None
+    assert "127.0.0.1:9" in run.error

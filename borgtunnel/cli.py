@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -33,7 +33,7 @@ from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.reporting import notify
-from borgtunnel.reporting.progress import LiveProgress
+from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.repository import init_repository
 
@@ -131,6 +131,10 @@ def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) ->
 def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
     clients = [config.client(name) for name in args.clients]
     progress = not args.no_progress and sys.stdout.isatty()
+    if progress:  # log lines go through the live display instead of tearing it
+        # CurrentStderr has the three methods structlog's PrintLogger uses, not all of TextIO.
+        stream = cast("TextIO", CurrentStderr())
+        logs.configure(args.log_format, level=args.log_level, stream=stream)
     return _run(_pull_all(config, clients, wait=args.wait, progress=progress))
 
 

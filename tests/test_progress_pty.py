@@ -24,9 +24,13 @@ pytestmark = pytest.mark.sshd
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
-def pull_on_a_pty(config: Path, *extra: str, log: Path) -> tuple[int, str]:
-    """Run ``pull c1`` with stdout on a pty (stderr, JSON logs at debug, into ``log``)."""
+def pull_on_a_pty(
+    config: Path, *extra: str, log: Path, stderr_too: bool = False
+) -> tuple[int, str]:
+    """Run ``pull c1`` with stdout on a pty; stderr (JSON logs at debug) into ``log``, or with
+    ``stderr_too`` on the same pty (console logs at info), as in an administrator's shell."""
     primary, secondary = os.openpty()
+    logging = ["--log-format", "json", "--log-level", "debug"] if not stderr_too else []
     with log.open("wb") as err:
         process = subprocess.Popen(
             [
@@ -35,17 +39,14 @@ def pull_on_a_pty(config: Path, *extra: str, log: Path) -> tuple[int, str]:
                 "borgtunnel",
                 "--config",
                 str(config),
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
+                *logging,
                 "pull",
                 "c1",
                 *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=secondary,
-            stderr=err,
+            stderr=secondary if stderr_too else err,
             env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
         )
     os.close(secondary)
@@ -107,4 +108,12 @@ def test_progress_lines_appear_on_a_terminal_and_only_there(tmp_path: Path, sshd
     piped = pullkit.run_cli(config, "pull", "c1")  # not a terminal: summary only
     assert piped.returncode == 0, piped.stderr
     assert len(piped.stdout.splitlines()) == 1
-    assert len(pullkit.archives(tmp_path, repo)) == 3
+
+    # Logs on the same terminal go through the live display (above it), not across it.
+    code, screen = pull_on_a_pty(config, log=tmp_path / "unused.log", stderr_too=True)
+    assert code == 0, screen
+    lines = screen.splitlines()
+    assert any("pull_finished" in line for line in lines), screen
+    assert any(re.match(r"c1: \d+ files, ", line) for line in lines), screen
+    assert len([line for line in lines if line.startswith("c1: ok archive=")]) == 1, screen
+    assert len(pullkit.archives(tmp_path, repo)) == 4

@@ -8,6 +8,7 @@ when this display is on). Not on a terminal, or with ``--no-progress``, nothing 
 
 from __future__ import annotations
 
+import sys
 import time
 from types import TracebackType
 from typing import Self, TextIO
@@ -45,8 +46,29 @@ def progress_line(client: str, figures: Progress | None, elapsed: float) -> str:
     )
 
 
+class CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of each write.
+
+    Log lines written through it pass through rich's stderr redirection while the live display
+    runs, so they appear above the live lines instead of tearing them.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 class LiveProgress:
-    """``with LiveProgress(sys.stdout) as live: cb = live.track("web1"); ...; live.done(...)``."""
+    """``with LiveProgress(sys.stdout) as live: cb = live.track("web1"); ...; live.done(...)``.
+
+    When stderr is the same kind of terminal, it is redirected through the display while it
+    runs (see ``CurrentStderr``); stderr going to a file is left alone.
+    """
 
     def __init__(self, stream: TextIO) -> None:
         self._console = Console(file=stream, highlight=False)
@@ -57,7 +79,7 @@ class LiveProgress:
             refresh_per_second=4,
             transient=True,
             redirect_stdout=False,
-            redirect_stderr=False,
+            redirect_stderr=sys.stderr.isatty(),
         )
 
     def __enter__(self) -> Self:

@@ -52,7 +52,26 @@ def import_apprise() -> ModuleType:
         # apprise loads its plugins (and so imghdr) on first use: do that here, in one thread,
         # with the filter on, rather than from a sending thread.
         apprise.Apprise.instantiate("json://localhost")
+    # apprise explains failed deliveries through stdlib logging, which nobody configures here:
+    # Python would print them as bare lines on stderr, between our JSON lines.
+    apprise_log = logging.getLogger("apprise")
+    apprise_log.addHandler(_ToStructlog())
+    apprise_log.propagate = False
     return apprise
+
+
+class _ToStructlog(logging.Handler):
+    """apprise's own warnings and errors as structured ``apprise_said`` lines."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import structlog  # noqa: PLC0415 - keeps this config module free of logging setup
+
+        structlog.get_logger("borgtunnel.notify").warning(
+            "apprise_said", message=record.getMessage(), apprise_level=record.levelname.lower()
+        )
 
 
 def check_apprise_urls(urls: tuple[str, ...]) -> tuple[str, ...]:

@@ -386,3 +386,70 @@ async def test_daemon_run_is_not_held_up_by_a_hanging_notifier(tmp_path):
     assert run.result is RunResult.FAILED  # the client's own failure, nothing else
     assert run.error is not None
     assert "127.0.0.1:9" in run.error
+
+
+async def test_tampering_fed_with_a_run_is_sent_and_is_no_recovery(tmp_path):
+    config = config_for(tmp_path, notify={"urls": ["json://127.0.0.1:1/x"]})
+    web1 = config.clients["web1"]
+    sender = FakeSender()
+    with History.open(config.server.state_dir) as history:
+        reporter = Reporter(config, history, in_daemon=False, sender=sender)
+        reporter.start()
+        run_id = recorded(history, RunResult.FAILED)
+        reporter.after_run(web1, outcome(RunResult.FAILED, run_id=run_id))
+        run_id = recorded(history, RunResult.OK)
+        reporter.after_run(
+            web1, outcome(RunResult.OK, run_id=run_id), tampering="repository key changed"
+        )
+        await reporter.aclose(5)
+        notes = list(reversed(history.notifications("web1")))
+    assert [n.kind for n in notes] == ["failure", "tampering"]
+    assert notes[1].run_id == run_id
+    assert "error: repository key changed" in notes[1].body
+
+
+async def test_daemon_notifies_a_failure_only_after_its_retries(tmp_path):
+    from borgtunnel.daemon import Daemon  # noqa: PLC0415 - only these tests
+    from borgtunnel.systemd import Notifier  # noqa: PLC0415
+    from tests.daemon_support import (  # noqa: PLC0415
+        FIRE_AT,
+        clock_offset,
+        eventually,
+        finished_runs,
+        offline_client,
+        serving,
+        shifted_now,
+        write_config,
+    )
+
+    client = offline_client(tmp_path / "r", schedule="0 2 * * *", retries=1, retry_wait=0.5)
+    path = write_config(tmp_path / "bt.toml", tmp_path, clients={"web1": client})
+    # An empty known_hosts: the connection itself is refused (port 9), a retryable failure.
+    (tmp_path / "known_hosts").write_text("")
+    path.write_text(
+        path.read_text()
+        + f'[ssh]\nknown_hosts = "{tmp_path / "known_hosts"}"\nconnect_timeout = 5\n'
+        + '[notify]\nurls = ["json://127.0.0.1:1/x"]\n'
+    )
+    config = load_config(path)
+    sender = FakeSender()
+    daemon = Daemon(
+        config,
+        now=shifted_now(clock_offset(FIRE_AT, 1.0)),
+        notifier=Notifier(""),
+        notify_sender=sender,
+    )
+    async with serving(daemon):
+        await eventually(
+            lambda: len(finished_runs(config.server.state_dir, "web1")) == 2,
+            within=60,
+            what="the run and its retry",
+        )
+        await eventually(lambda: sender.sent, within=10, what="the failure message")
+    runs = finished_runs(config.server.state_dir, "web1")
+    assert [r.result for r in runs] == [RunResult.FAILED, RunResult.FAILED]
+    with History.open(config.server.state_dir) as history:
+        notes = history.notifications("web1")
+    assert [n.kind for n in notes] == ["failure"]  # one, after the retry, not one per attempt
+    assert notes[0].run_id == runs[1].id
+    assert len(sender.sent) == 1

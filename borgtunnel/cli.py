@@ -31,6 +31,7 @@ from borgtunnel.config import (
 )
 from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
+from borgtunnel.keyguard import KeyGuardError
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.reporting import notify
 from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
@@ -40,10 +41,11 @@ from borgtunnel.repository import init_repository
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_FAILURE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug; Python's own exit 1 for a crash would read as "warning"
 EXIT_SKIPPED = 75
 EXIT_CONFIG = 78
-# Which exit code wins when `pull` ran several clients: any failure beats a skip beats success.
-_EXIT_RANK = {EXIT_OK: 0, EXIT_WARNING: 1, EXIT_SKIPPED: 2, EXIT_FAILURE: 3}
+# Which exit code wins when `pull` ran several clients: a bug, then any failure, then a skip.
+_EXIT_RANK = {EXIT_OK: 0, EXIT_WARNING: 1, EXIT_SKIPPED: 2, EXIT_FAILURE: 3, EXIT_INTERNAL: 4}
 
 log = structlog.get_logger("borgtunnel")
 
@@ -200,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnknownClientError as exc:
         print(f"borgtunnel: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:
+        log.exception("internal_error", command=args.command)
+        print(f"borgtunnel: internal error: {exc!r} (a bug: please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -260,7 +266,7 @@ async def _pull_all(
 async def _init(config: Config, client: ClientConfig) -> int:
     try:
         status = await init_repository(config, client)
-    except PassphraseError as exc:
+    except (PassphraseError, KeyGuardError) as exc:
         print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if status == 0:

@@ -21,7 +21,14 @@ from borgtunnel.config import load_config
 from borgtunnel.history import History, RunResult
 from tests import pullkit
 from tests.daemon_support import daemon_process, has_event, wait_until
-from tests.reporting_kit import Receiver, closed_port, flaky_borg, kinds, setup_client
+from tests.reporting_kit import (
+    Receiver,
+    append_tables,
+    closed_port,
+    flaky_borg,
+    kinds,
+    setup_client,
+)
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.sshd
@@ -195,3 +202,49 @@ def test_notify_test_reports_each_url(tmp_path: Path, sshd: SshdServer, receiver
     assert lines[0] == f"ok      json://127.0.0.1:{receiver.port}/…"
     assert lines[1].startswith(f"FAILED  json://127.0.0.1:{dead}/…: ")
     assert receiver.titles() == ["borgtunnel: test notification for c1"]
+
+
+def test_a_key_change_through_the_tunnel_is_notified_as_tampering(
+    tmp_path: Path, sshd: SshdServer, receiver: Receiver
+) -> None:
+    """The key guard's finding (issue 8) reaches the administrator as a tampering message, not
+    as a plain failure, and the next honest pull as a recovery."""
+    secret = tmp_path / "pass"
+    secret.write_text("right horse battery")
+    secret.chmod(0o600)
+    data = pullkit.make_client_data(tmp_path / "client-data")
+    repo = tmp_path / "repos" / "enc"
+    conf = pullkit.base_config(tmp_path, sshd)
+    table = pullkit.client_table(
+        sshd, "c1", repo, [data], encryption="repokey", passphrase_file=str(secret)
+    )
+    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+    notify = {"notify": {"urls": [receiver.json_url], "timeout": 10}}
+    append_tables(config, notify)
+    assert pullkit.run_cli(config, "init", "c1").returncode == 0
+    rekey = tmp_path / "hostile-borg-rekey"
+    rekey.write_text(
+        "#!/bin/sh\n"
+        "pw=$(cat)\n"
+        "unset BORG_PASSPHRASE_FD\n"
+        f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase'
+        f" ssh://borgtunnel{repo} >/dev/null 2>&1 || exit 99\n"
+        'BORG_PASSPHRASE=evil exec borg "$@"\n'
+    )
+    rekey.chmod(0o755)
+    pullkit.write_config(config, clients={"c1": {**table, "remote_borg": str(rekey)}}, **conf)
+    append_tables(config, notify)
+
+    tampered = pullkit.run_cli(config, "pull", "c1")
+    assert tampered.returncode == 2, tampered.stdout + tampered.stderr
+    assert kinds(receiver.titles()) == ["tampering"]  # not also a failure message
+    message = receiver.messages()[0]
+    assert message["type"] == "failure"
+    assert "tampering: the repository key was changed" in message["message"]
+
+    pullkit.write_config(config, clients={"c1": table}, **conf)
+    append_tables(config, notify)
+    honest = pullkit.run_cli(config, "pull", "c1")
+    assert honest.returncode == 0, honest.stderr
+    assert kinds(receiver.titles()) == ["tampering", "recovery"]
+    assert len(pullkit.archives(tmp_path, repo, BORG_PASSPHRASE="right horse battery")) == 2

@@ -323,7 +323,7 @@ def test_outcome_summary_of_a_skipped_run_and_exit_code():
     skipped = outcome(RunResult.SKIPPED, error="skipped by before hook /x")
     assert skipped.exit_code == 75
     assert "skipped" in skipped.summary()
-    ok = outcome(RunResult.OK, stats=ArchiveStats("a", 1, 1, 1, 1, 0.1))
+    ok = outcome(RunResult.OK, stats=ArchiveStats("a", "0" * 64, 1, 1, 1, 1, 0.1))
     assert ok.exit_code == 0
 
 

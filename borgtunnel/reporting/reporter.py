@@ -163,8 +163,14 @@ class Reporter:
         final: bool = True,
         tampering: str | None = None,
     ) -> None:
-        """After every recorded run: metrics and textfile, pings, notifications."""
+        """After every recorded run: metrics and textfile, pings, notifications.
+
+        ``tampering`` defaults to the outcome's own (the key guard's ``tampering:`` finding); a
+        tampering run is notified as tampering, not also as a failure.
+        """
         self._running.discard(client.name)
+        if tampering is None:
+            tampering = outcome.tampering
         if outcome.busy:  # nothing ran and nothing was recorded
             self._refresh(write=False)
             return
@@ -176,7 +182,9 @@ class Reporter:
         if tampering is not None:
             self.report_tampering(client, tampering, run_id=outcome.run_id, outcome=outcome)
         problems = self._dispatcher.open_problems(client.name)
-        if succeeded and problems and tampering is None:
+        if tampering is not None:
+            pass  # reported above
+        elif succeeded and problems:
             self._notify(client, "recovery", outcome)
         elif outcome.result is RunResult.FAILED and final and "failure" not in problems:
             self._notify(client, "failure", outcome)

@@ -10,8 +10,9 @@ Call sequence (daemon and one-shot alike)::
     ...
     await reporter.aclose(grace)           # let background sends finish (bounded), stop server
 
-``after_run(..., tampering="...")`` or ``report_tampering(client, detail)`` feed a tampering event
-(the repository key changed, archives vanished) from whoever detects it. ``final=False`` says the
+A tampering event comes from ``outcome.tampering`` (the key guard's finding) by default;
+``after_run(..., tampering="...")`` or ``report_tampering(client, detail)`` feed one from any
+other check (archives vanished). ``final=False`` says the
 daemon will retry this failure, so no failure message or /fail ping yet.
 
 Every public method logs and swallows its own errors: a notifier, a ping or a metrics file that

@@ -1,23 +1,27 @@
 """Command line: parse arguments, load the config, call one function, map the result to a code.
 
 Exit codes: 0 ok, 1 borg warnings only, 2 any failure, 78 configuration error (EX_CONFIG, which
-the systemd units list in RestartPreventExitStatus: restarting cannot fix a bad file).
+the systemd units list in RestartPreventExitStatus: restarting cannot fix a bad file); ``pull``
+exits 75 when a ``before`` hook skipped a run (and nothing failed); ``status`` exits 1 when a
+client is stale or its last run failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
-from borgtunnel import __version__, daemon, doctor, enrol, logs, socketserve, status, trust
+from borgtunnel import daemon, doctor, enrol, logs, socketserve, status, trust
+from borgtunnel.arguments import build_parser
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -32,6 +36,9 @@ from borgtunnel.keyguard import KeyGuardError
 from borgtunnel.maintenance import command as maintenance_command
 from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
+from borgtunnel.reporting import notify
+from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
+from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.repository import init_repository
 from borgtunnel.restore import restore_recorded
 
@@ -39,132 +46,12 @@ EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_FAILURE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug; Python's own exit 1 for a crash would read as "warning"
+EXIT_SKIPPED = 75
 EXIT_CONFIG = 78
+# Which exit code wins when `pull` ran several clients: a bug, then any failure, then a skip.
+_EXIT_RANK = {EXIT_OK: 0, EXIT_WARNING: 1, EXIT_SKIPPED: 2, EXIT_FAILURE: 3, EXIT_INTERNAL: 4}
 
 log = structlog.get_logger("borgtunnel")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="borgtunnel",
-        description="The backup server pulls borg archives from its clients over SSH.",
-    )
-    parser.add_argument("--version", action="version", version=f"borgtunnel {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="configuration file (default: $BORGTUNNEL_CONFIG or /etc/borgtunnel/borgtunnel.toml)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "json", "console"],
-        default="auto",
-        help="auto: console on a terminal, JSON lines otherwise",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    pull = commands.add_parser("pull", help="pull an archive from each named client now")
-    pull.add_argument("clients", nargs="+", metavar="NAME")
-    pull.add_argument(
-        "--wait",
-        action="store_true",
-        help="if another borgtunnel process is pulling a client, wait for it instead of failing",
-    )
-
-    commands.add_parser("daemon", help="run the scheduler service (systemd Type=notify)")
-
-    status = commands.add_parser("status", help="last and next run of every client")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-
-    history = commands.add_parser("history", help="recorded runs of one client, newest first")
-    history.add_argument("client", metavar="NAME")
-    history.add_argument("--limit", type=int, default=20, metavar="N")
-    history.add_argument("--json", action="store_true", help="machine-readable output")
-
-    serve = commands.add_parser(
-        "serve",
-        help="serve borg clients on unix sockets (systemd socket activation or --listen)",
-    )
-    serve.add_argument("--listen", metavar="PATH", type=Path, help="create this socket ourselves")
-    serve.add_argument("--client", metavar="NAME", help="the client served on --listen")
-    serve.add_argument(
-        "--idle-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="exit after this long without a connection (systemd starts us again on the next)",
-    )
-    serve.add_argument(
-        "--max-connections", type=int, default=8, metavar="N", help="served in parallel"
-    )
-
-    init = commands.add_parser("init", help="create a client's repository on this server")
-    init.add_argument("client", metavar="NAME")
-
-    commands.add_parser("check-config", help="validate and print the effective config as JSON")
-
-    maintain = commands.add_parser(
-        "maintain", help="prune, compact, check client repositories now (no flag: what is due)"
-    )
-    maintain.add_argument("clients", nargs="+", metavar="NAME")
-    maintain.add_argument("--prune", action="store_true", help="borg prune by the retention")
-    maintain.add_argument("--compact", action="store_true", help="borg compact")
-    maintain.add_argument("--check", action="store_true", help="borg check")
-    maintain.add_argument("--dry-run", action="store_true", help="show, change nothing")
-    maintain.add_argument(
-        "--accept-missing",
-        action="store_true",
-        help="acknowledge archives that vanished without our prune (after a tamper report)",
-    )
-    maintain.add_argument("--wait", action="store_true", help="wait if the client is busy")
-
-    archives = commands.add_parser("list", help="the archives of a client, read on this server")
-    archives.add_argument("client", metavar="NAME")
-    archives.add_argument("--json", action="store_true", help="machine-readable output")
-
-    restore = commands.add_parser(
-        "restore", help="extract an archive (or paths of it) on the client, through a tunnel"
-    )
-    restore.add_argument("client", metavar="NAME")
-    restore.add_argument("archive", metavar="ARCHIVE")
-    restore.add_argument("paths", nargs="*", metavar="PATH", help="only these paths of it")
-    restore.add_argument(
-        "--target", required=True, metavar="DIR", help="absolute directory on the client"
-    )
-    restore.add_argument("--dry-run", action="store_true", help="read everything, write nothing")
-    restore.add_argument("--force", action="store_true", help="restore into a non-empty target")
-    restore.add_argument("--wait", action="store_true", help="wait if the client is busy")
-
-    trust_cmd = commands.add_parser("trust", help="add a client's host key to its known_hosts")
-    trust_cmd.add_argument("client", metavar="NAME")
-    trust_cmd.add_argument(
-        "--fingerprint", metavar="SHA256:...", help="trust only if the offered key has this one"
-    )
-    trust_cmd.add_argument("--yes", action="store_true", help="do not ask")
-    trust_cmd.add_argument(
-        "--replace", action="store_true", help="replace a different key known for the host"
-    )
-    commands.add_parser(
-        "gatekeeper", help="print the gatekeeper program to install on clients (forced command)"
-    )
-    key = commands.add_parser(
-        "authorized-key", help="print the client's authorized_keys line (with the gatekeeper)"
-    )
-    key.add_argument("client", metavar="NAME")
-    key.add_argument(
-        "--command",
-        dest="forced_command",  # not `command`: that names the subcommand
-        default=enrol.GATEKEEPER_PATH,
-        metavar="PATH",
-        help=f"the gatekeeper on the client (default {enrol.GATEKEEPER_PATH})",
-    )
-    doctor_cmd = commands.add_parser(
-        "doctor", help="connect to a client: borg, nc/socat, forwarding, gatekeeper and policy"
-    )
-    doctor_cmd.add_argument("client", metavar="NAME")
-    return parser
 
 
 def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -174,7 +61,21 @@ def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) ->
 
 def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
     clients = [config.client(name) for name in args.clients]
-    return _run(_pull_all(config, clients, wait=args.wait))
+    progress = not args.no_progress and sys.stdout.isatty()
+    if progress:  # log lines go through the live display instead of tearing it
+        # CurrentStderr has the three methods structlog's PrintLogger uses, not all of TextIO.
+        stream = cast("TextIO", CurrentStderr())
+        logs.configure(args.log_format, level=args.log_level, stream=stream)
+    return _run(_pull_all(config, clients, wait=args.wait, progress=progress))
+
+
+def _cmd_notify_test(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    if args.client is None:
+        everyone = (config.notify_urls_for(c) for c in config.clients.values())
+        urls = tuple(dict.fromkeys((*config.notify.urls, *(u for us in everyone for u in us))))
+    else:
+        urls = config.notify_urls_for(config.client(args.client))
+    return _run(notify.notify_test(urls, args.client, limit=config.notify.timeout))
 
 
 def _cmd_init(args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -288,6 +189,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "trust": _cmd_trust,
     "authorized-key": _cmd_authorized_key,
     "doctor": _cmd_doctor,
+    "notify-test": _cmd_notify_test,
 }
 
 
@@ -332,15 +234,40 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(guarded())
 
 
-async def _pull_all(config: Config, clients: Sequence[ClientConfig], *, wait: bool) -> int:
-    """One after the other: a one-shot run should not compete with itself for bandwidth."""
+async def _pull_all(
+    config: Config, clients: Sequence[ClientConfig], *, wait: bool, progress: bool = False
+) -> int:
+    """One after the other: a one-shot run should not compete with itself for bandwidth.
+
+    Reporting (metrics textfile, notifications, pings) as in the daemon; before exiting, pending
+    notifications get at most ``[notify] timeout`` seconds (the summaries are printed already).
+    """
     with History.open(config.server.state_dir) as history:
         history.recover_interrupted()
+        reporter = Reporter(config, history, in_daemon=False)
+        reporter.start()
         worst = EXIT_OK
-        for client in clients:
-            outcome = await run_recorded(config, client, trigger="pull", wait=wait, history=history)
-            print(outcome.summary(), flush=True)
-            worst = max(worst, outcome.exit_code)
+        try:
+            with contextlib.ExitStack() as stack:
+                live = stack.enter_context(LiveProgress(sys.stdout)) if progress else None
+                for client in clients:
+                    reporter.run_started(client)
+                    outcome = await run_recorded(
+                        config,
+                        client,
+                        trigger="pull",
+                        wait=wait,
+                        history=history,
+                        progress=live.track(client.name) if live else None,
+                    )
+                    if live is not None:
+                        live.done(client.name, outcome.summary())
+                    else:
+                        print(outcome.summary(), flush=True)
+                    reporter.after_run(client, outcome)
+                    worst = max(worst, outcome.exit_code, key=_EXIT_RANK.__getitem__)
+        finally:
+            await reporter.aclose()
     return worst
 
 

@@ -29,6 +29,16 @@ from pydantic import (
 
 from borgtunnel import scheduler
 from borgtunnel.maintenance.durations import parse_duration
+from borgtunnel.reporting.settings import (
+    ClientDefaults,
+    Duration,
+    Hooks,
+    HookSet,
+    MetricsSettings,
+    NotifySettings,
+    check_apprise_urls,
+    check_hooks,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"
@@ -238,6 +248,31 @@ class ClientConfig(_Model):
     # A verified pull whose file count or original size fell by more than this many percent
     # against the client's previous archive is a warning (wrong mount, emptied tree, wipe).
     max_shrink: Annotated[float, Field(gt=0, le=100)] = 50.0
+    # Reporting (borgtunnel/reporting/): None means "use [defaults]".
+    max_age: Duration | None = None
+    notify: tuple[str, ...] = ()  # apprise URLs on top of [notify] urls
+    healthchecks: Annotated[str, Field(min_length=1)] | None = None
+    before: Hooks | None = None
+    after: Hooks | None = None
+    on_failure: Hooks | None = None
+    hook_timeout: PositiveSeconds | None = None
+
+    @field_validator("notify")
+    @classmethod
+    def _notify_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_apprise_urls(value)
+
+    @field_validator("healthchecks")
+    @classmethod
+    def _healthchecks_valid(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// ping URL")
+        return value
+
+    @field_validator("before", "after", "on_failure")
+    @classmethod
+    def _hooks_valid(cls, value: Hooks | None) -> Hooks | None:
+        return None if value is None else check_hooks(value)
 
     @field_validator("schedule")
     @classmethod
@@ -389,6 +424,9 @@ class Config(_Model):
     server: ServerSettings = ServerSettings()
     daemon: DaemonSettings = DaemonSettings()
     ssh: SSHOptions = SSHOptions()
+    notify: NotifySettings = NotifySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    defaults: ClientDefaults = ClientDefaults()
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -425,6 +463,24 @@ class Config(_Model):
     def ssh_for(self, client: ClientConfig) -> SSHSettings:
         return _merge_ssh(DEFAULT_SSH, self.ssh, client.ssh)
 
+    def max_age_for(self, client: ClientConfig) -> float | None:
+        """Seconds after which the client's last verified archive is stale; None: never."""
+        return client.max_age if client.max_age is not None else self.defaults.max_age
+
+    def hooks_for(self, client: ClientConfig) -> HookSet:
+        """A client's own hook list replaces the default one of the same kind (not merged)."""
+        d = self.defaults
+        return HookSet(
+            before=d.before if client.before is None else client.before,
+            after=d.after if client.after is None else client.after,
+            on_failure=d.on_failure if client.on_failure is None else client.on_failure,
+            timeout=d.hook_timeout if client.hook_timeout is None else client.hook_timeout,
+        )
+
+    def notify_urls_for(self, client: ClientConfig | None) -> tuple[str, ...]:
+        extra = client.notify if client is not None else ()
+        return tuple(dict.fromkeys((*self.notify.urls, *extra)))
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as JSON-able data, secrets left out.
 
@@ -439,8 +495,16 @@ class Config(_Model):
                 entry["passphrase_command"] = "<hidden>"  # noqa: S105 - a mask, not a password
             entry["remote_socket"] = client.remote_socket_path
             entry["ssh"] = self.ssh_for(client).model_dump(mode="json")
+            # Notification and ping URLs usually carry a token or a password.
+            entry["notify"] = [_MASK for _ in client.notify]
+            if client.healthchecks:
+                entry["healthchecks"] = _MASK
+        data["notify"]["urls"] = [_MASK for _ in self.notify.urls]
         data.pop("ssh")
         return data
+
+
+_MASK = "<hidden>"
 
 
 def _check_no_nul(value: str) -> None:

@@ -70,6 +70,7 @@ __all__ = [
     "RunRecord",
     "RunResult",
     "RunStats",
+    "SentNotification",
 ]
 
 DB_FILENAME: Final = "history.sqlite3"
@@ -149,6 +150,26 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3 -> 4: what was notified, so a restarted daemon neither repeats nor forgets a message.
+    (
+        """
+        CREATE TABLE notifications (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            client    TEXT    NOT NULL,
+            kind      TEXT    NOT NULL,
+            created   TEXT    NOT NULL,
+            run_id    INTEGER,
+            title     TEXT    NOT NULL,
+            body      TEXT    NOT NULL,
+            state     TEXT    NOT NULL,
+            attempts  INTEGER NOT NULL DEFAULT 0,
+            finished  TEXT,
+            error     TEXT
+        )
+        """,
+        "CREATE INDEX notifications_by_client ON notifications (client, id DESC)",
+        "CREATE INDEX notifications_pending ON notifications (state) WHERE state = 'pending'",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -171,6 +192,8 @@ class RunResult(StrEnum):
     WARNING = "warning"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    # A ``before`` hook asked to skip this run (exit 75): no archive, and not a failure either.
+    SKIPPED = "skipped"
 
 
 _SUCCESSES: Final = (RunResult.OK, RunResult.WARNING)
@@ -231,6 +254,22 @@ class RunRecord:
     def succeeded(self) -> bool:
         """Whether an archive was created (borg's warnings still leave one behind)."""
         return self.result in _SUCCESSES
+
+
+@dataclass(frozen=True)
+class SentNotification:
+    """One notification as recorded: decided (``pending``), then ``sent`` or ``failed``."""
+
+    id: int
+    client: str
+    kind: str
+    created: datetime
+    run_id: int | None
+    title: str
+    body: str
+    state: str
+    attempts: int
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -336,6 +375,21 @@ def _record(row: sqlite3.Row) -> RunRecord:
         error=row["error"],
         pid=row["pid"],
         kind=row["kind"],
+    )
+
+
+def _notification(row: sqlite3.Row) -> SentNotification:
+    return SentNotification(
+        id=row["id"],
+        client=row["client"],
+        kind=row["kind"],
+        created=_from_utc_text(row["created"]),
+        run_id=row["run_id"],
+        title=row["title"],
+        body=row["body"],
+        state=row["state"],
+        attempts=row["attempts"],
+        error=row["error"],
     )
 
 
@@ -652,6 +706,67 @@ class History:
             if row["archive"] in created and created[row["archive"]] <= row["at"]:
                 del created[row["archive"]]
         return set(created)
+
+    def result_counts(self) -> dict[tuple[str, RunResult], int]:
+        """(client, result) -> how many finished runs: the ``runs_total`` metric."""
+        rows = self._conn.execute(
+            "SELECT client, result, count(*) AS n FROM runs WHERE result != ?"
+            " GROUP BY client, result",
+            (RunResult.RUNNING.value,),
+        ).fetchall()
+        return {(row["client"], RunResult(row["result"])): row["n"] for row in rows}
+
+    # --- notifications ---------------------------------------------------------------
+
+    def add_notification(
+        self,
+        client: str,
+        kind: str,
+        title: str,
+        body: str,
+        *,
+        run_id: int | None = None,
+        created: datetime | None = None,
+    ) -> int:
+        """Record a decided notification as ``pending`` before it is sent; returns its id."""
+        when = _now() if created is None else created
+        with _write(self._conn):
+            cursor = self._conn.execute(
+                "INSERT INTO notifications (client, kind, created, run_id, title, body, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                (client, kind, _utc_text(when), run_id, title, body),
+            )
+        if cursor.lastrowid is None:  # pragma: no cover - sqlite always sets it
+            raise HistoryError("SQLite did not report the new notification's id")
+        return cursor.lastrowid
+
+    def finish_notification(
+        self, notification_id: int, state: str, *, attempts: int, error: str | None = None
+    ) -> None:
+        """``sent``, ``failed`` (every attempt failed) or ``muted`` (deliberately not sent)."""
+        if state not in {"sent", "failed", "muted"}:
+            raise ValueError(f"a notification cannot finish as {state!r}")
+        with _write(self._conn):
+            self._conn.execute(
+                "UPDATE notifications SET state = ?, attempts = ?, finished = ?, error = ?"
+                " WHERE id = ?",
+                (state, attempts, _utc_text(_now()), error, notification_id),
+            )
+
+    def notifications(self, client: str, limit: int = 100) -> list[SentNotification]:
+        """The client's notifications, newest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM notifications WHERE client = ? ORDER BY id DESC LIMIT ?",
+            (client, limit),
+        ).fetchall()
+        return [_notification(row) for row in rows]
+
+    def pending_notifications(self) -> list[SentNotification]:
+        """Decided but never finished (the process stopped while sending), oldest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM notifications WHERE state = 'pending' ORDER BY id"
+        ).fetchall()
+        return [_notification(row) for row in rows]
 
     def clients(self) -> list[str]:
         """Every client that has at least one recorded run, sorted."""

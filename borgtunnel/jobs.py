@@ -17,7 +17,8 @@ from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
 from borgtunnel.maintenance.sanity import sanity_warning
-from borgtunnel.pull import PullOutcome, State, pull
+from borgtunnel.pull import ProgressCallback, PullOutcome, State, pull
+from borgtunnel.reporting import hooks
 
 log = structlog.get_logger("borgtunnel.jobs")
 
@@ -41,6 +42,7 @@ async def run_recorded(
     history: History | None = None,
     time_limit: float | None = None,
     after: Callable[[PullOutcome, History], Awaitable[None]] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     """Lock, record start, pull, record the end (``interrupted`` when cancelled).
 
@@ -59,7 +61,9 @@ async def run_recorded(
     try:
         try:
             async with client_lock(state_dir, client.name, wait=wait):
-                outcome = await _pull_recorded(config, client, trigger, db, time_limit)
+                outcome = await _pull_recorded(
+                    config, client, trigger, db, time_limit, progress=progress
+                )
                 if after is not None and outcome.result in (RunResult.OK, RunResult.WARNING):
                     await after(outcome, db)
                 return outcome
@@ -73,14 +77,23 @@ async def run_recorded(
 
 
 async def _pull_recorded(
-    config: Config, client: ClientConfig, trigger: str, db: History, time_limit: float | None
+    config: Config,
+    client: ClientConfig,
+    trigger: str,
+    db: History,
+    time_limit: float | None,
+    *,
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     run_id = db.start_run(client.name, trigger)
     started = time.monotonic()
     limit = asyncio.timeout(time_limit)
     try:
         async with limit:
-            outcome = await pull(config, client, known_ids=db.recorded_archive_ids(client.name))
+            # before hooks run inside the time limit: a hung hook is a hung run.
+            outcome = await hooks.run_before(config, client) or await pull(
+                config, client, known_ids=db.recorded_archive_ids(client.name), progress=progress
+            )
     except TimeoutError:
         if not limit.expired():
             raise
@@ -127,6 +140,8 @@ async def _pull_recorded(
         ),
         error=outcome.error,
     )
+    outcome.run_id = run_id
+    await hooks.run_after(config, client, outcome)
     return outcome
 
 

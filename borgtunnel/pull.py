@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -120,14 +120,18 @@ class PullOutcome:
     # Set after verification when the archive looks wrong (0 files, a large drop): the daemon
     # then does not prune after it (borgtunnel/maintenance/sanity.py).
     suspicious: str | None = None
+    # A `before` hook stopped the run (failed, or exit 75 for skipped): no pull was attempted.
+    hook_failed: bool = False
+    # The history row of this run (set by jobs.run_recorded; None for a busy client).
+    run_id: int | None = None
 
     @property
     def exit_code(self) -> int:
         """CLI meaning: 0 ok (verified), 1 verified with warnings, 2 failed or interrupted,
-        70 internal error."""
+        70 internal error, 75 skipped by a before hook."""
         if self.internal_error:
             return EXIT_INTERNAL
-        return {RunResult.OK: 0, RunResult.WARNING: 1}.get(self.result, 2)
+        return {RunResult.OK: 0, RunResult.WARNING: 1, RunResult.SKIPPED: 75}.get(self.result, 2)
 
     def summary(self) -> str:
         """The one line per client that `borgtunnel pull` prints."""
@@ -156,13 +160,23 @@ def _size(n: int) -> str:
     return f"{n}B"  # pragma: no cover - loop always returns
 
 
+ProgressCallback = Callable[[borg.Progress], None]
+
+
 class _Run:
     """Mutable bookkeeping of the pull in progress."""
 
-    def __init__(self, config: Config, client: ClientConfig, known_ids: Collection[str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        client: ClientConfig,
+        known_ids: Collection[str],
+        progress: ProgressCallback | None = None,
+    ) -> None:
         self.config = config
         self.client = client
         self.known_ids = known_ids
+        self.progress = progress
         self.outcome = PullOutcome(client=client.name)
         self.log = log.bind(client=client.name)
         self.errors: list[str] = []
@@ -187,6 +201,9 @@ class _Run:
             self.remote_pid = parse_pid_line(line)
             if self.remote_pid is not None:
                 return
+        if self.progress is not None and (figures := borg.parse_progress(line)) is not None:
+            with contextlib.suppress(Exception):  # a display problem must not break the pull
+                self.progress(figures)
         parsed = borg.parse_log_line(line)
         if parsed is None:
             return
@@ -210,15 +227,20 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 async def pull(
-    config: Config, client: ClientConfig, *, known_ids: Collection[str] = ()
+    config: Config,
+    client: ClientConfig,
+    *,
+    known_ids: Collection[str] = (),
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     """Pull one archive from ``client``. Operational failures are reported in the outcome.
 
     ``known_ids`` are the archive ids earlier runs recorded: a client naming one of them has
     not written a new archive. Cancellation (daemon shutdown, timeout) runs the full cleanup
-    and is then re-raised; the caller records the run as interrupted.
+    and is then re-raised; the caller records the run as interrupted. ``progress`` gets borg's
+    live figures (a terminal's display).
     """
-    run = _Run(config, client, known_ids)
+    run = _Run(config, client, known_ids, progress)
     started = time.monotonic()
     run.log.info("pull_started", host=client.host, repository=str(client.repository))
     try:

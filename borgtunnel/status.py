@@ -41,10 +41,13 @@ from borgtunnel.history import (
 )
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.planning import next_client_run
+from borgtunnel.reporting.staleness import is_stale
 
 T = TypeVar("T")
 
 EXIT_OK = 0
+# `status` as a Nagios/cron check: some client is stale or its last run failed.
+EXIT_ATTENTION = 1
 EXIT_FAILURE = 2
 
 # How far back to look past running rows for the last finished result.
@@ -62,6 +65,12 @@ class ClientStatus:
     last_check: datetime | None = None
     last_check_result: RunResult | None = None
     last_maintain_result: RunResult | None = None
+    # max_age is set and the last verified archive is older (or there never was one).
+    stale: bool = False
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.stale or self.last_result is RunResult.FAILED
 
     def age_seconds(self, now: datetime) -> int | None:
         if self.last_success is None:
@@ -87,6 +96,7 @@ def client_status(
         last_check=check.started.astimezone(zone) if check else None,
         last_check_result=check.result if check else None,
         last_maintain_result=_last_result(maintained)[0],
+        stale=is_stale(success.started if success else None, config.max_age_for(client), now),
     )
 
 
@@ -124,6 +134,7 @@ def status_json(rows: Sequence[ClientStatus], now: datetime) -> list[dict[str, A
             "last_maintain_result": (
                 str(row.last_maintain_result) if row.last_maintain_result else None
             ),
+            "stale": row.stale,
         }
         for row in rows
     ]
@@ -139,6 +150,7 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
         "RUNNING",
         "LAST CHECK",
         "MAINTENANCE",
+        "STALE",
     )
     lines = [
         (
@@ -150,6 +162,7 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
             "yes" if row.running else "no",
             f"{_when(row.last_check)} {row.last_check_result}" if row.last_check else "never",
             str(row.last_maintain_result) if row.last_maintain_result else "-",
+            "STALE" if row.stale else "no",
         )
         for row in rows
     ]
@@ -181,7 +194,7 @@ def show_status(config: Config, *, as_json: bool) -> int:
         print(json.dumps(status_json(rows, now), indent=2))
     else:
         print(status_table(rows, now))
-    return EXIT_OK
+    return EXIT_ATTENTION if any(row.needs_attention for row in rows) else EXIT_OK
 
 
 # --- history ----------------------------------------------------------------------------

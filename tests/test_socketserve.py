@@ -448,3 +448,38 @@ def test_passed_unix_socket_is_adopted_nonblocking(tmp_path: Path) -> None:
             assert endpoint.created is None  # systemd's file: never removed by us
         finally:
             endpoint.sock.close()
+
+
+def test_abstract_socket_from_systemd_exits_78(harness: Harness) -> None:
+    # An abstract socket has no file and no mode: any local user could reach the repository.
+    name = f"borgtunnel-test-{os.getpid()}-{time.monotonic_ns()}"
+    serve = harness.serve(activate=[(Path(f"@{name}"), "web1")])
+    deadline = time.monotonic() + 10
+    while True:  # connecting wakes systemd-socket-activate, which execs serve
+        try:
+            waker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waker.connect("\0" + name)
+            break
+        except OSError:
+            waker.close()
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.05)
+    try:
+        assert serve.wait() == 78
+    finally:
+        waker.close()
+    stderr = serve.stderr()
+    assert f"abstract-namespace unix socket (@{name})" in stderr
+    assert "every local user could reach the repository" in stderr
+    assert _started_events(serve) == []
+
+
+def test_passed_abstract_socket_is_refused(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.toml", {"web1": tmp_path / "repo"}))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract:
+        abstract.bind(f"\0borgtunnel-test-{os.getpid()}")
+        abstract.listen()
+        with pytest.raises(ServeSetupError, match="abstract-namespace") as caught:
+            adopt_listen_fds(config, [ListenFd(abstract.fileno(), "web1")])
+        assert caught.value.exit_code == 78
+        assert abstract.fileno() >= 0  # left open for its owner

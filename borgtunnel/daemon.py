@@ -60,6 +60,7 @@ from borgtunnel.planning import (
     status_line,
 )
 from borgtunnel.pull import PullOutcome
+from borgtunnel.serve import sweep_stale_sockets
 
 log = structlog.get_logger("borgtunnel.daemon")
 
@@ -175,6 +176,7 @@ class Daemon:
             recovered = history.recover_interrupted()
             if recovered:
                 log.warning("interrupted_runs_recovered", count=recovered)
+            _sweep_stale_sockets(self.config)
             self._plan(self.config, previous={})
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
@@ -474,3 +476,11 @@ async def _main(config_path: Path, config: Config, now: Now) -> int:
         for signum in handled:
             loop.remove_signal_handler(signum)
     return EXIT_OK
+
+
+def _sweep_stale_sockets(config: Config) -> None:
+    """Pull sockets left by killed pulls (no run is active yet at daemon start)."""
+    try:
+        sweep_stale_sockets(config.server.socket_dir, config.clients)
+    except OSError as exc:  # an unsafe socket_dir: every pull will refuse it with the reason
+        log.warning("stale_socket_sweep_failed", error=str(exc))

@@ -51,6 +51,7 @@ from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
 from borgtunnel.history import History, HistoryError
 from borgtunnel.jobs import run_recorded
+from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.planning import (
     RunQueue,
     is_busy,
@@ -479,8 +480,14 @@ async def _main(config_path: Path, config: Config, now: Now) -> int:
 
 
 def _sweep_stale_sockets(config: Config) -> None:
-    """Pull sockets left by killed pulls (no run is active yet at daemon start)."""
-    try:
-        sweep_stale_sockets(config.server.socket_dir, config.clients)
-    except OSError as exc:  # an unsafe socket_dir: every pull will refuse it with the reason
-        log.warning("stale_socket_sweep_failed", error=str(exc))
+    """Pull sockets left by killed pulls. A client whose lock is held has a live one-shot pull
+    (another process): its sockets are left to it."""
+    for name in config.clients:
+        try:
+            with acquire_client_lock(config.server.state_dir, name, wait=False):
+                sweep_stale_sockets(config.server.socket_dir, [name])
+        except ClientBusy:
+            continue
+        except OSError as exc:  # an unsafe socket_dir: every pull will refuse it with the reason
+            log.warning("stale_socket_sweep_failed", client=name, error=str(exc))
+            return

@@ -319,8 +319,9 @@ def sweep_stale_sockets(socket_dir: Path, clients: Iterable[str]) -> list[Path]:
     a pull socket of one of ``clients`` are candidates, and one that still accepts a connection
     belongs to a live pull and stays. Returns what was removed. A missing directory has nothing
     to sweep; one that fails the private-directory rule raises PermissionError (never touched).
-    Call it only where no pull of these clients is binding at the same moment (the client lock,
-    or daemon start before the first run).
+    Call it only while holding these clients' run locks (borgtunnel/lock.py): a probe that
+    reached a live pull's listener would start a ``borg serve`` there, and a pull that is
+    between bind and listen would lose its socket.
     """
     patterns = [
         re.compile(re.escape(client) + rf"\.[0-9a-f]{{{_TOKEN_HEX_CHARS}}}\.sock")
@@ -356,9 +357,11 @@ async def pull_socket(
     stop_timeout: float,
 ) -> AsyncIterator[tuple[Path, BorgServeListener]]:
     """A fresh socket for one pull; on exit the children are stopped and the file removed."""
+    # Before binding: the sweep's probe must never reach our own listener (it would start a
+    # borg serve). The caller holds the client lock, so any other socket of ours is dead.
+    sweep_stale_sockets(socket_dir, [client])
     path = socket_dir / pull_socket_name(client)
     sock = bind_unix_socket(path)
-    sweep_stale_sockets(socket_dir, [client])
     listener = BorgServeListener(sock, argv, client=client, stop_timeout=stop_timeout)
     listener.start()
     try:

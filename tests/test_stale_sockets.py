@@ -20,6 +20,7 @@ import pytest
 
 from borgtunnel.config import load_config
 from borgtunnel.daemon import Daemon
+from borgtunnel.lock import acquire_client_lock
 from borgtunnel.privatedir import ensure_private_dir
 from borgtunnel.serve import pull_socket
 from borgtunnel.systemd import Notifier
@@ -74,35 +75,41 @@ async def test_next_pull_sweeps_only_dead_sockets_of_its_client(
     assert (tmp_path / "elsewhere.sock").is_socket()  # a symlink's target is never touched
 
 
-async def test_daemon_start_sweeps_dead_sockets_of_configured_clients(tmp_path: Path) -> None:
-    run = tmp_path / "run"
+def offline(tmp_path: Path, name: str) -> dict[str, object]:
+    return {
+        "host": "127.0.0.1",
+        "port": 9,
+        "repository": str(tmp_path / name),
+        "paths": ["/nonexistent"],
+        "encryption": "none",
+        "schedule": "0 2 * * *",
+    }
+
+
+async def test_daemon_start_sweeps_dead_sockets_of_idle_configured_clients(
+    tmp_path: Path,
+) -> None:
+    run, state = tmp_path / "run", tmp_path / "state"
     ensure_private_dir(run)
     dead_socket(run / "web1.0123abcd.sock")
+    dead_socket(run / "busy.0123abcd.sock")  # its lock is held: a one-shot pull's, left alone
     dead_socket(run / "other.0123abcd.sock")  # not a configured client: not ours to judge
     config_path = pullkit.write_config(
         tmp_path / "bt.toml",
-        server={"socket_dir": str(run), "state_dir": str(tmp_path / "state")},
+        server={"socket_dir": str(run), "state_dir": str(state)},
         ssh={},
-        clients={
-            "web1": {
-                "host": "127.0.0.1",
-                "port": 9,
-                "repository": str(tmp_path / "repo"),
-                "paths": ["/nonexistent"],
-                "encryption": "none",
-                "schedule": "0 2 * * *",
-            }
-        },
+        clients={"web1": offline(tmp_path, "web1"), "busy": offline(tmp_path, "busy")},
     )
     daemon = Daemon(load_config(config_path), notifier=Notifier(""))
     stop = asyncio.Event()
-    task = asyncio.create_task(daemon.serve(shutdown_trigger=stop.wait))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
-        assert names(run) == {"other.0123abcd.sock"}
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    with acquire_client_lock(state, "busy", wait=False):
+        task = asyncio.create_task(daemon.serve(shutdown_trigger=stop.wait))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 15)
+            assert names(run) == {"busy.0123abcd.sock", "other.0123abcd.sock"}
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
 
 
 FAKE_BORG = """#!/bin/sh

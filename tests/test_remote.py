@@ -20,9 +20,12 @@ import pytest
 
 from borgtunnel import borg
 from borgtunnel.remote import (
+    COMMAND_CHARSET,
     GO,
     RemoteSocket,
     RunExit,
+    cleanup_command,
+    encoded_command,
     parse_ready_line,
     remove_command,
     run_command,
@@ -356,3 +359,56 @@ def test_refuses_a_socket_path_too_long_after_expanding_home(tmp_path: Path) -> 
     assert result.returncode == RunExit.TOO_LONG
     assert b"longer than 100 bytes" in result.stderr
     assert not (deep_home / ".cache").exists()
+
+
+# --- the command line under every login shell ---------------------------------------------------
+
+LOGIN_SHELLS = ["bash", "dash", "zsh", "fish", "tcsh"]
+HOSTILE = "-q'uote \"dq\" back\\slash \\' \\\\ !bang !! $(touch PWNED) `touch PWNED` ünï\nnl"
+
+
+def login_shell(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (scripts/setup installs it)")
+    return found
+
+
+@pytest.mark.parametrize("shell", LOGIN_SHELLS)
+def test_values_reach_sh_exactly_under_each_login_shell(shell: str, tmp_path: Path) -> None:
+    values = [HOSTILE, "", "*", "--", "-n", "a\\\\'b"]
+    command = encoded_command('for a in "$@"; do printf "[%s]" "$a"; done', values)
+    result = subprocess.run(
+        [login_shell(shell), "-c", command], cwd=tmp_path, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "".join(f"[{v}]" for v in values)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("shell", LOGIN_SHELLS)
+def test_cleanup_command_removes_only_its_files_under_each_login_shell(shell: str) -> None:
+    program = login_shell(shell)
+    # A short directory: pytest's tmp_path plus this name would exceed the socket path limit.
+    with tempfile.TemporaryDirectory(prefix="bt-") as short:
+        directory = Path(short)
+        sock = directory / f"{HOSTILE}.sock"
+        stale_socket(sock)
+        Path(f"{sock}.pid").write_text("1 2\n")
+        gone = directory / "gone.sock"
+        stale_socket(gone)
+        stale_socket(directory / "bystander.sock")
+        for command in (cleanup_command(None, str(sock)), remove_command(str(gone))):
+            result = subprocess.run(
+                [program, "-c", command], cwd=directory, capture_output=True, check=False
+            )
+            assert result.returncode == 0, result.stderr
+        assert [p.name for p in directory.iterdir()] == ["bystander.sock"]
+
+
+def test_command_line_has_no_character_a_login_shell_reads() -> None:
+    # No quote inside the quoted word, no backslash, "!" or newline: whatever the values are.
+    command = run_command(HOSTILE, HOSTILE, HOSTILE, [HOSTILE, "☃"])
+    assert set(command) <= COMMAND_CHARSET
+    assert command.count("'") == 2
+    assert not set("\\!\n`") & set(command)

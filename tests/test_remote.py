@@ -412,3 +412,13 @@ def test_command_line_has_no_character_a_login_shell_reads() -> None:
     assert set(command) <= COMMAND_CHARSET
     assert command.count("'") == 2
     assert not set("\\!\n`") & set(command)
+
+
+def test_missing_base64_is_a_clear_error(home: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "only-sh"
+    directory.mkdir()
+    (directory / "sh").symlink_to(shutil.which("sh") or "/bin/sh")
+    result = run_prepare("~/s.sock", home, [directory])
+    assert result.returncode == RunExit.NO_BASE64
+    assert b"no base64" in result.stderr
+    assert list(home.iterdir()) == []  # nothing ran

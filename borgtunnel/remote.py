@@ -86,6 +86,7 @@ fi
 d=${p%/*}
 [ -n "$d" ] || d=/
 me=$(id -u)
+sl=0
 # m (mode string) and o (owner uid) of $1, a symlink itself rather than its target.
 inspect() {
   l=$(LC_ALL=C ls -ldn -- "$1" 2>/dev/null) || return 1
@@ -107,7 +108,7 @@ check_above() {
       return 73
     fi
     case $m in
-      l*) ;;
+      l*) sl=1 ;;
       d????????[tT]*) ;;
       d????w*|d???????w*)
         echo "borgtunnel: $c (on the way to $2) is writable by group or others" \
@@ -119,8 +120,10 @@ check_above() {
     [ "$c" = / ] && return 0
   done
 }
-# The same rule along the real path (symlinks resolved) of the existing directory $1.
+# The same rule along the real path of the existing directory $1, if check_above met a symlink
+# (sl=1; the usual path has none, and every ls costs a fork on the client).
 check_real() {
+  [ "$sl" = 1 ] || return 0
   r=$(CDPATH='' cd -P -- "$1" 2>/dev/null && pwd -P && echo .) || {
     echo "borgtunnel: cannot resolve $1" >&2; return 73; }
   r=${r%.}; r=${r%?}
@@ -131,6 +134,7 @@ while [ ! -e "$e" ] && [ ! -L "$e" ]; do e=${e%/*}; [ -n "$e" ] || e=/; done
 if [ "$e" != "$d" ]; then
   check_above "$e/x" "$d" || exit 73
   if [ -d "$e" ]; then check_real "$e" "$d" || exit 73; fi
+  sl=0
   (umask 077 && mkdir -p -- "$d") || { echo "borgtunnel: cannot create $d" >&2; exit 66; }
 fi
 if [ -L "$d" ]; then echo "borgtunnel: socket directory $d is a symlink; refusing" >&2; exit 65; fi

@@ -4,9 +4,9 @@ A pull is ONE remote command (every extra exec costs an SSH channel open plus a 
 start — 0.1 s on a client whose ~/.bashrc does work — and the unchanged-data pull is dominated by
 such fixed costs). The command speaks a tiny line protocol on stderr/stdin:
 
-1. it prepares the socket directory (resolve ``~``; create 0700; refuse a symlink, a directory
-   owned by someone else or a shared sticky one; remove a stale socket, which sshd never unlinks;
-   pick ``nc -N -U`` or ``socat``) and prints ``borgtunnel-ready TOOL PATH`` on stderr;
+1. it prepares the socket directory (resolve ``~``; create a missing one 0700; refuse, never
+   chmod, an unsafe one — see "Directories" below; remove a stale socket, which sshd never
+   unlinks; pick ``nc -N -U`` or ``socat``) and prints ``borgtunnel-ready TOOL PATH`` on stderr;
 2. it waits for a line ``go`` on stdin — sent once the server holds the reverse forward at PATH —
    and hands the rest of stdin (the passphrase, if any) to borg;
 3. it starts borg, prints ``borgtunnel-pid N`` (so an abandoned run can be stopped by pid), waits

@@ -54,6 +54,7 @@ from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
 from borgtunnel.history import History, HistoryError
 from borgtunnel.jobs import run_recorded
+from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.maintenance.run import after_pull
 from borgtunnel.planning import (
     RunQueue,
@@ -192,8 +193,7 @@ class Daemon:
             recovered = history.recover_interrupted()
             if recovered:
                 log.warning("interrupted_runs_recovered", count=recovered)
-            if swept := sweep_stale_sockets(self.config.server.socket_dir):
-                log.warning("stale_sockets_removed", paths=[str(p) for p in swept])
+            _sweep_stale_sockets(self.config)
             self._plan(self.config, previous={})
             self.reporter = Reporter(
                 self.config, history, in_daemon=True, sender=self._notify_sender
@@ -516,3 +516,18 @@ async def _main(config_path: Path, config: Config, now: Now) -> int:
         for signum in handled:
             loop.remove_signal_handler(signum)
     return EXIT_OK
+
+
+def _sweep_stale_sockets(config: Config) -> None:
+    """Pull sockets left by killed pulls. A client whose lock is held has a live one-shot pull
+    (another process): its sockets are left to it."""
+    for name in config.clients:
+        try:
+            with acquire_client_lock(config.server.state_dir, name, wait=False):
+                if swept := sweep_stale_sockets(config.server.socket_dir, [name]):
+                    log.warning("stale_sockets_removed", client=name, paths=[str(p) for p in swept])
+        except ClientBusy:
+            continue
+        except OSError as exc:  # an unsafe socket_dir: every pull will refuse it with the reason
+            log.warning("stale_socket_sweep_failed", client=name, error=str(exc))
+            return

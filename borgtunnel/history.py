@@ -53,6 +53,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
 
+from borgtunnel.privatedir import check_private_file, ensure_private_dir
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
     from types import TracebackType
@@ -404,7 +406,11 @@ def _create_private_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+        # lstat, not stat: a planted symlink is refused, never followed by chmod. Between the
+        # check and the chmod only we (or root) can swap it: the directory passed
+        # ensure_private_dir.
+        info = check_private_file(path)
+        if stat.S_IMODE(info.st_mode) & 0o077:
             path.chmod(0o600)
         return
     os.close(fd)  # a brand-new file: no SQLite connection can have locks on it yet
@@ -425,7 +431,7 @@ class History:
     @classmethod
     def open(cls, state_dir: Path) -> History:
         """Open (creating and migrating as needed) the history in *state_dir*."""
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(state_dir)  # refuses (never chmods) a shared or foreign one
         path = state_dir / DB_FILENAME
         _create_private_file(path)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from borgtunnel import borg
+from borgtunnel.privatedir import ensure_private_dir
 
 LineCallback = Callable[[borg.LogLine], None]
 
@@ -77,7 +78,7 @@ async def run_local_borg(
     Cancelled: borg gets SIGTERM (it closes the repository and releases its lock), SIGKILL after
     ``stop_timeout``; then the cancellation propagates.
     """
-    (state_dir / BORG_DIRNAME).mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_private_dir(state_dir / BORG_DIRNAME)  # under state_dir: refused, never chmodded
     read_end = -1
     pass_fds: tuple[int, ...] = ()
     if passphrase is not None:

@@ -3,7 +3,7 @@
 The same machinery as a pull, the other way round: a fresh local socket served by
 ``borg serve --append-only --restrict-to-repository REPO`` (extract only reads, so append-only
 holds, and the serve cannot reach any other repository), a reverse forward to the client, and
-ONE remote command (borgtunnel/remote.py's run script) that runs ``borg extract`` with its
+ONE remote command (borgtunnel/client/remote.py's run script) that runs ``borg extract`` with its
 working directory at the target. Before extracting, the client side creates the target 0700 if
 it is missing and refuses one that exists and is not empty (``--force`` overrides), a symlink,
 or a non-directory. Cleanup order and rules are those of pull.py.
@@ -24,17 +24,17 @@ from pathlib import Path
 import structlog
 
 from borgtunnel import borg
-from borgtunnel.config import ClientConfig, Config
-from borgtunnel.history import KIND_RESTORE, History, RunResult, RunStats
-from borgtunnel.lock import ClientBusy, client_lock
-from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.remote import (
+from borgtunnel.client.remote import (
     GO,
     REQUEST_RESTORE,
     parse_pid_line,
     run_command,
 )
-from borgtunnel.remoterun import (
+from borgtunnel.config import ClientConfig, Config
+from borgtunnel.history import KIND_RESTORE, History, RunResult, RunStats
+from borgtunnel.lock import ClientBusy, client_lock
+from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.runs.remoterun import (
     KEEP_MESSAGES,
     StalledError,
     abandon_remote,
@@ -43,17 +43,17 @@ from borgtunnel.remoterun import (
     forward_retrying,
     stop_serve,
 )
-from borgtunnel.serve import BorgServeListener, pull_socket
-from borgtunnel.text import printable
-from borgtunnel.tunnel import (
+from borgtunnel.server.serve import BorgServeListener, pull_socket
+from borgtunnel.ssh.tunnel import (
     ConnectError,
     RemoteRun,
     Target,
     Tunnel,
     TunnelError,
 )
+from borgtunnel.text import printable
 
-log = structlog.get_logger("borgtunnel.restore")
+log = structlog.get_logger("borgtunnel.runs.restore")
 
 REFUSED_PREFIX = "borgtunnel-restore-refused: "
 REFUSED_NOT_EMPTY = 75

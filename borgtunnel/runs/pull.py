@@ -17,16 +17,17 @@ from enum import StrEnum
 
 import structlog
 
-from borgtunnel import borg, keyguard
-from borgtunnel.config import ClientConfig, Config
-from borgtunnel.history import RunResult
-from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.remote import (
+from borgtunnel import borg
+from borgtunnel.client.remote import (
     GO,
     parse_pid_line,
     run_command,
 )
-from borgtunnel.remoterun import (
+from borgtunnel.config import ClientConfig, Config
+from borgtunnel.history import RunResult
+from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.runs import keyguard
+from borgtunnel.runs.remoterun import (
     KEEP_MESSAGES,
     StalledError,
     abandon_remote,
@@ -35,18 +36,18 @@ from borgtunnel.remoterun import (
     forward_retrying,
     stop_serve,
 )
-from borgtunnel.serve import BorgServeListener, pull_socket
-from borgtunnel.text import printable
-from borgtunnel.tunnel import (
+from borgtunnel.runs.verify import VerifyError, repository_transaction, verify_archive
+from borgtunnel.server.serve import BorgServeListener, pull_socket
+from borgtunnel.ssh.tunnel import (
     ConnectError,
     RemoteRun,
     Target,
     Tunnel,
     TunnelError,
 )
-from borgtunnel.verify import VerifyError, repository_transaction, verify_archive
+from borgtunnel.text import printable
 
-log = structlog.get_logger("borgtunnel.pull")
+log = structlog.get_logger("borgtunnel.runs.pull")
 
 # Remote borg exit codes from the shell, not from borg: command not found / not executable.
 SHELL_NOT_FOUND = 127

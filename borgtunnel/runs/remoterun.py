@@ -1,10 +1,10 @@
 """The steps every remote run shares (a pull's ``borg create``, a restore's ``borg extract``).
 
-Both follow the same protocol (borgtunnel/remote.py): wait for the client's ready line, hold a
-reverse forward at the path it prepared, send ``go`` (and the passphrase), stream borg's output
-until it ends, then clean up in a fixed order — stop the local ``borg serve`` children first
-(that is what makes an abandoned remote borg exit: closing the SSH channel does not kill it),
-then SIGTERM the remote borg by pid and remove the remote socket. pull.py and restore.py decide
+Both follow the same protocol (borgtunnel/client/remote.py): wait for the client's ready line,
+hold a reverse forward at the path it prepared, send ``go`` (and the passphrase), stream borg's
+output until it ends, then clean up in a fixed order — stop the local ``borg serve`` children
+first (that is what makes an abandoned remote borg exit: closing the SSH channel does not kill
+it), then SIGTERM the remote borg by pid and remove the remote socket. pull.py and restore.py decide
 what the result means; the mechanics live here once.
 """
 
@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from borgtunnel import borg
-from borgtunnel.remote import RemoteSocket, cleanup_command, parse_ready_line, ready_path_matches
-from borgtunnel.serve import BorgServeListener
-from borgtunnel.tunnel import (
+from borgtunnel.client.remote import (
+    RemoteSocket,
+    cleanup_command,
+    parse_ready_line,
+    ready_path_matches,
+)
+from borgtunnel.server.serve import BorgServeListener
+from borgtunnel.ssh.tunnel import (
     SHORT_COMMAND_TIMEOUT,
     ForwardError,
     RemotePrepareError,

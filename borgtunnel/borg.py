@@ -7,6 +7,8 @@ tested without a client, and there is exactly one place that decides which borg 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,23 +47,41 @@ def repository_url(repository: Path) -> str:
     return f"ssh://{URL_HOST}{repository.as_posix()}"
 
 
-def serve_argv(borg: str, repository: Path) -> list[str]:
+def serve_argv(borg: str, repository: Path, *, storage_quota: str | None = None) -> list[str]:
     """The server's policy: append-only, this one repository and nothing else.
 
     This argv is the only policy that matters: BORG_RSH on the client ends in ``sh -c '…'`` which
     ignores the words borg appends, so a client cannot pick its own ``borg serve`` options.
+    ``--storage-quota`` keeps one client from filling the disk every repository shares.
     """
+    quota = ["--storage-quota", storage_quota] if storage_quota else []
     return [
         borg,
         "serve",
         "--append-only",
         "--restrict-to-repository",
         str(repository),
+        *quota,
     ]
 
 
 def init_argv(borg: str, repository: Path, encryption: str) -> list[str]:
     return [borg, "init", f"--encryption={encryption}", "--make-parent-dirs", "--", str(repository)]
+
+
+def info_argv(borg: str, repository: Path, archive: str) -> list[str]:
+    """``borg info --json REPO::ARCHIVE``: reads the manifest and the archive's metadata (item
+    metadata, not file data) with the server's own key: the server's view of what was written."""
+    return [borg, "info", "--json", "--", f"{repository.as_posix()}::{archive}"]
+
+
+def key_export_argv(borg: str, repository: Path, destination: Path) -> list[str]:
+    return [borg, "key", "export", "--", str(repository), str(destination)]
+
+
+def key_import_argv(borg: str, repository: Path, source: Path) -> list[str]:
+    """Puts a saved key blob back; needs no passphrase (the blob is stored as it was wrapped)."""
+    return [borg, "key", "import", "--", str(repository), str(source)]
 
 
 def create_argv(
@@ -82,6 +102,9 @@ def create_argv(
         *shlex.split(remote_borg),
         "create",
         "--log-json",
+        # archive_progress lines a few times a second: the server's evidence that a long run is
+        # alive (stall detection) and what a terminal shows.
+        "--progress",
         "--json",
         # One log line "borgbackup version X": tells which borg the client runs, at no cost
         # (borgtunnel/clientborg.py), so later pulls can ask a 1.4 for its specific exit codes.
@@ -128,11 +151,26 @@ def with_env(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
 
 
+# What a client may claim: anything else in its --json is not looked at.
+_ARCHIVE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_ARCHIVE_NAME = 255
+_MAX_INT64 = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ArchiveClaim:
+    """What the client's ``borg create --json`` says it wrote: a name and an id to check."""
+
+    name: str
+    id: str
+
+
 @dataclass(frozen=True)
 class ArchiveStats:
-    """The final numbers of one ``borg create --json``."""
+    """One archive as the server's own ``borg info --json`` reads it from the repository."""
 
     archive: str
+    archive_id: str
     original_size: int
     compressed_size: int
     deduplicated_size: int
@@ -140,24 +178,65 @@ class ArchiveStats:
     duration: float
 
 
-def parse_create_json(text: str) -> ArchiveStats | None:
-    """The ``--json`` object borg prints on stdout at the end of a successful create."""
-    text = text.strip()
-    if not text:
-        return None
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not a number borg writes")
+
+
+def strict_json(text: str) -> Any:  # noqa: ANN401 - JSON is any shape until checked
+    """json.loads that refuses NaN/Infinity (which the json module accepts by default)."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def _name(value: object) -> str:
+    """An archive name we can pass back to borg, store in SQLite and print: a real str of
+    printable characters (no control characters, no lone surrogates), no '/', not too long."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ARCHIVE_NAME:
+        raise ValueError("archive name missing or too long")
+    if "/" in value or not value.isprintable():
+        raise ValueError("archive name has characters borg never writes")
+    value.encode("utf-8")  # raises on a lone surrogate
+    return value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT64:
+        raise ValueError(f"{value!r} is not a byte or file count")
+    return value
+
+
+def parse_create_claim(text: str) -> ArchiveClaim | None:
+    """The archive name and id in the client's ``--json``; None when it is not exactly that."""
     try:
-        data = json.loads(text)
-        archive = data["archive"]
+        archive = strict_json(text.strip())["archive"]
+        archive_id = archive["id"]
+        if not isinstance(archive_id, str) or not _ARCHIVE_ID_RE.match(archive_id):
+            return None
+        return ArchiveClaim(name=_name(archive["name"]), id=archive_id)
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        return None
+
+
+def parse_info_json(text: str) -> ArchiveStats | None:
+    """The single archive of the server's ``borg info --json REPO::ARCHIVE``."""
+    try:
+        (archive,) = strict_json(text)["archives"]
         stats = archive["stats"]
+        duration = float(archive.get("duration", 0.0))
+        if not math.isfinite(duration) or duration < 0:
+            return None
+        archive_id = archive["id"]
+        if not isinstance(archive_id, str) or not _ARCHIVE_ID_RE.match(archive_id):
+            return None
         return ArchiveStats(
-            archive=str(archive["name"]),
-            original_size=int(stats["original_size"]),
-            compressed_size=int(stats["compressed_size"]),
-            deduplicated_size=int(stats["deduplicated_size"]),
-            nfiles=int(stats["nfiles"]),
-            duration=float(archive.get("duration", 0.0)),
+            archive=_name(archive["name"]),
+            archive_id=archive_id,
+            original_size=_count(stats["original_size"]),
+            compressed_size=_count(stats["compressed_size"]),
+            deduplicated_size=_count(stats["deduplicated_size"]),
+            nfiles=_count(stats["nfiles"]),
+            duration=duration,
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, UnicodeError):
         return None
 
 

@@ -28,12 +28,14 @@ from borgtunnel.config import (
 )
 from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
+from borgtunnel.keyguard import KeyGuardError
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.repository import init_repository
 
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_FAILURE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug; Python's own exit 1 for a crash would read as "warning"
 EXIT_CONFIG = 78
 
 log = structlog.get_logger("borgtunnel")
@@ -164,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnknownClientError as exc:
         print(f"borgtunnel: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:
+        log.exception("internal_error", command=args.command)
+        print(f"borgtunnel: internal error: {exc!r} (a bug: please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -199,7 +205,7 @@ async def _pull_all(config: Config, clients: Sequence[ClientConfig], *, wait: bo
 async def _init(config: Config, client: ClientConfig) -> int:
     try:
         status = await init_repository(config, client)
-    except PassphraseError as exc:
+    except (PassphraseError, KeyGuardError) as exc:
         print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if status == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, tzinfo
@@ -37,6 +38,9 @@ CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # sun_path is 108 bytes on Linux and 104 on the BSDs; OpenSSH's sshd also limits it.
 MAX_SOCKET_PATH = 100
+
+QUOTA_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTP]?)$")
+MIN_QUOTA = 10 * 1000**2  # borg serve refuses less
 
 # 16 MiB: the SSH channel window is the throughput lever on high-latency links (asyncssh's 2 MiB
 # default caps a 40 ms RTT link at ~23 MB/s; 16 MiB reaches ~150 MB/s, see BENCHMARKS.md).
@@ -173,8 +177,16 @@ class ClientConfig(_Model):
     jitter: Annotated[float, Field(ge=0)] = 0.0
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     retry_wait: PositiveSeconds = 60.0
-    timeout: PositiveSeconds | None = None
+    # A run still going after this long is cancelled and recorded failed: no run may hold a
+    # daemon slot for ever. Raise it for a first backup of a very large data set.
+    timeout: PositiveSeconds = 24 * 3600.0
+    # Seconds without any output from the client's borg (it reports progress a few times a
+    # second) and without any repository traffic: a hung mount, a stopped client.
+    stall_timeout: PositiveSeconds = 1800.0
     blackout: tuple[str, ...] = ()
+    # Passed to `borg serve --storage-quota`: one client cannot fill the disk every repository
+    # shares. borg's size syntax: a number with an optional K, M, G, T or P suffix.
+    storage_quota: str | None = None
 
     @field_validator("schedule")
     @classmethod
@@ -187,6 +199,36 @@ class ClientConfig(_Model):
     @classmethod
     def _blackout_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         scheduler.validate_blackouts([scheduler.parse_blackout(spec) for spec in value])
+        return value
+
+    @field_validator("storage_quota")
+    @classmethod
+    def _quota_valid(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = QUOTA_RE.match(value)
+        if not match:
+            raise ValueError(
+                f"{value!r} is not a size borg understands (a number with an optional "
+                "K, M, G, T or P suffix, e.g. '500G')"
+            )
+        number, unit = float(match.group(1)), match.group(2) or ""
+        if number * 1000 ** "_KMGTP".index(unit or "_") < MIN_QUOTA:
+            raise ValueError(f"{value!r} is below borg's minimum storage quota of 10M")
+        return value
+
+    @field_validator("remote_borg")
+    @classmethod
+    def _remote_borg_valid(cls, value: str) -> str:
+        # Split here, once, at load time: a quoting mistake is a config error naming this key,
+        # not a crash in the middle of a pull.
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot be split into words like a shell would: {exc}") from None
+        if not words:
+            raise ValueError("must name a program")
+        _check_no_nul(value)
         return value
 
     @field_validator("repository")

@@ -98,6 +98,11 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX runs_by_client ON runs (client, started DESC, id DESC)",
         "CREATE INDEX runs_running ON runs (result) WHERE result = 'running'",
     ),
+    (
+        # The id the server's own borg read for the run's archive: a later run that names an
+        # already recorded id has not written a new archive.
+        "ALTER TABLE runs ADD COLUMN archive_id TEXT",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -356,6 +361,7 @@ class History:
         *,
         exit_code: int | None = None,
         archive: str | None = None,
+        archive_id: str | None = None,
         stats: RunStats | None = None,
         error: str | None = None,
         finished: datetime | None = None,
@@ -372,13 +378,14 @@ class History:
         with _write(self._conn):
             cursor = self._conn.execute(
                 "UPDATE runs SET finished = ?, result = ?, exit_code = ?, archive = ?,"
-                " original_size = ?, compressed_size = ?, deduplicated_size = ?, nfiles = ?,"
-                " duration = ?, error = ? WHERE id = ?",
+                " archive_id = ?, original_size = ?, compressed_size = ?, deduplicated_size = ?,"
+                " nfiles = ?, duration = ?, error = ? WHERE id = ?",
                 (
                     _utc_text(when),
                     RunResult(result).value,
                     exit_code,
                     archive,
+                    archive_id,
                     stats.original_size,
                     stats.compressed_size,
                     stats.deduplicated_size,
@@ -445,6 +452,13 @@ class History:
             (client, *(result.value for result in _SUCCESSES)),
         ).fetchone()
         return _record(row) if row is not None else None
+
+    def archive_ids(self, client: str) -> set[str]:
+        """Every archive id recorded for *client* (verified runs only record one)."""
+        rows = self._conn.execute(
+            "SELECT archive_id FROM runs WHERE client = ? AND archive_id IS NOT NULL", (client,)
+        ).fetchall()
+        return {row["archive_id"] for row in rows}
 
     def clients(self) -> list[str]:
         """Every client that has at least one recorded run, sorted."""

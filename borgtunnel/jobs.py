@@ -42,10 +42,12 @@ async def run_recorded(
     """Lock, record start, pull, record the end (``interrupted`` when cancelled).
 
     ``history`` may be shared by a long-running caller; otherwise one is opened for this run.
-    ``time_limit`` (a client's ``timeout``, seconds) limits the pull itself, not the wait for the
-    lock; a run over it is cancelled, cleaned up like any cancellation, and recorded ``failed``.
-    ``interrupted`` is kept for runs that a stop or a crash cut short.
+    ``time_limit`` (default: the client's ``timeout``, seconds) limits the pull itself, not the
+    wait for the lock; a run over it is cancelled, cleaned up like any cancellation, and recorded
+    ``failed``. ``interrupted`` is kept for runs that a stop or a crash cut short.
     """
+    if time_limit is None:
+        time_limit = client.timeout
     state_dir = config.server.state_dir
     own_history = history is None
     db = history if history is not None else History.open(state_dir)
@@ -70,7 +72,7 @@ async def _pull_recorded(
     limit = asyncio.timeout(time_limit)
     try:
         async with limit:
-            outcome = await pull(config, client)
+            outcome = await pull(config, client, known_ids=db.archive_ids(client.name))
     except TimeoutError:
         if not limit.expired():
             raise
@@ -89,16 +91,24 @@ async def _pull_recorded(
             stats=RunStats(duration=time.monotonic() - started),
         )
         raise
-    except BaseException as exc:
-        # A bug, not an operational failure; the row must still not stay "running".
-        db.finish_run(run_id, RunResult.FAILED, error=f"internal error: {exc!r}")
-        raise
+    except Exception as exc:
+        # A bug, not an operational failure: the row must not stay "running", the caller must
+        # not read it as a warning, and the other clients of the same command still run.
+        log.exception("internal_error", client=client.name)
+        outcome = PullOutcome(
+            client=client.name,
+            result=RunResult.FAILED,
+            error=f"internal error: {exc!r} (a bug in borgtunnel: please report it)",
+            duration=time.monotonic() - started,
+            internal_error=True,
+        )
     stats = outcome.stats
     db.finish_run(
         run_id,
         outcome.result,
         exit_code=outcome.borg_status,
         archive=stats.archive if stats else None,
+        archive_id=stats.archive_id if stats else None,
         stats=RunStats(
             original_size=stats.original_size if stats else None,
             compressed_size=stats.compressed_size if stats else None,

@@ -13,6 +13,7 @@ from typing import Literal, TextIO
 import structlog
 
 from borgtunnel.systemd import journal_stream_matches
+from borgtunnel.text import printable
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -34,6 +35,16 @@ def _journald_priority(_logger: object, method: str, rendered: object) -> str:
     return f"<{_PRIORITY.get(method, 6)}>{rendered}"
 
 
+def _escape_for_terminal(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Console lines only (JSON escapes by itself): remote text shown with escapes."""
+    return {
+        key: printable(value) if isinstance(value, str) and key != "exception" else value
+        for key, value in event_dict.items()
+    }
+
+
 def configure(
     fmt: LogFormat = "auto", *, level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -49,6 +60,7 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
+        *(() if use_json else (_escape_for_terminal,)),
         renderer,
     ]
     if stream is None and journal_stream_matches(2):

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 import structlog
 
-from borgtunnel import borg, borgexit, clientborg
+from borgtunnel import borg, borgexit, clientborg, keyguard
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
@@ -28,9 +28,11 @@ from borgtunnel.remote import (
     cleanup_command,
     parse_pid_line,
     parse_ready_line,
+    ready_path_matches,
     run_command,
 )
 from borgtunnel.serve import BorgServeListener, pull_socket
+from borgtunnel.text import printable
 from borgtunnel.tunnel import (
     SHORT_COMMAND_TIMEOUT,
     ConnectError,
@@ -41,11 +43,37 @@ from borgtunnel.tunnel import (
     Tunnel,
     TunnelError,
 )
+from borgtunnel.verify import VerifyError, repository_transaction, verify_archive
 
 log = structlog.get_logger("borgtunnel.pull")
 
+# EX_SOFTWARE: borgtunnel itself failed. Distinct from 2 so a bug is never mistaken for a
+# client problem, and never 1, which the units accept as "warnings only".
+EXIT_INTERNAL = 70
+
 # After a finished create, how long serve gets to exit on its own before it is terminated.
 SERVE_EXIT_GRACE = 2.0
+
+# What a run keeps of the client's messages: every warning is counted, the last few kept; past
+# MAX_LOGGED_LINES the client's lines are counted, not logged (a flood costs the client's run,
+# not the server's journal).
+KEEP_MESSAGES = 10
+MAX_LOGGED_LINES = 10_000
+MAX_PREPARE_LINES = 20
+
+
+class PullStalledError(Exception):
+    """No output from the client's borg and no repository traffic for ``stall_timeout``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return (
+            f"stalled: no output from the client's borg and no repository traffic for "
+            f"{self.seconds:g} s (stall_timeout); the run was stopped and cleaned up"
+        )
 
 
 class State(StrEnum):
@@ -55,6 +83,7 @@ class State(StrEnum):
     FORWARDING = "forwarding"
     RUNNING = "running"
     CLEANING_UP = "cleaning_up"
+    VERIFYING = "verifying"
     DONE = "done"
 
 
@@ -66,9 +95,14 @@ class PullOutcome:
     result: RunResult = RunResult.FAILED
     state: State = State.STARTING
     borg_status: int | None = None
+    # The archive as the server's own borg read it; None unless verified.
     stats: borg.ArchiveStats | None = None
     error: str | None = None
+    # The last few warnings; ``warning_count`` counts them all.
     warnings: list[str] = field(default_factory=list)
+    warning_count: int = 0
+    # Set when the client changed the repository key (see keyguard): always a failure.
+    tampering: str | None = None
     started: float = field(default_factory=time.time)
     duration: float = 0.0
     tool: str | None = None
@@ -77,10 +111,15 @@ class PullOutcome:
     # The SSH connection could not be made or was lost (offline client, dropped link): the only
     # kind of failure another try may cure.
     link_lost: bool = False
+    # borgtunnel itself failed (a bug): exit 70, never read as "warnings only".
+    internal_error: bool = False
 
     @property
     def exit_code(self) -> int:
-        """CLI meaning: 0 ok, 1 only warnings, 2 failed or interrupted."""
+        """CLI meaning: 0 ok (verified), 1 verified with warnings, 2 failed or interrupted,
+        70 internal error."""
+        if self.internal_error:
+            return EXIT_INTERNAL
         return {RunResult.OK: 0, RunResult.WARNING: 1}.get(self.result, 2)
 
     def summary(self) -> str:
@@ -94,9 +133,11 @@ class PullOutcome:
                 f"deduplicated={_size(s.deduplicated_size)} in {took}"
             )
             if self.warnings:
-                text += f" ({len(self.warnings)} warning(s), last: {self.warnings[-1]})"
-            return text
-        return f"{self.client}: {self.result} in state {self.state} after {took}: {self.error}"
+                text += f" ({self.warning_count} warning(s), last: {self.warnings[-1]})"
+            return printable(text)
+        return printable(
+            f"{self.client}: {self.result} in state {self.state} after {took}: {self.error}"
+        )
 
 
 def _size(n: int) -> str:
@@ -111,9 +152,10 @@ def _size(n: int) -> str:
 class _Run:
     """Mutable bookkeeping of the pull in progress."""
 
-    def __init__(self, config: Config, client: ClientConfig) -> None:
+    def __init__(self, config: Config, client: ClientConfig, known_ids: Collection[str]) -> None:
         self.config = config
         self.client = client
+        self.known_ids = known_ids
         self.outcome = PullOutcome(client=client.name)
         self.log = log.bind(client=client.name)
         self.errors: list[str] = []
@@ -124,6 +166,12 @@ class _Run:
         self.known_borg = clientborg.known_version(config.server.state_dir, client.name)
         self.modern_exit_codes = self.known_borg is not None and self.known_borg.modern_exit_codes
         self.seen_borg: clientborg.BorgVersion | None = None
+        self.lines_seen = 0
+        self.stdout = ""
+
+    def _keep(self, kept: list[str], message: str) -> None:
+        kept.append(message)
+        del kept[:-KEEP_MESSAGES]
 
     def enter(self, state: State) -> None:
         self.outcome.state = state
@@ -141,22 +189,30 @@ class _Run:
         if self.seen_borg is None:
             self.seen_borg = clientborg.version_from_log(parsed.message, fields.get("name"))
         if parsed.level == "warning":
-            self.outcome.warnings.append(parsed.message)
+            self.outcome.warning_count += 1
+            self._keep(self.outcome.warnings, parsed.message)
         elif parsed.level == "error":
-            self.errors.append(parsed.message)
-        self.log.log(_LEVELS[parsed.level], parsed.message, source="borg create", **fields)
+            self._keep(self.errors, parsed.message)
+        self.lines_seen += 1
+        if self.lines_seen == MAX_LOGGED_LINES:
+            self.log.warning("remote_lines_not_logged", after=MAX_LOGGED_LINES)
+        if self.lines_seen < MAX_LOGGED_LINES:
+            self.log.log(_LEVELS[parsed.level], parsed.message, source="borg create", **fields)
 
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
-async def pull(config: Config, client: ClientConfig) -> PullOutcome:
+async def pull(
+    config: Config, client: ClientConfig, *, known_ids: Collection[str] = ()
+) -> PullOutcome:
     """Pull one archive from ``client``. Operational failures are reported in the outcome.
 
-    Cancellation (daemon shutdown, timeout) runs the full cleanup and is then re-raised; the
-    caller records the run as interrupted.
+    ``known_ids`` are the archive ids earlier runs recorded: a client naming one of them has
+    not written a new archive. Cancellation (daemon shutdown, timeout) runs the full cleanup
+    and is then re-raised; the caller records the run as interrupted.
     """
-    run = _Run(config, client)
+    run = _Run(config, client, known_ids)
     started = time.monotonic()
     run.log.info("pull_started", host=client.host, repository=str(client.repository))
     try:
@@ -167,10 +223,21 @@ async def pull(config: Config, client: ClientConfig) -> PullOutcome:
         run.outcome.duration = time.monotonic() - started
         run.log.warning("pull_interrupted", state=str(run.outcome.state))
         raise
-    except (TunnelError, PassphraseError, OSError) as exc:
+    except (
+        TunnelError,
+        PassphraseError,
+        PullStalledError,
+        VerifyError,
+        keyguard.KeyGuardError,
+        OSError,
+    ) as exc:
         run.outcome.result = RunResult.FAILED
+        run.outcome.stats = None
         run.outcome.error = str(exc)
         run.outcome.link_lost = isinstance(exc, ConnectError)
+    if run.outcome.tampering is not None:
+        run.outcome.result = RunResult.FAILED
+        run.outcome.error = "; ".join(filter(None, [run.outcome.tampering, run.outcome.error]))
     run.outcome.duration = time.monotonic() - started
     _learn_client_borg(run)
     _log_outcome(run)
@@ -202,6 +269,7 @@ def _log_outcome(run: _Run) -> None:
     if o.stats is not None:
         fields.update(
             archive=o.stats.archive,
+            archive_id=o.stats.archive_id,
             original_size=o.stats.original_size,
             compressed_size=o.stats.compressed_size,
             deduplicated_size=o.stats.deduplicated_size,
@@ -223,7 +291,10 @@ async def _pull(run: _Run) -> None:
     config, client = run.config, run.client
     passphrase = await read_passphrase(client)
     target = Target(client.host, client.port, client.user, config.ssh_for(client))
-    argv = borg.serve_argv(config.server.borg, client.repository)
+    argv = borg.serve_argv(
+        config.server.borg, client.repository, storage_quota=client.storage_quota
+    )
+    transaction_before = repository_transaction(client.repository)
 
     async with pull_socket(
         config.server.socket_dir,
@@ -249,7 +320,55 @@ async def _pull(run: _Run) -> None:
                     if not run.remote_finished:  # a finished run removed its socket itself
                         await _abandon_remote(run, tunnel, remote.path)
                     run.outcome.state = reached  # a failure reports where it happened
+    await _guard_key(run)
+    if run.outcome.result in (RunResult.OK, RunResult.WARNING):
+        run.enter(State.VERIFYING)
+        await _verify(run, listener, passphrase, transaction_before)
     run.enter(State.DONE)
+
+
+async def _guard_key(run: _Run) -> None:
+    """After every run, whatever its result: a client that changed the key is tampering."""
+    client, server = run.client, run.config.server
+    tampering = await keyguard.check_key(
+        server.borg, client.repository, server.state_dir, client.name
+    )
+    if tampering is not None:
+        run.outcome.tampering = tampering.message()
+        run.log.error(
+            "key_tampering",
+            restored=tampering.restored,
+            saved_copy=str(tampering.saved),
+            detail=tampering.detail or None,
+        )
+
+
+async def _verify(
+    run: _Run, listener: BorgServeListener, passphrase: bytes | None, before: int | None
+) -> None:
+    """ok/warning only for an archive the server itself reads back; see verify.py."""
+    client, server = run.client, run.config.server
+    if 0 not in listener.stats.exit_codes:
+        raise VerifyError(
+            "unverified: no borg serve of this run finished cleanly (exit codes "
+            f"{listener.stats.exit_codes or 'none: the client never connected'}), so no archive "
+            "can have been committed"
+        )
+    claim = borg.parse_create_claim(run.stdout)
+    started = time.monotonic()
+    run.outcome.stats = await verify_archive(
+        borg_cmd=server.borg,
+        repository=client.repository,
+        state_dir=server.state_dir,
+        passphrase=passphrase,
+        claim=claim,
+        known_ids=run.known_ids,
+        transaction_before=before,
+    )
+    run.log.info("archive_verified", seconds=round(time.monotonic() - started, 3))
+    # The first verified pull of a repository made elsewhere saves the key the server now
+    # knows opens it; later pulls compare against that copy.
+    await keyguard.save_key_copy(server.borg, client.repository, server.state_dir, client.name)
 
 
 def _remote_command(run: _Run, *, encrypted: bool) -> str:
@@ -281,9 +400,18 @@ async def _await_ready(run: _Run, rr: RemoteRun, target: Target) -> RemoteSocket
             remote = parse_ready_line(line)
             if remote is None:
                 said.append(line.rstrip("\n"))  # a refusal's reason, or login noise
+                del said[:-MAX_PREPARE_LINES]
                 continue
             run.outcome.tool = remote.tool
             run.log.info("remote_prepared", path=remote.path, tool=remote.tool)
+            if not ready_path_matches(run.client.remote_socket_path, remote.path):
+                # The server removes and forwards at this path: it must be the configured one,
+                # not whatever a login script on the client prints.
+                raise ForwardError(
+                    target,
+                    f"the client reported socket path {remote.path!r}, which is not the "
+                    f"configured remote_socket {run.client.remote_socket_path!r}; refusing",
+                )
             if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
                 raise ForwardError(
                     target,
@@ -322,11 +450,21 @@ async def _forward_retrying(
 async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:
     # On cancellation, _pull's cleanup stops serve first: that breaks the remote borg's RPC pipe
     # and it exits within a second, where closing the channel would leave it running.
-    status, stdout = await rr.finish(on_stderr=run.on_remote_line)
+    finish = asyncio.ensure_future(rr.finish(on_stderr=run.on_remote_line))
+    watchdog = asyncio.ensure_future(_watch_stall(run.client.stall_timeout, rr, listener))
+    try:
+        await asyncio.wait({finish, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (finish, watchdog):
+            task.cancel()
+        await asyncio.gather(finish, watchdog, return_exceptions=True)
+    if finish.cancelled():  # the watchdog fired first
+        raise PullStalledError(run.client.stall_timeout)
+    status, stdout = finish.result()
     run.remote_finished = status is not None
+    run.stdout = stdout
     outcome = run.outcome
     outcome.borg_status = status
-    outcome.stats = borg.parse_create_json(stdout)
     verdict = borgexit.classify_exit(status, modern=run.modern_exit_codes)
     if verdict is borg.Outcome.OK:
         outcome.result = RunResult.OK
@@ -347,6 +485,20 @@ def _explain(run: _Run, status: int | None) -> str:
     )
 
 
+async def _watch_stall(limit: float, rr: RemoteRun, listener: BorgServeListener) -> None:
+    """Return once neither the client's borg said anything nor any repository byte moved (the
+    borg serve children's I/O counters) for ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    io_seen, io_changed = listener.io_bytes(), loop.time()
+    while True:
+        await asyncio.sleep(min(limit / 4, 15.0))
+        now, io_now = loop.time(), listener.io_bytes()
+        if io_now != io_seen:
+            io_seen, io_changed = io_now, now
+        if now - max(io_changed, rr.last_activity) >= limit:
+            return
+
+
 def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) -> str:
     meaning = _explain(run, status)
     if run.seen_borg is None and status in (
@@ -357,6 +509,8 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     parts = [meaning]
     if run.errors:
         parts.append(run.errors[-1])
+    elif run.outcome.warnings:  # plain text (a shell, nc) is kept as a warning
+        parts.append(run.outcome.warnings[-1])
     if listener.stats.last_error:
         parts.append(f"server side: {listener.stats.last_error}")
     return f"borg create failed (status {status}): {'; '.join(parts)}"

@@ -168,3 +168,23 @@ def cleanup_command(pid: int | None, path: str) -> str:
         else "true"
     )
     return f"{kill}; {remove_command(path, path + '.pid')}"
+
+
+def ready_path_matches(configured: str, reported: str) -> bool:
+    """Is the path a client's prepare step reported the configured ``remote_socket``?
+
+    An absolute path must be equal. ``~/REST`` must come back as ``HOME/REST`` with an absolute,
+    normalised HOME: the server cannot know the client's home, but it can refuse anything else
+    (``..``, other file names, a different directory), so a login script printing its own ready
+    line cannot make the server remove or forward at a path of its choosing.
+    """
+    if "\n" in reported or "\0" in reported or not reported.startswith("/"):
+        return False
+    if not configured.startswith("~/"):
+        return reported == configured
+    rest = configured[2:]
+    home, sep, tail = reported.rpartition("/" + rest) if rest else ("", "", "")
+    if not sep or tail or not home.startswith("/"):
+        return False
+    parts = home.split("/")[1:]
+    return all(part not in ("", ".", "..") for part in parts) or home == "/"

@@ -109,6 +109,8 @@ class ServeStats:
     connections: int = 0
     failures: int = 0
     last_error: str | None = None
+    # The last line a child wrote on stderr (cut at 500 characters): usually the reason.
+    last_stderr: str | None = None
     exit_codes: list[int] = field(default_factory=list)
 
 
@@ -139,6 +141,18 @@ class BorgServeListener:
     @property
     def active(self) -> int:
         return len(self._children)
+
+    def io_bytes(self) -> int:
+        """Bytes the running children have read and written (``/proc/PID/io``): repository
+        traffic, which never passes through Python, made visible for stall detection."""
+        total = 0
+        for child in self._children:
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/{child.process.pid}/io").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("rchar", "wchar"):
+                        total += int(value)
+        return total + self.stats.connections
 
     def start(self) -> None:
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"accept {self._client}")
@@ -203,6 +217,7 @@ class BorgServeListener:
         async for chunk in _lines(process.stderr):
             line = chunk.decode("utf-8", "replace").rstrip()
             if line:
+                self.stats.last_stderr = line[:500]
                 self.log.warning("serve_stderr", pid=process.pid, connection=number, line=line)
 
     async def _reap(self, child: _Child) -> None:
@@ -217,7 +232,8 @@ class BorgServeListener:
         self.stats.exit_codes.append(code)
         if code != 0:
             self.stats.failures += 1
-            self.stats.last_error = f"borg serve exited with status {code}"
+            reason = f": {self.stats.last_stderr}" if self.stats.last_stderr else ""
+            self.stats.last_error = f"borg serve exited with status {code}{reason}"
         report = self.log.info if code == 0 else self.log.warning
         report("serve_exited", pid=child.process.pid, connection=child.number, status=code)
 

@@ -231,7 +231,11 @@ async def _serve(
     listeners = [
         BorgServeListener(
             endpoint.sock,
-            borg.serve_argv(config.server.borg, endpoint.client.repository),
+            borg.serve_argv(
+                config.server.borg,
+                endpoint.client.repository,
+                storage_quota=endpoint.client.storage_quota,
+            ),
             client=endpoint.client.name,
             stop_timeout=config.server.serve_stop_timeout,
             max_connections=max_connections,

@@ -201,21 +201,90 @@ class Tunnel:
             process.close()
 
 
+# Caps on what a client may make the server hold: borg's --json is a few kB, a log line rarely
+# more than a path. A client flooding either costs it its own output, not the server's memory.
+MAX_STDOUT = 1024 * 1024
+MAX_LINE = 8 * 1024
+_CHUNK = 64 * 1024
+
+
+class _CappedLines:
+    """Splits a byte stream into lines; a line over MAX_LINE is cut and marked, the rest of it
+    dropped until its newline, so no single line can grow without bound."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._dropped = 0  # bytes dropped of the current over-long line
+
+    def feed(self, data: bytes) -> list[str]:
+        lines: list[str] = []
+        while data:
+            cut = data.find(b"\n")
+            piece, data = (data, b"") if cut < 0 else (data[:cut], data[cut + 1 :])
+            room = max(MAX_LINE - len(self._buffer), 0)
+            self._buffer += piece[:room]
+            self._dropped += max(len(piece) - room, 0)
+            if cut >= 0:
+                lines.append(self._take())
+        return lines
+
+    def flush(self) -> list[str]:
+        return [self._take()] if self._buffer or self._dropped else []
+
+    def _take(self) -> str:
+        text = bytes(self._buffer).decode("utf-8", "replace")
+        if self._dropped:
+            text += f" …[{self._dropped} more bytes of this line not kept]"
+        self._buffer.clear()
+        self._dropped = 0
+        return text + "\n"
+
+
 class RemoteRun:
-    """A started remote command: stdin under our control, stderr as lines, stdout collected."""
+    """A started remote command: stdin under our control, stderr as lines, stdout collected.
+
+    Both are read in bounded chunks: stdout keeps its first MAX_STDOUT bytes, stderr lines are
+    cut at MAX_LINE. ``last_activity`` (monotonic) is when the client last sent anything.
+    """
 
     def __init__(self, target: Target, process: asyncssh.SSHClientProcess[bytes]) -> None:
         self._target = target
         self._process = process
-        self._stdout = asyncio.ensure_future(process.stdout.read())
+        self._lines = _CappedLines()
+        self._pending: list[str] = []
+        self._eof = False
+        self.last_activity = asyncio.get_running_loop().time()
+        self.stdout_dropped = 0
+        self._stdout = asyncio.ensure_future(self._read_stdout())
+
+    async def _read_stdout(self) -> bytes:
+        kept = bytearray()
+        while chunk := await self._process.stdout.read(_CHUNK):
+            self._touch()
+            room = MAX_STDOUT - len(kept)
+            kept += chunk[: max(room, 0)]
+            self.stdout_dropped += max(len(chunk) - max(room, 0), 0)
+        return bytes(kept)
+
+    def _touch(self) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
 
     async def next_line(self) -> str | None:
         """The next stderr line, or None at EOF (the command ended or the link dropped)."""
-        try:
-            raw = await self._process.stderr.readline()
-        except (OSError, asyncssh.Error) as exc:
-            raise ConnectError(self._target, f"connection lost during the run: {exc}") from None
-        return raw.decode("utf-8", "replace") if raw else None
+        while not self._pending:
+            if self._eof:
+                return None
+            try:
+                chunk = await self._process.stderr.read(_CHUNK)
+            except (OSError, asyncssh.Error) as exc:
+                raise ConnectError(self._target, f"connection lost during the run: {exc}") from None
+            if chunk:
+                self._touch()
+                self._pending = self._lines.feed(chunk)
+            else:
+                self._eof = True
+                self._pending = self._lines.flush()
+        return self._pending.pop(0)
 
     def send_and_close(self, data: bytes) -> None:
         """Write ``data`` then EOF: borg reads BORG_PASSPHRASE_FD=0 until EOF."""

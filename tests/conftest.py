@@ -6,6 +6,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+import structlog
 
 pytest_plugins = ["tests.sshd"]
 
@@ -29,3 +30,10 @@ def spawn() -> Iterator[Spawn]:
         child.wait(timeout=10)
         if child.stdout is not None:
             child.stdout.close()
+
+
+@pytest.fixture
+def reset_logging() -> Iterator[None]:
+    """cli.main configures structlog to write to the captured stderr; undo it afterwards."""
+    yield
+    structlog.reset_defaults()

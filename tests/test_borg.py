@@ -141,6 +141,7 @@ def test_create_argv_layout() -> None:
         "borg",
         "create",
         "--log-json",
+        "--progress",
         "--json",
         "--show-version",
         "--exclude=-starts-with-dash",
@@ -332,13 +333,15 @@ def test_borg_rsh_passes_data_and_eof_with_the_real_tool(tool: str, tmp_path: Pa
 
 
 # Shape of `borg create --json` from borg 1.2.4 (captured from a real run, ids shortened).
+ARCHIVE_ID = "c4c10dec5de3f14b2038e7b3cf0284a1f4a424050deeff6acb9cc0b48e1ec625"
+
 BORG_12_CREATE_JSON = """\
 {
     "archive": {
         "command_line": ["/usr/bin/borg", "create", "--json", "--log-json", "repo::t 1", "data"],
         "duration": 0.00363,
         "end": "2026-11-25T15:59:09.000000",
-        "id": "d166185c32b968a4",
+        "id": "c4c10dec5de3f14b2038e7b3cf0284a1f4a424050deeff6acb9cc0b48e1ec625",
         "limits": {"max_archive_size": 2.226833882340869e-05},
         "name": "web1-2026-11-25T15:59:09",
         "start": "2026-11-25T15:59:09.000000",
@@ -357,15 +360,14 @@ BORG_12_CREATE_JSON = """\
 """
 
 
-def test_parse_create_json_real_shape() -> None:
-    assert borg.parse_create_json(BORG_12_CREATE_JSON) == borg.ArchiveStats(
-        archive="web1-2026-11-25T15:59:09",
-        original_size=504,
-        compressed_size=473,
-        deduplicated_size=12,
-        nfiles=1,
-        duration=0.00363,
+def test_parse_create_claim_real_shape() -> None:
+    assert borg.parse_create_claim(BORG_12_CREATE_JSON) == borg.ArchiveClaim(
+        name="web1-2026-11-25T15:59:09", id=ARCHIVE_ID
     )
+
+
+def _claim_json(name: object = "a", archive_id: object = ARCHIVE_ID) -> str:
+    return json.dumps({"archive": {"name": name, "id": archive_id}})
 
 
 @pytest.mark.parametrize(
@@ -376,13 +378,79 @@ def test_parse_create_json_real_shape() -> None:
         "not json at all",
         "[1, 2]",
         '{"archive": {}}',
-        '{"archive": {"name": "a", "stats": {"original_size": "many"}}}',
         BORG_12_CREATE_JSON[:200],
+        _claim_json(archive_id="d166"),  # not a 64-hex id
+        _claim_json(archive_id=12),
+        _claim_json(name=""),
+        _claim_json(name="x" * 256),
+        _claim_json(name="a/b"),
+        _claim_json(name="new\nline: forged summary"),
+        _claim_json(name="\x1b]0;title\x07"),
+        '{"archive": {"name": "\\ud800", "id": "' + ARCHIVE_ID + '"}}',  # lone surrogate
+        '{"archive": {"name": 5, "id": "' + ARCHIVE_ID + '"}}',
     ],
-    ids=["empty", "blank", "garbage", "list", "no-stats", "bad-number", "truncated"],
+    ids=[
+        "empty",
+        "blank",
+        "garbage",
+        "list",
+        "no-fields",
+        "truncated",
+        "short-id",
+        "numeric-id",
+        "empty-name",
+        "long-name",
+        "slash",
+        "newline",
+        "escape",
+        "surrogate",
+        "numeric-name",
+    ],
 )
-def test_parse_create_json_rejects_garbage(text: str) -> None:
-    assert borg.parse_create_json(text) is None
+def test_parse_create_claim_rejects_anything_else(text: str) -> None:
+    assert borg.parse_create_claim(text) is None
+
+
+def _info_json(**stats: object) -> str:
+    base: dict[str, object] = {
+        "compressed_size": 473,
+        "deduplicated_size": 12,
+        "nfiles": 1,
+        "original_size": 504,
+    }
+    base.update(stats)
+    archive = {"name": "a1", "id": ARCHIVE_ID, "duration": 1.5, "stats": base}
+    return json.dumps({"archives": [archive]})
+
+
+def test_parse_info_json_reads_the_servers_numbers() -> None:
+    assert borg.parse_info_json(_info_json()) == borg.ArchiveStats(
+        archive="a1",
+        archive_id=ARCHIVE_ID,
+        original_size=504,
+        compressed_size=473,
+        deduplicated_size=12,
+        nfiles=1,
+        duration=1.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _info_json(nfiles=float("inf")).replace("Infinity", "Infinity"),
+        _info_json(nfiles=10**19),  # beyond SQLite's INTEGER
+        _info_json(nfiles=-1),
+        _info_json(nfiles=True),
+        _info_json(original_size="504"),
+        _info_json().replace('"duration": 1.5', '"duration": NaN'),
+        '{"archives": []}',
+        '{"archives": [{}, {}]}',
+    ],
+    ids=["infinity", "overflow", "negative", "bool", "string", "nan", "none", "two"],
+)
+def test_parse_info_json_rejects_what_borg_never_writes(text: str) -> None:
+    assert borg.parse_info_json(text) is None
 
 
 @pytest.mark.parametrize(
@@ -453,3 +521,10 @@ def test_parse_log_line_plain_text_is_a_warning(line: str) -> None:
 @pytest.mark.parametrize("line", ["", "\n", "   \r\n"])
 def test_parse_log_line_blank(line: str) -> None:
     assert borg.parse_log_line(line) is None
+
+
+def test_serve_argv_with_storage_quota() -> None:
+    assert borg.serve_argv("borg", Path("/srv/r"), storage_quota="500G")[-2:] == [
+        "--storage-quota",
+        "500G",
+    ]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from borgtunnel import cli
 from borgtunnel.config import (
@@ -367,13 +366,6 @@ def test_redacted_hides_passphrase_command_and_shows_effective_ssh() -> None:
 
 
 # --- through the CLI --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def reset_logging() -> Any:
-    """cli.main configures structlog to write to the captured stderr; undo it afterwards."""
-    yield
-    structlog.reset_defaults()
 
 
 BAD_PORT = """\

@@ -1,0 +1,110 @@
+"""Keep the server's copy of each repository key and put it back when a client changed it.
+
+Through its append-only ``borg serve`` a client can still run ``borg key change-passphrase``
+(or ``key import``): borg 1.x's ``save_key`` RPC has no append-only check. Afterwards the
+server's passphrase no longer opens the repository and every later pull fails. A re-wrapped key
+holds the same master key, so the copy exported at ``init`` (or at the first verified pull of an
+existing repository) still decrypts everything: comparing it with the repository's ``config``
+after every pull is a file read, and putting it back is one ``borg key import``.
+
+The copy is ``state_dir/keys/NAME.key``, mode 0600 (it is wrapped with the passphrase, as in the
+repository). After a deliberate key change on the server, delete that file: the next verified
+pull saves the new key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from borgtunnel import borg
+from borgtunnel.localborg import run_local_borg
+
+
+class KeyGuardError(Exception):
+    """The key copy could not be saved or put back; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class KeyTampering:
+    """The repository key differed from the server's copy; ``restored`` says if it is back."""
+
+    saved: Path
+    restored: bool
+    detail: str = ""
+
+    def message(self) -> str:
+        if self.restored:
+            done = f"the server's copy from {self.saved} was put back"
+        else:
+            done = f"putting back the server's copy from {self.saved} FAILED ({self.detail})"
+        return (
+            "tampering: the repository key was changed through the client's tunnel (borg key "
+            f"change-passphrase or key import run by the client); {done}. Archives are intact "
+            "(the master key is unchanged), but the client may be compromised: check it, rotate "
+            "its SSH key and passphrase, and look at its last archives before trusting them"
+        )
+
+
+def key_path(state_dir: Path, client: str) -> Path:
+    return state_dir / "keys" / f"{client}.key"
+
+
+def repository_key_blob(repository: Path) -> str | None:
+    """The key stored in a borg 1.x repository's ``config`` (None: no key kept there)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        text = (repository / "config").read_text(encoding="utf-8")
+        parser.read_string(text)
+        blob = parser.get("repository", "key", fallback="")
+    except (OSError, UnicodeError, configparser.Error):
+        return None
+    return "".join(blob.split()) or None
+
+
+def _saved_blob(path: Path) -> str | None:
+    try:
+        _header, _, body = path.read_text(encoding="ascii").partition("\n")
+    except (OSError, UnicodeError):
+        return None
+    return "".join(body.split()) or None
+
+
+async def save_key_copy(borg_cmd: str, repository: Path, state_dir: Path, client: str) -> bool:
+    """Export the key once; later calls keep the first copy. False when there is no key."""
+    target = key_path(state_dir, client)
+    if target.exists() or repository_key_blob(repository) is None:
+        return target.exists()
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    result = await run_local_borg(
+        borg.key_export_argv(borg_cmd, repository, partial), state_dir=state_dir, passphrase=None
+    )
+    if result.status != 0 or _saved_blob(partial) is None:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise KeyGuardError(f"borg key export of {repository} failed: {result.error_text()}")
+    partial.chmod(0o600)
+    partial.replace(target)
+    return True
+
+
+async def check_key(
+    borg_cmd: str, repository: Path, state_dir: Path, client: str
+) -> KeyTampering | None:
+    """Compare the repository's key with the server's copy; put the copy back if they differ."""
+    saved = key_path(state_dir, client)
+    expected = _saved_blob(saved)
+    if expected is None:
+        return None  # no copy yet: the caller saves one after a verified pull
+    if repository_key_blob(repository) == expected:
+        return None
+    result = await run_local_borg(
+        borg.key_import_argv(borg_cmd, repository, saved), state_dir=state_dir, passphrase=None
+    )
+    restored = result.status == 0 and repository_key_blob(repository) == expected
+    return KeyTampering(saved, restored, "" if restored else result.error_text())

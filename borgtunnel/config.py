@@ -58,6 +58,14 @@ Encryption = Literal[
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
+# Why a borg 2 client is refused at load time rather than pulled with weaker guarantees.
+BORG2_REFUSED = (
+    "borg 2 pull mode is not supported yet: borgtunnel cannot yet test it on this platform (borg "
+    "2.0.0b25 needs OpenSSL >= 3.2, Debian 12 has 3.0), and an untested `borg serve --rest "
+    "--permissions` is not a guarantee it will claim; keep this client on borg 1.4 (see README: "
+    "borg versions)"
+)
+
 
 _NAME_KEY = "__borgtunnel_client_name__"
 
@@ -187,6 +195,16 @@ class ClientConfig(_Model):
     # Passed to `borg serve --storage-quota`: one client cannot fill the disk every repository
     # shares. borg's size syntax: a number with an optional K, M, G, T or P suffix.
     storage_quota: str | None = None
+    # The client's borg major version: 1 (1.2 and 1.4, the ssh:// RPC served append-only) or 2
+    # (refused for now: see BORG2_REFUSED and README "borg versions").
+    borg_version: Literal[1, 2] = 1
+
+    @field_validator("borg_version")
+    @classmethod
+    def _borg_version_supported(cls, value: int) -> int:
+        if value == 2:
+            raise ValueError(BORG2_REFUSED)
+        return value
 
     @field_validator("schedule")
     @classmethod

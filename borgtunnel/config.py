@@ -60,10 +60,9 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 # Why a borg 2 client is refused at load time rather than pulled with weaker guarantees.
 BORG2_REFUSED = (
-    "borg 2 pull mode is not supported yet: borgtunnel cannot yet test it on this platform (borg "
-    "2.0.0b25 needs OpenSSL >= 3.2, Debian 12 has 3.0), and an untested `borg serve --rest "
-    "--permissions` is not a guarantee it will claim; keep this client on borg 1.4 (see README: "
-    "borg versions)"
+    "borg 2 pull mode is not implemented yet: the server-side verification and key guard read "
+    "borg 1.x repositories, and borg 2.0.0b25 (a beta that needs OpenSSL >= 3.2, which Debian 12 "
+    "lacks) is not in the test matrix; keep this client on borg 1.4 (see README: borg versions)"
 )
 
 

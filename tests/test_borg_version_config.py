@@ -28,7 +28,7 @@ def test_borg_2_is_refused_with_the_reason() -> None:
         parse_config(_client(borg_version=2))
     [(key, message)] = caught.value.problems
     assert key == "clients.web1.borg_version"
-    assert "borg 2 pull mode is not supported yet" in message
+    assert "borg 2 pull mode is not implemented yet" in message
     assert "OpenSSL >= 3.2" in message
 
 

@@ -4,9 +4,10 @@ Every ``borg create`` we start gets ``--show-version``, so borg logs one line ``
 X`` (as ``--log-json``, logger ``borg.output.show-version``) before it does anything else: no
 extra exec per pull. A pull that saw the line stores the version in
 ``<state_dir>/client-borg/<client>``; the next pull reads it to decide whether to ask for
-borg 1.4's specific exit codes (``BORG_EXIT_CODES=modern``). A failed pull that did not show a
-version removes the entry, so after a failure (borg replaced, downgraded, broken) the next pull
-asks in the generic 0/1/2 meaning and learns again.
+borg 1.4's specific exit codes (``BORG_EXIT_CODES=modern``). A failed pull whose remote command
+ended without showing a version removes the entry, so after such a failure (borg replaced,
+downgraded, broken) the next pull asks in the generic 0/1/2 meaning and learns again; a pull that
+never reached the client (offline, link dropped) keeps it.
 
 The file is a hint, never a trust anchor: a client that lies about its version only changes how
 its own exit codes are explained, and an unknown code is always a failure (borgtunnel/borgexit.py).

@@ -251,7 +251,9 @@ def _learn_client_borg(run: _Run) -> None:
             run.config.server.state_dir,
             run.client.name,
             run.seen_borg,
-            failed=run.outcome.result is RunResult.FAILED,
+            # Only a run whose remote command ended says anything about the client's borg: an
+            # offline client or a dropped link keeps what was known.
+            failed=run.outcome.result is RunResult.FAILED and run.remote_finished,
         )
     except OSError as exc:  # a hint for the next pull, not worth failing this one
         run.log.warning("client_borg_not_recorded", error=str(exc))

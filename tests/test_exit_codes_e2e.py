@@ -7,6 +7,7 @@ Regression for issue 8 item 1: a missing client borg (the shell's 127) used to b
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,20 @@ def test_wrong_passphrase_with_borg_14_says_so(tmp_path: Path, sshd: SshdServer)
     assert failed[0]["modern_exit_codes"] is True
     assert "wrong passphrase: the client's passphrase_file" in result.stdout
     assert "status 52" in result.stdout
+
+
+def test_an_unreachable_client_keeps_what_was_learned(tmp_path: Path, sshd: SshdServer) -> None:
+    """Only a run whose remote command ended can tell which borg the client runs."""
+    with socket.socket() as probe:  # a port nobody listens on (bound, then closed)
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    repo = tmp_path / "repos" / "c1"
+    pullkit.init_repo(tmp_path, repo)
+    config = _config(tmp_path, sshd, repo, port=closed_port)
+    clientborg.remember(tmp_path / "state", "c1", clientborg.BorgVersion(1, 4, 5))
+
+    result = pullkit.run_cli(config, "pull", "c1")
+
+    assert result.returncode == 2, result.stderr
+    assert _last_result(tmp_path)[0] == "failed"
+    assert clientborg.known_version(tmp_path / "state", "c1") == clientborg.BorgVersion(1, 4, 5)

@@ -241,6 +241,38 @@ def parse_info_json(text: str) -> ArchiveStats | None:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """One ``archive_progress`` line of ``borg create --log-json --progress``."""
+
+    original_size: int
+    compressed_size: int
+    deduplicated_size: int
+    nfiles: int
+    path: str
+    finished: bool
+
+
+def parse_progress(line: str) -> Progress | None:
+    """The progress figures in ``line``, or None if it is anything else."""
+    if '"archive_progress"' not in line:
+        return None
+    try:
+        record = json.loads(line)
+        if record.get("type") != "archive_progress":
+            return None
+        return Progress(
+            original_size=int(record.get("original_size") or 0),
+            compressed_size=int(record.get("compressed_size") or 0),
+            deduplicated_size=int(record.get("deduplicated_size") or 0),
+            nfiles=int(record.get("nfiles") or 0),
+            path=str(record.get("path") or ""),
+            finished=bool(record.get("finished", False)),
+        )
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
 class LogLine:
     """One line of borg's stderr: a --log-json record, or plain text we keep as it is."""
 

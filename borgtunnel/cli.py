@@ -1,23 +1,27 @@
 """Command line: parse arguments, load the config, call one function, map the result to a code.
 
 Exit codes: 0 ok, 1 borg warnings only, 2 any failure, 78 configuration error (EX_CONFIG, which
-the systemd units list in RestartPreventExitStatus: restarting cannot fix a bad file).
+the systemd units list in RestartPreventExitStatus: restarting cannot fix a bad file); ``pull``
+exits 75 when a ``before`` hook skipped a run (and nothing failed); ``status`` exits 1 when a
+client is stale or its last run failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
-from borgtunnel import __version__, daemon, logs, socketserve, status
+from borgtunnel import daemon, doctor, enrol, logs, socketserve, status, trust
+from borgtunnel.arguments import build_parser
 from borgtunnel.config import (
     ClientConfig,
     Config,
@@ -29,79 +33,25 @@ from borgtunnel.config import (
 from borgtunnel.history import History
 from borgtunnel.jobs import run_recorded
 from borgtunnel.keyguard import KeyGuardError
+from borgtunnel.maintenance import command as maintenance_command
+from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
+from borgtunnel.reporting import notify
+from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
+from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.repository import init_repository
+from borgtunnel.restore import restore_recorded
 
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_FAILURE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug; Python's own exit 1 for a crash would read as "warning"
+EXIT_SKIPPED = 75
 EXIT_CONFIG = 78
+# Which exit code wins when `pull` ran several clients: a bug, then any failure, then a skip.
+_EXIT_RANK = {EXIT_OK: 0, EXIT_WARNING: 1, EXIT_SKIPPED: 2, EXIT_FAILURE: 3, EXIT_INTERNAL: 4}
 
 log = structlog.get_logger("borgtunnel")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="borgtunnel",
-        description="The backup server pulls borg archives from its clients over SSH.",
-    )
-    parser.add_argument("--version", action="version", version=f"borgtunnel {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="configuration file (default: $BORGTUNNEL_CONFIG or /etc/borgtunnel/borgtunnel.toml)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "json", "console"],
-        default="auto",
-        help="auto: console on a terminal, JSON lines otherwise",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    pull = commands.add_parser("pull", help="pull an archive from each named client now")
-    pull.add_argument("clients", nargs="+", metavar="NAME")
-    pull.add_argument(
-        "--wait",
-        action="store_true",
-        help="if another borgtunnel process is pulling a client, wait for it instead of failing",
-    )
-
-    commands.add_parser("daemon", help="run the scheduler service (systemd Type=notify)")
-
-    status = commands.add_parser("status", help="last and next run of every client")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-
-    history = commands.add_parser("history", help="recorded runs of one client, newest first")
-    history.add_argument("client", metavar="NAME")
-    history.add_argument("--limit", type=int, default=20, metavar="N")
-    history.add_argument("--json", action="store_true", help="machine-readable output")
-
-    serve = commands.add_parser(
-        "serve",
-        help="serve borg clients on unix sockets (systemd socket activation or --listen)",
-    )
-    serve.add_argument("--listen", metavar="PATH", type=Path, help="create this socket ourselves")
-    serve.add_argument("--client", metavar="NAME", help="the client served on --listen")
-    serve.add_argument(
-        "--idle-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="exit after this long without a connection (systemd starts us again on the next)",
-    )
-    serve.add_argument(
-        "--max-connections", type=int, default=8, metavar="N", help="served in parallel"
-    )
-
-    init = commands.add_parser("init", help="create a client's repository on this server")
-    init.add_argument("client", metavar="NAME")
-
-    commands.add_parser("check-config", help="validate and print the effective config as JSON")
-    return parser
 
 
 def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -111,7 +61,21 @@ def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) ->
 
 def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
     clients = [config.client(name) for name in args.clients]
-    return _run(_pull_all(config, clients, wait=args.wait))
+    progress = not args.no_progress and sys.stdout.isatty()
+    if progress:  # log lines go through the live display instead of tearing it
+        # CurrentStderr has the three methods structlog's PrintLogger uses, not all of TextIO.
+        stream = cast("TextIO", CurrentStderr())
+        logs.configure(args.log_format, level=args.log_level, stream=stream)
+    return _run(_pull_all(config, clients, wait=args.wait, progress=progress))
+
+
+def _cmd_notify_test(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    if args.client is None:
+        everyone = (config.notify_urls_for(c) for c in config.clients.values())
+        urls = tuple(dict.fromkeys((*config.notify.urls, *(u for us in everyone for u in us))))
+    else:
+        urls = config.notify_urls_for(config.client(args.client))
+    return _run(notify.notify_test(urls, args.client, limit=config.notify.timeout))
 
 
 def _cmd_init(args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -141,6 +105,76 @@ def _cmd_serve(args: argparse.Namespace, _path: Path, config: Config) -> int:
     )
 
 
+def _cmd_maintain(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    clients = [config.client(name) for name in args.clients]
+    plan = requested_plan(prune=args.prune, compact=args.compact, check=args.check)
+    return _run(
+        maintenance_command.maintain_all(
+            config,
+            clients,
+            plan=plan,
+            dry_run=args.dry_run,
+            accept_missing=args.accept_missing,
+            wait=args.wait,
+        )
+    )
+
+
+def _cmd_list(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return _run(maintenance_command.list_archives(config, client, as_json=args.json))
+
+
+def _cmd_restore(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    if not args.target.startswith("/") or "\0" in args.target:
+        print(
+            f"borgtunnel: --target must be an absolute path, got {args.target!r}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    return _run(_restore(config, client, args))
+
+
+async def _restore(config: Config, client: ClientConfig, args: argparse.Namespace) -> int:
+    outcome = await restore_recorded(
+        config,
+        client,
+        args.archive,
+        args.paths,
+        args.target,
+        dry_run=args.dry_run,
+        force=args.force,
+        wait=args.wait,
+    )
+    print(outcome.summary(), flush=True)
+    return outcome.exit_code
+
+
+def _cmd_trust(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    return _run(
+        trust.trust(
+            config, client, fingerprint=args.fingerprint, yes=args.yes, replace=args.replace
+        )
+    )
+
+
+def _cmd_authorized_key(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    try:
+        client = config.client(args.client)
+        print(enrol.authorized_key_line(config, client, command=args.forced_command))
+    except enrol.PublicKeyError as exc:
+        print(f"borgtunnel: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    report = asyncio.run(doctor.doctor(config, config.client(args.client)))
+    print("\n".join(report.lines()))
+    return report.exit_code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -149,6 +183,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "status": _cmd_status,
     "history": _cmd_history,
     "serve": _cmd_serve,
+    "maintain": _cmd_maintain,
+    "list": _cmd_list,
+    "restore": _cmd_restore,
+    "trust": _cmd_trust,
+    "authorized-key": _cmd_authorized_key,
+    "doctor": _cmd_doctor,
+    "notify-test": _cmd_notify_test,
 }
 
 
@@ -156,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config once, dispatch. Config problems of any command exit 78."""
     args = build_parser().parse_args(argv)
     logs.configure(args.log_format, level=args.log_level)
+    if args.command == "gatekeeper":  # for a client: needs no server configuration
+        sys.stdout.write(enrol.gatekeeper_source())
+        return EXIT_OK
     path = config_path(args.config)
     try:
         config = load_config(path)
@@ -190,15 +234,40 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(guarded())
 
 
-async def _pull_all(config: Config, clients: Sequence[ClientConfig], *, wait: bool) -> int:
-    """One after the other: a one-shot run should not compete with itself for bandwidth."""
+async def _pull_all(
+    config: Config, clients: Sequence[ClientConfig], *, wait: bool, progress: bool = False
+) -> int:
+    """One after the other: a one-shot run should not compete with itself for bandwidth.
+
+    Reporting (metrics textfile, notifications, pings) as in the daemon; before exiting, pending
+    notifications get at most ``[notify] timeout`` seconds (the summaries are printed already).
+    """
     with History.open(config.server.state_dir) as history:
         history.recover_interrupted()
+        reporter = Reporter(config, history, in_daemon=False)
+        reporter.start()
         worst = EXIT_OK
-        for client in clients:
-            outcome = await run_recorded(config, client, trigger="pull", wait=wait, history=history)
-            print(outcome.summary(), flush=True)
-            worst = max(worst, outcome.exit_code)
+        try:
+            with contextlib.ExitStack() as stack:
+                live = stack.enter_context(LiveProgress(sys.stdout)) if progress else None
+                for client in clients:
+                    reporter.run_started(client)
+                    outcome = await run_recorded(
+                        config,
+                        client,
+                        trigger="pull",
+                        wait=wait,
+                        history=history,
+                        progress=live.track(client.name) if live else None,
+                    )
+                    if live is not None:
+                        live.done(client.name, outcome.summary())
+                    else:
+                        print(outcome.summary(), flush=True)
+                    reporter.after_run(client, outcome)
+                    worst = max(worst, outcome.exit_code, key=_EXIT_RANK.__getitem__)
+        finally:
+            await reporter.aclose()
     return worst
 
 

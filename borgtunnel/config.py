@@ -28,6 +28,17 @@ from pydantic import (
 )
 
 from borgtunnel import scheduler
+from borgtunnel.maintenance.durations import parse_duration
+from borgtunnel.reporting.settings import (
+    ClientDefaults,
+    Duration,
+    Hooks,
+    HookSet,
+    MetricsSettings,
+    NotifySettings,
+    check_apprise_urls,
+    check_hooks,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"
@@ -159,6 +170,50 @@ def _merge_ssh(*layers: SSHOptions | None) -> SSHSettings:
     return SSHSettings.model_validate(merged)
 
 
+KeepCount = Annotated[int, Field(ge=0, le=100_000)]
+
+
+class RetentionSettings(_Model):
+    """``[clients.NAME.retention]``: borg prune rules, run by the server after verified pulls."""
+
+    keep_within: str | None = None
+    keep_hourly: KeepCount = 0
+    keep_daily: KeepCount = 0
+    keep_weekly: KeepCount = 0
+    keep_monthly: KeepCount = 0
+    keep_yearly: KeepCount = 0
+    # borg compact after a prune that removed something (frees the space on disk).
+    compact: bool = True
+
+    @field_validator("keep_within")
+    @classmethod
+    def _within_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> Self:
+        # borg prune without any rule refuses to run; an empty table is a mistake, not "keep all".
+        counts = (self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly)
+        if self.keep_within is None and not any((*counts, self.keep_yearly)):
+            raise ValueError("set keep_within or at least one keep_* count above 0")
+        return self
+
+
+class CheckSettings(_Model):
+    """``[clients.NAME.check]``: borg check when the last one is older than ``every``."""
+
+    every: str = "30d"
+    verify_data: bool = False
+
+    @field_validator("every")
+    @classmethod
+    def _every_valid(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
 class ClientConfig(_Model):
     """``[clients.NAME]``: one machine to pull from."""
 
@@ -204,6 +259,38 @@ class ClientConfig(_Model):
         if value == 2:
             raise ValueError(BORG2_REFUSED)
         return value
+
+    # Maintenance on the server (borgtunnel/maintenance/); none of it runs without these tables.
+    retention: RetentionSettings | None = None
+    check: CheckSettings | None = None
+    # A verified pull whose file count or original size fell by more than this many percent
+    # against the client's previous archive is a warning (wrong mount, emptied tree, wipe).
+    max_shrink: Annotated[float, Field(gt=0, le=100)] = 50.0
+    # Reporting (borgtunnel/reporting/): None means "use [defaults]".
+    max_age: Duration | None = None
+    notify: tuple[str, ...] = ()  # apprise URLs on top of [notify] urls
+    healthchecks: Annotated[str, Field(min_length=1)] | None = None
+    before: Hooks | None = None
+    after: Hooks | None = None
+    on_failure: Hooks | None = None
+    hook_timeout: PositiveSeconds | None = None
+
+    @field_validator("notify")
+    @classmethod
+    def _notify_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_apprise_urls(value)
+
+    @field_validator("healthchecks")
+    @classmethod
+    def _healthchecks_valid(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// ping URL")
+        return value
+
+    @field_validator("before", "after", "on_failure")
+    @classmethod
+    def _hooks_valid(cls, value: Hooks | None) -> Hooks | None:
+        return None if value is None else check_hooks(value)
 
     @field_validator("schedule")
     @classmethod
@@ -355,6 +442,9 @@ class Config(_Model):
     server: ServerSettings = ServerSettings()
     daemon: DaemonSettings = DaemonSettings()
     ssh: SSHOptions = SSHOptions()
+    notify: NotifySettings = NotifySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    defaults: ClientDefaults = ClientDefaults()
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -391,6 +481,24 @@ class Config(_Model):
     def ssh_for(self, client: ClientConfig) -> SSHSettings:
         return _merge_ssh(DEFAULT_SSH, self.ssh, client.ssh)
 
+    def max_age_for(self, client: ClientConfig) -> float | None:
+        """Seconds after which the client's last verified archive is stale; None: never."""
+        return client.max_age if client.max_age is not None else self.defaults.max_age
+
+    def hooks_for(self, client: ClientConfig) -> HookSet:
+        """A client's own hook list replaces the default one of the same kind (not merged)."""
+        d = self.defaults
+        return HookSet(
+            before=d.before if client.before is None else client.before,
+            after=d.after if client.after is None else client.after,
+            on_failure=d.on_failure if client.on_failure is None else client.on_failure,
+            timeout=d.hook_timeout if client.hook_timeout is None else client.hook_timeout,
+        )
+
+    def notify_urls_for(self, client: ClientConfig | None) -> tuple[str, ...]:
+        extra = client.notify if client is not None else ()
+        return tuple(dict.fromkeys((*self.notify.urls, *extra)))
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as JSON-able data, secrets left out.
 
@@ -405,8 +513,16 @@ class Config(_Model):
                 entry["passphrase_command"] = "<hidden>"  # noqa: S105 - a mask, not a password
             entry["remote_socket"] = client.remote_socket_path
             entry["ssh"] = self.ssh_for(client).model_dump(mode="json")
+            # Notification and ping URLs usually carry a token or a password.
+            entry["notify"] = [_MASK for _ in client.notify]
+            if client.healthchecks:
+                entry["healthchecks"] = _MASK
+        data["notify"]["urls"] = [_MASK for _ in self.notify.urls]
         data.pop("ssh")
         return data
+
+
+_MASK = "<hidden>"
 
 
 def _check_no_nul(value: str) -> None:

@@ -11,6 +11,9 @@ Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn
   busy, or still running from its previous slot, is skipped with a warning; the client keeps its
   schedule. Connection failures are retried ``retries`` times after ``retry_wait * 2**attempt``
   seconds; other failures wait for the next scheduled run.
+* After a verified pull (ok or warning) of a client with ``retention`` the daemon prunes (and
+  compacts), and checks when ``check.every`` has passed, still under the client's lock
+  (borgtunnel/maintenance/run.py ``after_pull``); it is recorded as its own ``maintain`` run.
 * ``timeout`` cancels a run that takes longer (its cleanup then still runs, so the run ends up
   to ``serve_stop_timeout`` later); the run is recorded ``failed`` with a "timeout" error, not
   ``interrupted``, which is kept for runs that a stop or a crash cut short: a timeout says
@@ -51,6 +54,8 @@ from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
 from borgtunnel.history import History, HistoryError
 from borgtunnel.jobs import run_recorded
+from borgtunnel.lock import ClientBusy, acquire_client_lock
+from borgtunnel.maintenance.run import after_pull
 from borgtunnel.planning import (
     RunQueue,
     is_busy,
@@ -60,6 +65,9 @@ from borgtunnel.planning import (
     status_line,
 )
 from borgtunnel.pull import PullOutcome
+from borgtunnel.reporting.notify import Sender, apprise_send
+from borgtunnel.reporting.reporter import Reporter
+from borgtunnel.serve import sweep_stale_sockets
 
 log = structlog.get_logger("borgtunnel.daemon")
 
@@ -81,7 +89,13 @@ def system_now() -> datetime:
 async def recorded_pull(config: Config, client: ClientConfig, history: History) -> PullOutcome:
     """The real runner: one locked, recorded pull."""
     return await run_recorded(
-        config, client, trigger="daemon", wait=False, history=history, time_limit=client.timeout
+        config,
+        client,
+        trigger="daemon",
+        wait=False,
+        history=history,
+        time_limit=client.timeout,
+        after=lambda outcome, db: after_pull(config, client, db, outcome),
     )
 
 
@@ -117,8 +131,12 @@ class Daemon:
         runner: Runner = recorded_pull,
         rand: Callable[[], float] = random.random,
         max_sleep: float = MAX_SLEEP,
+        notify_sender: Sender = apprise_send,
     ) -> None:
         self.config = config
+        self._notify_sender = notify_sender
+        self.reporter: Reporter | None = None
+        """Metrics, notifications, pings (borgtunnel/reporting/); set while serving."""
         self._max_sleep = max_sleep
         self._config_path = config_path
         self._now = now
@@ -175,7 +193,12 @@ class Daemon:
             recovered = history.recover_interrupted()
             if recovered:
                 log.warning("interrupted_runs_recovered", count=recovered)
+            _sweep_stale_sockets(self.config)
             self._plan(self.config, previous={})
+            self.reporter = Reporter(
+                self.config, history, in_daemon=True, sender=self._notify_sender
+            )
+            self.reporter.start()
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 helpers = self._start_helpers(tasks, shutdown_trigger)
@@ -189,6 +212,9 @@ class Daemon:
                     helper.cancel()
         finally:
             self._tasks = None
+            if self.reporter is not None:
+                await self.reporter.aclose()
+                self.reporter = None
             self._history = None
             history.close()
         log.info("daemon_stopped")
@@ -222,6 +248,7 @@ class Daemon:
             self._queue_due(now)
             self._start_allowed()
             self._publish_status(now)
+            self._report_state()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._seconds_until_due(now)):
                     await self._wake.wait()
@@ -270,13 +297,17 @@ class Daemon:
     async def _run(self, config: Config, client: ClientConfig, attempt: int) -> None:
         bound = log.bind(client=client.name)
         bound.info("run_starting", attempt=attempt + 1, attempts=client.retries + 1)
+        if self.reporter is not None:
+            self.reporter.run_started(client)
         try:
             try:
                 outcome = await self._attempt(config, client)
             except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
                 bound.exception("run_crashed")
                 outcome = PullOutcome(client=client.name, error=f"internal error: {exc!r}")
-            self._after_run(client.name, outcome)
+            retrying = self._after_run(client.name, outcome)
+            if self.reporter is not None:
+                self.reporter.after_run(client, outcome, final=not retrying)
         finally:
             self._queue.finished(client.name)
             self._running.pop(client.name, None)
@@ -287,11 +318,11 @@ class Daemon:
         assert history is not None  # noqa: S101 - only called from inside serve()
         return await self._runner(config, client, history)
 
-    def _after_run(self, name: str, outcome: PullOutcome) -> None:
-        """Decide about a retry; the slot may be gone (a reload removed the client)."""
+    def _after_run(self, name: str, outcome: PullOutcome) -> bool:
+        """Decide about a retry (True: one is scheduled); the slot may be gone (a reload)."""
         slot = self._slots.get(name)
         if slot is None:
-            return
+            return False
         fields = {"client": name, "next_run": _iso(slot.next_run)}
         if self._stopping:
             log.info("run_finished", result=str(outcome.result), **fields)
@@ -310,6 +341,7 @@ class Daemon:
                 error=outcome.error,
                 **fields,
             )
+            return True
         elif is_retryable(outcome):
             log.warning(
                 "client_unreachable", attempts=slot.attempt + 1, error=outcome.error, **fields
@@ -318,6 +350,7 @@ class Daemon:
         else:
             log.info("run_finished", result=str(outcome.result), **fields)
             slot.attempt = 0
+        return False
 
     # --- stop ---------------------------------------------------------------------------
 
@@ -361,6 +394,8 @@ class Daemon:
             previous = self.config
             self.config = new
             self._plan(new, previous=dict(self._slots), old_config=previous)
+            if self.reporter is not None:
+                self.reporter.reconfigure(new)
             log.info("config_reloaded", path=str(self._config_path))
         self._last_status = ""  # READY=1 below carries the status anyway
         self._notifier.ready(self._status_text(self._now()))
@@ -407,6 +442,13 @@ class Daemon:
             due, name = min(pending)
             upcoming = (name, due.astimezone(self._zone))
         return status_line(len(self._running), len(self._queue.waiting), upcoming, now)
+
+    def _report_state(self) -> None:
+        if self.reporter is not None:
+            self.reporter.daemon_state(
+                queue_length=len(self._queue.waiting), running_pulls=len(self._running)
+            )
+            self.reporter.check_staleness()
 
     def _publish_status(self, now: datetime) -> None:
         text = self._status_text(now)
@@ -474,3 +516,18 @@ async def _main(config_path: Path, config: Config, now: Now) -> int:
         for signum in handled:
             loop.remove_signal_handler(signum)
     return EXIT_OK
+
+
+def _sweep_stale_sockets(config: Config) -> None:
+    """Pull sockets left by killed pulls. A client whose lock is held has a live one-shot pull
+    (another process): its sockets are left to it."""
+    for name in config.clients:
+        try:
+            with acquire_client_lock(config.server.state_dir, name, wait=False):
+                if swept := sweep_stale_sockets(config.server.socket_dir, [name]):
+                    log.warning("stale_sockets_removed", client=name, paths=[str(p) for p in swept])
+        except ClientBusy:
+            continue
+        except OSError as exc:  # an unsafe socket_dir: every pull will refuse it with the reason
+            log.warning("stale_socket_sweep_failed", client=name, error=str(exc))
+            return

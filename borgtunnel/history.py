@@ -53,19 +53,26 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
 
+from borgtunnel.privatedir import check_private_file, ensure_private_dir
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator, Mapping
     from types import TracebackType
 
 __all__ = [
     "DB_FILENAME",
+    "KIND_MAINTAIN",
+    "KIND_PULL",
+    "KIND_RESTORE",
     "SCHEMA_VERSION",
     "History",
     "HistoryError",
+    "Operation",
     "ProcessIdentity",
     "RunRecord",
     "RunResult",
     "RunStats",
+    "SentNotification",
 ]
 
 DB_FILENAME: Final = "history.sqlite3"
@@ -103,12 +110,74 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # already recorded id has not written a new archive.
         "ALTER TABLE runs ADD COLUMN archive_id TEXT",
     ),
+    # 2 -> 3: runs get a kind (pull, maintain, restore; old rows are pulls); what each
+    # maintenance step did; the archives our own prune removed (or an administrator accepted as
+    # gone), which the tamper check subtracts from the archives verified pulls created.
+    (
+        "ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'pull'",
+        """
+        CREATE TABLE operations (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id    INTEGER NOT NULL REFERENCES runs (id),
+            client    TEXT    NOT NULL,
+            operation TEXT    NOT NULL,
+            started   TEXT    NOT NULL,
+            finished  TEXT    NOT NULL,
+            result    TEXT    NOT NULL,
+            exit_code INTEGER,
+            detail    TEXT
+        )
+        """,
+        "CREATE INDEX operations_by_client ON operations (client, operation, started DESC)",
+        """
+        CREATE TABLE archive_removals (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            client  TEXT    NOT NULL,
+            archive TEXT    NOT NULL,
+            reason  TEXT    NOT NULL,
+            run_id  INTEGER REFERENCES runs (id),
+            at      TEXT    NOT NULL
+        )
+        """,
+        "CREATE INDEX removals_by_client ON archive_removals (client, archive)",
+        # The id each archive of ours had when maintenance first saw it: an archive deleted and
+        # made again under the same name (through the client's tunnel) has another id.
+        """
+        CREATE TABLE archive_ids (
+            client  TEXT NOT NULL,
+            archive TEXT NOT NULL,
+            id      TEXT NOT NULL,
+            seen    TEXT NOT NULL,
+            PRIMARY KEY (client, archive)
+        )
+        """,
+    ),
+    # 3 -> 4: what was notified, so a restarted daemon neither repeats nor forgets a message.
+    (
+        """
+        CREATE TABLE notifications (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            client    TEXT    NOT NULL,
+            kind      TEXT    NOT NULL,
+            created   TEXT    NOT NULL,
+            run_id    INTEGER,
+            title     TEXT    NOT NULL,
+            body      TEXT    NOT NULL,
+            state     TEXT    NOT NULL,
+            attempts  INTEGER NOT NULL DEFAULT 0,
+            finished  TEXT,
+            error     TEXT
+        )
+        """,
+        "CREATE INDEX notifications_by_client ON notifications (client, id DESC)",
+        "CREATE INDEX notifications_pending ON notifications (state) WHERE state = 'pending'",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 _COLUMNS: Final = (
     "id, client, trigger, started, finished, result, exit_code, archive, original_size,"
-    " compressed_size, deduplicated_size, nfiles, duration, error, pid"
+    " compressed_size, deduplicated_size, nfiles, duration, error, pid, kind"
 )
 _NEWEST_FIRST: Final = "ORDER BY started DESC, id DESC"
 
@@ -125,9 +194,31 @@ class RunResult(StrEnum):
     WARNING = "warning"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    # A ``before`` hook asked to skip this run (exit 75): no archive, and not a failure either.
+    SKIPPED = "skipped"
 
 
 _SUCCESSES: Final = (RunResult.OK, RunResult.WARNING)
+
+# What a run does (the ``kind`` column). Rows from before schema version 2 are pulls.
+KIND_PULL: Final = "pull"
+KIND_MAINTAIN: Final = "maintain"
+KIND_RESTORE: Final = "restore"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One step of a maintenance run: ``prune``, ``compact``, ``check`` or ``accept``.
+
+    ``detail`` is a short human-readable text (what was removed, freed, found).
+    """
+
+    operation: str
+    started: datetime
+    finished: datetime
+    result: RunResult
+    exit_code: int | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,11 +250,28 @@ class RunRecord:
     stats: RunStats
     error: str | None
     pid: int
+    kind: str = "pull"
 
     @property
     def succeeded(self) -> bool:
         """Whether an archive was created (borg's warnings still leave one behind)."""
         return self.result in _SUCCESSES
+
+
+@dataclass(frozen=True)
+class SentNotification:
+    """One notification as recorded: decided (``pending``), then ``sent`` or ``failed``."""
+
+    id: int
+    client: str
+    kind: str
+    created: datetime
+    run_id: int | None
+    title: str
+    body: str
+    state: str
+    attempts: int
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -268,6 +376,22 @@ def _record(row: sqlite3.Row) -> RunRecord:
         ),
         error=row["error"],
         pid=row["pid"],
+        kind=row["kind"],
+    )
+
+
+def _notification(row: sqlite3.Row) -> SentNotification:
+    return SentNotification(
+        id=row["id"],
+        client=row["client"],
+        kind=row["kind"],
+        created=_from_utc_text(row["created"]),
+        run_id=row["run_id"],
+        title=row["title"],
+        body=row["body"],
+        state=row["state"],
+        attempts=row["attempts"],
+        error=row["error"],
     )
 
 
@@ -282,7 +406,11 @@ def _create_private_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+        # lstat, not stat: a planted symlink is refused, never followed by chmod. Between the
+        # check and the chmod only we (or root) can swap it: the directory passed
+        # ensure_private_dir.
+        info = check_private_file(path)
+        if stat.S_IMODE(info.st_mode) & 0o077:
             path.chmod(0o600)
         return
     os.close(fd)  # a brand-new file: no SQLite connection can have locks on it yet
@@ -303,7 +431,7 @@ class History:
     @classmethod
     def open(cls, state_dir: Path) -> History:
         """Open (creating and migrating as needed) the history in *state_dir*."""
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(state_dir)  # refuses (never chmods) a shared or foreign one
         path = state_dir / DB_FILENAME
         _create_private_file(path)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
@@ -331,14 +459,19 @@ class History:
     ) -> None:
         self.close()
 
-    def start_run(self, client: str, trigger: str, started: datetime | None = None) -> int:
-        """Record that a run of *client* begins now (or at *started*); returns its id."""
+    def start_run(
+        self, client: str, trigger: str, started: datetime | None = None, *, kind: str = KIND_PULL
+    ) -> int:
+        """Record that a run of *client* begins now (or at *started*); returns its id.
+
+        *kind* is what the run does: ``pull`` (the default), ``maintain`` or ``restore``.
+        """
         me = ProcessIdentity.current()  # per call: a forked child records its own pid
         when = _now() if started is None else started
         with _write(self._conn):
             cursor = self._conn.execute(
-                "INSERT INTO runs (client, trigger, started, result, pid, pid_start, boot_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (client, trigger, started, result, pid, pid_start, boot_id,"
+                " kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     client,
                     trigger,
@@ -347,6 +480,7 @@ class History:
                     me.pid,
                     me.start_ticks,
                     me.boot_id,
+                    kind,
                 ),
             )
         run_id = cursor.lastrowid
@@ -431,12 +565,21 @@ class History:
         row = self._conn.execute(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()  # noqa: S608 - constant column list
         return _record(row) if row is not None else None
 
-    def last_runs(self, client: str, limit: int = 10) -> list[RunRecord]:
-        """The *limit* most recently started runs of *client*, newest first."""
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM runs WHERE client = ? {_NEWEST_FIRST} LIMIT ?",  # noqa: S608 - constants only
-            (client, limit),
-        ).fetchall()
+    def last_runs(
+        self, client: str, limit: int = 10, *, kind: str | None = None
+    ) -> list[RunRecord]:
+        """The *limit* most recently started runs of *client*, newest first (only *kind*)."""
+        if kind is None:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE client = ? {_NEWEST_FIRST} LIMIT ?",  # noqa: S608 - constants only
+                (client, limit),
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE client = ? AND kind = ?"  # noqa: S608 - constants only
+                f" {_NEWEST_FIRST} LIMIT ?",
+                (client, kind, limit),
+            ).fetchall()
         return [_record(row) for row in rows]
 
     def last_run(self, client: str) -> RunRecord | None:
@@ -445,20 +588,191 @@ class History:
         return runs[0] if runs else None
 
     def last_success(self, client: str) -> RunRecord | None:
-        """The newest run of *client* that created an archive (``ok`` or ``warning``)."""
+        """The newest pull of *client* that created an archive (``ok`` or ``warning``)."""
         row = self._conn.execute(
             f"SELECT {_COLUMNS} FROM runs WHERE client = ? AND result IN (?, ?)"  # noqa: S608 - constants only
-            f" {_NEWEST_FIRST} LIMIT 1",
+            f" AND kind = '{KIND_PULL}' {_NEWEST_FIRST} LIMIT 1",
             (client, *(result.value for result in _SUCCESSES)),
         ).fetchone()
         return _record(row) if row is not None else None
 
-    def archive_ids(self, client: str) -> set[str]:
-        """Every archive id recorded for *client* (verified runs only record one)."""
+    def recorded_archive_ids(self, client: str) -> set[str]:
+        """Every archive id a verified run of *client* recorded."""
         rows = self._conn.execute(
             "SELECT archive_id FROM runs WHERE client = ? AND archive_id IS NOT NULL", (client,)
         ).fetchall()
         return {row["archive_id"] for row in rows}
+
+    # --- maintenance -----------------------------------------------------------------------
+
+    def record_operation(self, run_id: int, client: str, operation: Operation) -> None:
+        """Record one finished maintenance step (prune, compact, check, accept) of run *run_id*."""
+        with _write(self._conn):
+            self._conn.execute(
+                "INSERT INTO operations (run_id, client, operation, started, finished, result,"
+                " exit_code, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    client,
+                    operation.operation,
+                    _utc_text(operation.started),
+                    _utc_text(operation.finished),
+                    RunResult(operation.result).value,
+                    operation.exit_code,
+                    operation.detail,
+                ),
+            )
+
+    def last_operation(
+        self, client: str, operation: str, *, succeeded: bool = False
+    ) -> Operation | None:
+        """The newest recorded step *operation* (e.g. ``check``) of *client*; with
+        *succeeded*, the newest that ended ``ok`` or ``warning``."""
+        wanted = _SUCCESSES if succeeded else tuple(RunResult)
+        marks = ", ".join("?" for _ in wanted)
+        row = self._conn.execute(
+            "SELECT operation, started, finished, result, exit_code, detail FROM operations"  # noqa: S608 - placeholders only
+            f" WHERE client = ? AND operation = ? AND result IN ({marks})"
+            " ORDER BY started DESC, id DESC LIMIT 1",
+            (client, operation, *(result.value for result in wanted)),
+        ).fetchone()
+        if row is None:
+            return None
+        return Operation(
+            operation=row["operation"],
+            started=_from_utc_text(row["started"]),
+            finished=_from_utc_text(row["finished"]),
+            result=RunResult(row["result"]),
+            exit_code=row["exit_code"],
+            detail=row["detail"],
+        )
+
+    def record_removals(
+        self, client: str, archives: Iterable[str], reason: str, run_id: int | None
+    ) -> None:
+        """Archives that left the repository with our knowledge: ``pruned`` by our own prune,
+        or ``accepted`` by an administrator after a tamper report."""
+        when = _utc_text(_now())
+        names = list(archives)
+        with _write(self._conn):
+            self._conn.executemany(
+                "INSERT INTO archive_removals (client, archive, reason, run_id, at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(client, name, reason, run_id, when) for name in names],
+            )
+            # A name made again later (by a legitimate pull) starts with a new id.
+            self._conn.executemany(
+                "DELETE FROM archive_ids WHERE client = ? AND archive = ?",
+                [(client, name) for name in names],
+            )
+
+    def archive_ids(self, client: str) -> dict[str, str]:
+        """Archive name -> the id maintenance first saw it with."""
+        rows = self._conn.execute(
+            "SELECT archive, id FROM archive_ids WHERE client = ?", (client,)
+        ).fetchall()
+        return {row["archive"]: row["id"] for row in rows}
+
+    def remember_archive_ids(
+        self, client: str, ids: Mapping[str, str], *, replace: bool = False
+    ) -> None:
+        """Record ids of archives not known yet (``replace``: overwrite, for an accepted
+        replacement)."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        when = _utc_text(_now())
+        with _write(self._conn):
+            self._conn.executemany(
+                f"{verb} INTO archive_ids (client, archive, id, seen) VALUES (?, ?, ?, ?)",
+                [(client, name, archive_id, when) for name, archive_id in ids.items()],
+            )
+
+    def last_removal(self, client: str, reason: str) -> datetime | None:
+        """When archives of *client* were last removed for *reason* (``pruned``, ``accepted``)."""
+        row = self._conn.execute(
+            "SELECT MAX(at) AS at FROM archive_removals WHERE client = ? AND reason = ?",
+            (client, reason),
+        ).fetchone()
+        return _from_utc_text(row["at"]) if row is not None and row["at"] else None
+
+    def expected_archives(self, client: str) -> set[str]:
+        """Archives that should be in *client*'s repository: those successful pulls created,
+        minus those removed with our knowledge since (a name created again later counts again).
+        """
+        created: dict[str, str] = {}
+        for row in self._conn.execute(
+            "SELECT archive, COALESCE(finished, started) AS at FROM runs"
+            " WHERE client = ? AND kind = ? AND archive IS NOT NULL AND result IN (?, ?)",
+            (client, KIND_PULL, *(result.value for result in _SUCCESSES)),
+        ):
+            created[row["archive"]] = max(created.get(row["archive"], ""), row["at"])
+        for row in self._conn.execute(
+            "SELECT archive, MAX(at) AS at FROM archive_removals WHERE client = ? GROUP BY archive",
+            (client,),
+        ):
+            if row["archive"] in created and created[row["archive"]] <= row["at"]:
+                del created[row["archive"]]
+        return set(created)
+
+    def result_counts(self) -> dict[tuple[str, RunResult], int]:
+        """(client, result) -> how many finished runs: the ``runs_total`` metric."""
+        rows = self._conn.execute(
+            "SELECT client, result, count(*) AS n FROM runs WHERE result != ?"
+            " GROUP BY client, result",
+            (RunResult.RUNNING.value,),
+        ).fetchall()
+        return {(row["client"], RunResult(row["result"])): row["n"] for row in rows}
+
+    # --- notifications ---------------------------------------------------------------
+
+    def add_notification(
+        self,
+        client: str,
+        kind: str,
+        title: str,
+        body: str,
+        *,
+        run_id: int | None = None,
+        created: datetime | None = None,
+    ) -> int:
+        """Record a decided notification as ``pending`` before it is sent; returns its id."""
+        when = _now() if created is None else created
+        with _write(self._conn):
+            cursor = self._conn.execute(
+                "INSERT INTO notifications (client, kind, created, run_id, title, body, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                (client, kind, _utc_text(when), run_id, title, body),
+            )
+        if cursor.lastrowid is None:  # pragma: no cover - sqlite always sets it
+            raise HistoryError("SQLite did not report the new notification's id")
+        return cursor.lastrowid
+
+    def finish_notification(
+        self, notification_id: int, state: str, *, attempts: int, error: str | None = None
+    ) -> None:
+        """``sent``, ``failed`` (every attempt failed) or ``muted`` (deliberately not sent)."""
+        if state not in {"sent", "failed", "muted"}:
+            raise ValueError(f"a notification cannot finish as {state!r}")
+        with _write(self._conn):
+            self._conn.execute(
+                "UPDATE notifications SET state = ?, attempts = ?, finished = ?, error = ?"
+                " WHERE id = ?",
+                (state, attempts, _utc_text(_now()), error, notification_id),
+            )
+
+    def notifications(self, client: str, limit: int = 100) -> list[SentNotification]:
+        """The client's notifications, newest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM notifications WHERE client = ? ORDER BY id DESC LIMIT ?",
+            (client, limit),
+        ).fetchall()
+        return [_notification(row) for row in rows]
+
+    def pending_notifications(self) -> list[SentNotification]:
+        """Decided but never finished (the process stopped while sending), oldest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM notifications WHERE state = 'pending' ORDER BY id"
+        ).fetchall()
+        return [_notification(row) for row in rows]
 
     def clients(self) -> list[str]:
         """Every client that has at least one recorded run, sorted."""

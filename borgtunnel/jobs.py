@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
-from borgtunnel.pull import PullOutcome, State, pull
+from borgtunnel.maintenance.sanity import sanity_warning
+from borgtunnel.pull import ProgressCallback, PullOutcome, State, pull
+from borgtunnel.reporting import hooks
 
 log = structlog.get_logger("borgtunnel.jobs")
 
@@ -38,6 +41,8 @@ async def run_recorded(
     wait: bool = False,
     history: History | None = None,
     time_limit: float | None = None,
+    after: Callable[[PullOutcome, History], Awaitable[None]] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     """Lock, record start, pull, record the end (``interrupted`` when cancelled).
 
@@ -45,6 +50,8 @@ async def run_recorded(
     ``time_limit`` (default: the client's ``timeout``, seconds) limits the pull itself, not the
     wait for the lock; a run over it is cancelled, cleaned up like any cancellation, and recorded
     ``failed``. ``interrupted`` is kept for runs that a stop or a crash cut short.
+    ``after`` runs once the pull is recorded ok or warning, still under the lock (the daemon's
+    maintenance: never a pull and a prune of one repository at once).
     """
     if time_limit is None:
         time_limit = client.timeout
@@ -54,7 +61,12 @@ async def run_recorded(
     try:
         try:
             async with client_lock(state_dir, client.name, wait=wait):
-                return await _pull_recorded(config, client, trigger, db, time_limit)
+                outcome = await _pull_recorded(
+                    config, client, trigger, db, time_limit, progress=progress
+                )
+                if after is not None and outcome.result in (RunResult.OK, RunResult.WARNING):
+                    await after(outcome, db)
+                return outcome
         except ClientBusy as exc:
             outcome = busy_outcome(client, exc)
             log.warning("client_busy", client=client.name, holder_pid=exc.pid)
@@ -65,14 +77,23 @@ async def run_recorded(
 
 
 async def _pull_recorded(
-    config: Config, client: ClientConfig, trigger: str, db: History, time_limit: float | None
+    config: Config,
+    client: ClientConfig,
+    trigger: str,
+    db: History,
+    time_limit: float | None,
+    *,
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     run_id = db.start_run(client.name, trigger)
     started = time.monotonic()
     limit = asyncio.timeout(time_limit)
     try:
         async with limit:
-            outcome = await pull(config, client, known_ids=db.archive_ids(client.name))
+            # before hooks run inside the time limit: a hung hook is a hung run.
+            outcome = await hooks.run_before(config, client) or await pull(
+                config, client, known_ids=db.recorded_archive_ids(client.name), progress=progress
+            )
     except TimeoutError:
         if not limit.expired():
             raise
@@ -102,6 +123,7 @@ async def _pull_recorded(
             duration=time.monotonic() - started,
             internal_error=True,
         )
+    _check_sanity(client, db, outcome)
     stats = outcome.stats
     db.finish_run(
         run_id,
@@ -118,7 +140,33 @@ async def _pull_recorded(
         ),
         error=outcome.error,
     )
+    outcome.run_id = run_id
+    await hooks.run_after(config, client, outcome)
     return outcome
+
+
+def _check_sanity(client: ClientConfig, db: History, outcome: PullOutcome) -> None:
+    """A verified archive with 0 files, or much smaller than the previous one, is a warning."""
+    stats = outcome.stats
+    if stats is None or outcome.result not in (RunResult.OK, RunResult.WARNING):
+        return
+    previous = db.last_success(client.name)
+    reason = sanity_warning(
+        stats.nfiles,
+        stats.original_size,
+        previous.stats.nfiles if previous else None,
+        previous.stats.original_size if previous else None,
+        client.max_shrink,
+    )
+    if reason is None:
+        return
+    log.warning("archive_suspicious", client=client.name, archive=stats.archive, reason=reason)
+    outcome.result = RunResult.WARNING
+    outcome.suspicious = reason
+    outcome.warnings.append(reason)
+    outcome.warning_count += 1
+    if outcome.error is None:
+        outcome.error = reason
 
 
 __all__ = ["PullOutcome", "State", "busy_outcome", "run_recorded"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from borgtunnel import borg
 from borgtunnel.localborg import run_local_borg
+from borgtunnel.privatedir import ensure_private_dir
 
 
 class KeyGuardError(Exception):
@@ -77,7 +78,7 @@ async def save_key_copy(borg_cmd: str, repository: Path, state_dir: Path, client
     target = key_path(state_dir, client)
     if target.exists() or repository_key_blob(repository) is None:
         return target.exists()
-    target.parent.mkdir(mode=0o700, exist_ok=True)
+    ensure_private_dir(target.parent)  # state_dir/keys: refused, never chmodded, if shared
     partial = target.with_suffix(".partial")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()

@@ -1,56 +1,68 @@
-"""The one place that runs the server's own borg on a repository it holds.
+"""The one place that executes the server's own borg on a repository it holds: init, the
+verification of a pull, the key guard, list, prune, compact, check.
 
-Used for ``init``, for verifying what a pull wrote and for guarding the repository key. The
-passphrase goes through a pipe named by BORG_PASSPHRASE_FD, so it is in no argv and no
-environment. borg's own state (cache, security dir, key files) lives under ``state_dir/borg``
-rather than in the service user's home, which the systemd units hide (``ProtectHome=yes``).
+The passphrase goes through a pipe named by BORG_PASSPHRASE_FD: never an argv, never the
+environment. borg's config and cache live under ``<state_dir>/borg`` so that the daemon (whose
+unit has ProtectHome=yes) and a one-shot command share them, and tests stay inside their tmp dir.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# borg's --json of one archive is a few kB; a repository listing of thousands of archives fits
-# easily. Anything beyond is not something we asked for and is not kept.
-MAX_OUTPUT = 16 * 1024 * 1024
+from borgtunnel import borg, borgexit
+from borgtunnel.privatedir import ensure_private_dir
+
+LineCallback = Callable[[borg.LogLine], None]
+
+BORG_DIRNAME = "borg"
+# SIGTERM -> SIGKILL when a caller is cancelled (server.serve_stop_timeout's default).
+DEFAULT_STOP_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
 class LocalResult:
-    status: int
+    """What one local borg run returned."""
+
+    status: int | None
     stdout: str
-    stderr: str
+    errors: tuple[str, ...]
+    messages: tuple[str, ...]
+
+    @property
+    def outcome(self) -> borg.Outcome:
+        # The server's own borg is never asked for modern codes: 0/1/2, anything else a failure.
+        return borgexit.classify_exit(self.status, modern=False)
 
     def error_text(self) -> str:
-        """borg's last stderr lines: the reason to show when it failed."""
-        lines = [line for line in self.stderr.strip().splitlines() if line.strip()]
-        return " / ".join(lines[-3:]) or f"exit status {self.status}"
+        # Without --log-json borg's error is a plain line, which parse_log_line files as a
+        # message rather than an error: fall back to the last thing it said.
+        detail = (self.errors or self.messages or ("no error message",))[-1]
+        return f"status {self.status}: {detail}"
 
 
-def borg_base_dir(state_dir: Path) -> Path:
-    return state_dir / "borg"
-
-
-def local_env(state_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def local_env(state_dir: Path, *, encrypted: bool, read_fd: int | None) -> dict[str, str]:
     env = {
         **os.environ,
-        "BORG_BASE_DIR": str(borg_base_dir(state_dir)),
-        "BORG_DISPLAY_PASSPHRASE": "no",
-        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
-        # The server names its repositories by the configured path; a moved repository is the
-        # administrator's doing, not an attack through a client.
-        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+        "BORG_BASE_DIR": str(state_dir / BORG_DIRNAME),
         "PYTHONUTF8": "1",
         "LANG": "C.UTF-8",
+        "BORG_DISPLAY_PASSPHRASE": "no",
+        # The server owns these repositories; no question can be answered by anyone.
+        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
+        "BORG_HOSTNAME_IS_UNIQUE": "yes",
     }
-    # A passphrase must never come from our own environment by accident.
-    for key in ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE"):
-        env.pop(key, None)
-    env.update(extra or {})
+    env.pop("BORG_PASSPHRASE", None)
+    env.pop("BORG_PASSCOMMAND", None)
+    if encrypted and read_fd is not None:
+        env["BORG_PASSPHRASE_FD"] = str(read_fd)
     return env
 
 
@@ -59,43 +71,76 @@ async def run_local_borg(
     *,
     state_dir: Path,
     passphrase: bytes | None,
-    env: Mapping[str, str] | None = None,
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    on_line: LineCallback | None = None,
 ) -> LocalResult:
-    """Run ``argv`` (a server-side borg command) to completion; stdout and stderr captured."""
-    borg_base_dir(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    full_env = local_env(state_dir, env)
-    pass_fds: tuple[int, ...] = ()
+    """Run ``argv``; stderr (``--log-json`` lines) goes to ``on_line`` and is summarised.
+
+    Cancelled: borg gets SIGTERM (it closes the repository and releases its lock), SIGKILL after
+    ``stop_timeout``; then the cancellation propagates.
+    """
+    ensure_private_dir(state_dir / BORG_DIRNAME)  # under state_dir: refused, never chmodded
     read_end = -1
+    pass_fds: tuple[int, ...] = ()
     if passphrase is not None:
         read_end, write_end = os.pipe()
         # A passphrase is far below the pipe buffer (64 KiB), so this write cannot block.
         with os.fdopen(write_end, "wb") as writer:
             writer.write(passphrase)
-        full_env["BORG_PASSPHRASE_FD"] = str(read_end)
         pass_fds = (read_end,)
+    env = local_env(
+        state_dir, encrypted=passphrase is not None, read_fd=read_end if pass_fds else None
+    )
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
-            env=full_env,
+            env=env,
             pass_fds=pass_fds,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C on our terminal is ours to handle, not borg's
         )
     finally:
         if read_end >= 0:
             os.close(read_end)
+    errors: list[str] = []
+    messages: list[str] = []
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None  # noqa: S101 - we asked for a pipe
+        async for raw in process.stderr:
+            parsed = borg.parse_log_line(raw.decode("utf-8", "replace"))
+            if parsed is None:
+                continue
+            messages.append(parsed.message)
+            if parsed.level == "error":
+                errors.append(parsed.message)
+            if on_line is not None:
+                on_line(parsed)
+
+    async def read_stdout() -> bytes:
+        assert process.stdout is not None  # noqa: S101 - we asked for a pipe
+        return await process.stdout.read()
+
     try:
-        stdout, stderr = await process.communicate()
+        stdout, _ = await asyncio.gather(read_stdout(), read_stderr())
+        status = await process.wait()
     except asyncio.CancelledError:
-        # A cancelled caller must not leave a borg holding the repository lock.
-        if process.returncode is None:
-            process.terminate()
-        await asyncio.shield(process.wait())
+        await _stop(process, stop_timeout)
         raise
-    status = process.returncode if process.returncode is not None else 2
-    return LocalResult(
-        status,
-        stdout[:MAX_OUTPUT].decode("utf-8", "replace"),
-        stderr[-MAX_OUTPUT:].decode("utf-8", "replace"),
-    )
+    return LocalResult(status, stdout.decode("utf-8", "replace"), tuple(errors), tuple(messages))
+
+
+async def _stop(process: asyncio.subprocess.Process, stop_timeout: float) -> None:
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(stop_timeout):
+            await process.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()

@@ -35,6 +35,8 @@ import fcntl
 import os
 from typing import TYPE_CHECKING, Self
 
+from borgtunnel.privatedir import ensure_private_dir
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
@@ -119,7 +121,7 @@ def lock_path(state_dir: Path, client: str) -> Path:
 
 def _open_lock_file(path: Path) -> int:
     """Open (creating if needed) the lock file: 0600 in a 0700 directory, close-on-exec."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)  # state_dir/locks: refused (never chmodded) if shared
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     return os.open(path, flags, 0o600)
 

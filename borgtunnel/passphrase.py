@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import signal
 import stat
 
@@ -40,19 +41,44 @@ def _from_file(client: ClientConfig) -> bytes:
     path = client.passphrase_file
     assert path is not None  # noqa: S101 - checked by the caller
     try:
-        info = path.stat()
-        value = path.read_bytes()
+        # fstat of the descriptor we read: the checked file is the file read (no swap between).
+        with path.open("rb") as handle:
+            info = os.fstat(handle.fileno())
+            value = handle.read()
     except OSError as exc:
         raise PassphraseError(f"passphrase_file {path}: {exc.strerror or exc}") from None
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise PassphraseError(
-            f"passphrase_file {path} is readable by group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 0600 it"
-        )
+    _check_private(path, info)
     value = _strip_newline(value)
     if not value:
         raise PassphraseError(f"passphrase_file {path} is empty")
     return value
+
+
+def _check_private(path: object, info: os.stat_result) -> None:
+    """Only the running user (or root) may own it, and nobody else may read or write it.
+
+    A file another user owns can be rewritten by them at any time (a passphrase of their choice
+    would encrypt the next repository we create), or chmodded open after we checked.
+    """
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in {os.geteuid(), 0}:
+        raise PassphraseError(
+            f"passphrase_file {path} is owned by {_user_name(info.st_uid)}, not by "
+            f"{_user_name(os.geteuid())} (or root) (mode {mode:04o}); "
+            f"chown {_user_name(os.geteuid())} it"
+        )
+    if mode & 0o077:
+        raise PassphraseError(
+            f"passphrase_file {path} is accessible by group or others "
+            f"(owner {_user_name(info.st_uid)}, mode {mode:04o}); chmod 0600 it"
+        )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 async def _from_command(command: str, client: str) -> bytes:

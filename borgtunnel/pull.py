@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -113,14 +113,21 @@ class PullOutcome:
     link_lost: bool = False
     # borgtunnel itself failed (a bug): exit 70, never read as "warnings only".
     internal_error: bool = False
+    # Set after verification when the archive looks wrong (0 files, a large drop): the daemon
+    # then does not prune after it (borgtunnel/maintenance/sanity.py).
+    suspicious: str | None = None
+    # A `before` hook stopped the run (failed, or exit 75 for skipped): no pull was attempted.
+    hook_failed: bool = False
+    # The history row of this run (set by jobs.run_recorded; None for a busy client).
+    run_id: int | None = None
 
     @property
     def exit_code(self) -> int:
         """CLI meaning: 0 ok (verified), 1 verified with warnings, 2 failed or interrupted,
-        70 internal error."""
+        70 internal error, 75 skipped by a before hook."""
         if self.internal_error:
             return EXIT_INTERNAL
-        return {RunResult.OK: 0, RunResult.WARNING: 1}.get(self.result, 2)
+        return {RunResult.OK: 0, RunResult.WARNING: 1, RunResult.SKIPPED: 75}.get(self.result, 2)
 
     def summary(self) -> str:
         """The one line per client that `borgtunnel pull` prints."""
@@ -149,13 +156,23 @@ def _size(n: int) -> str:
     return f"{n}B"  # pragma: no cover - loop always returns
 
 
+ProgressCallback = Callable[[borg.Progress], None]
+
+
 class _Run:
     """Mutable bookkeeping of the pull in progress."""
 
-    def __init__(self, config: Config, client: ClientConfig, known_ids: Collection[str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        client: ClientConfig,
+        known_ids: Collection[str],
+        progress: ProgressCallback | None = None,
+    ) -> None:
         self.config = config
         self.client = client
         self.known_ids = known_ids
+        self.progress = progress
         self.outcome = PullOutcome(client=client.name)
         self.log = log.bind(client=client.name)
         self.errors: list[str] = []
@@ -166,6 +183,9 @@ class _Run:
         self.known_borg = clientborg.known_version(config.server.state_dir, client.name)
         self.modern_exit_codes = self.known_borg is not None and self.known_borg.modern_exit_codes
         self.seen_borg: clientborg.BorgVersion | None = None
+        # The exception line of a traceback borg logged (e.g. "OSError: [Errno 28] No space left
+        # on device"): borg logs its system info after it, which says nothing about the cause.
+        self.exception: str | None = None
         self.lines_seen = 0
         self.stdout = ""
 
@@ -182,6 +202,9 @@ class _Run:
             self.remote_pid = parse_pid_line(line)
             if self.remote_pid is not None:
                 return
+        if self.progress is not None and (figures := borg.parse_progress(line)) is not None:
+            with contextlib.suppress(Exception):  # a display problem must not break the pull
+                self.progress(figures)
         parsed = borg.parse_log_line(line)
         if parsed is None:
             return
@@ -193,6 +216,9 @@ class _Run:
             self._keep(self.outcome.warnings, parsed.message)
         elif parsed.level == "error":
             self._keep(self.errors, parsed.message)
+            if "Traceback (most recent call last)" in parsed.message:
+                lines = [x.strip() for x in parsed.message.splitlines() if x.strip()]
+                self.exception = lines[-1].removeprefix("Borg server: ")
         self.lines_seen += 1
         if self.lines_seen == MAX_LOGGED_LINES:
             self.log.warning("remote_lines_not_logged", after=MAX_LOGGED_LINES)
@@ -204,15 +230,20 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 async def pull(
-    config: Config, client: ClientConfig, *, known_ids: Collection[str] = ()
+    config: Config,
+    client: ClientConfig,
+    *,
+    known_ids: Collection[str] = (),
+    progress: ProgressCallback | None = None,
 ) -> PullOutcome:
     """Pull one archive from ``client``. Operational failures are reported in the outcome.
 
     ``known_ids`` are the archive ids earlier runs recorded: a client naming one of them has
     not written a new archive. Cancellation (daemon shutdown, timeout) runs the full cleanup
-    and is then re-raised; the caller records the run as interrupted.
+    and is then re-raised; the caller records the run as interrupted. ``progress`` gets borg's
+    live figures (a terminal's display).
     """
-    run = _Run(config, client, known_ids)
+    run = _Run(config, client, known_ids, progress)
     started = time.monotonic()
     run.log.info("pull_started", host=client.host, repository=str(client.repository))
     try:
@@ -509,7 +540,9 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     ):
         return meaning  # the shell's word: borg never started, there is nothing else to say
     parts = [meaning]
-    if run.errors:
+    if run.exception:
+        parts.append(run.exception)
+    elif run.errors:
         parts.append(run.errors[-1])
     elif run.outcome.warnings:  # plain text (a shell, nc) is kept as a warning
         parts.append(run.outcome.warnings[-1])

@@ -4,9 +4,9 @@ A pull is ONE remote command (every extra exec costs an SSH channel open plus a 
 start — 0.1 s on a client whose ~/.bashrc does work — and the unchanged-data pull is dominated by
 such fixed costs). The command speaks a tiny line protocol on stderr/stdin:
 
-1. it prepares the socket directory (resolve ``~``; create 0700; refuse a symlink, a directory
-   owned by someone else or a shared sticky one; remove a stale socket, which sshd never unlinks;
-   pick ``nc -N -U`` or ``socat``) and prints ``borgtunnel-ready TOOL PATH`` on stderr;
+1. it prepares the socket directory (resolve ``~``; create a missing one 0700; refuse, never
+   chmod, an unsafe one — see "Directories" below; remove a stale socket, which sshd never
+   unlinks; pick ``nc -N -U`` or ``socat``) and prints ``borgtunnel-ready TOOL PATH`` on stderr;
 2. it waits for a line ``go`` on stdin — sent once the server holds the reverse forward at PATH —
    and hands the rest of stdin (the passphrase, if any) to borg;
 3. it starts borg, prints ``borgtunnel-pid N`` (so an abandoned run can be stopped by pid), waits
@@ -19,10 +19,35 @@ socket and pid file while it still owns them, so an old run ending late never de
 run's forwarded socket.
 
 If stdin closes without ``go`` (the forward failed) the script exits without running borg.
+
+Login shells. sshd hands the command to the login user's shell (``$SHELL -c COMMAND``) and the
+shells disagree about quoting: fish reads ``\\`` and ``\'`` inside single quotes as escapes,
+tcsh refuses a newline inside quotes and expands ``!`` even there. So no script text and no
+value (paths, excludes, archive name, borg argv) is ever put on the command line as such: the
+script, preceded by ``set -- ARG…`` quoted for POSIX sh, travels base64-encoded inside one
+single-quoted word, and the only shell that parses it is ``sh`` on the client::
+
+    sh -c 'command -v base64 … || exit 74; c=$(printf %s BASE64 | base64 -d) && eval "$c"'
+
+Every character of that line is in ``COMMAND_CHARSET`` — letters, digits, blanks and
+``$(){}|;&>"%+/=-._:`` — none of which bash, dash, zsh, fish or tcsh treat specially inside
+single quotes, so each of them passes the word to ``sh`` unchanged (``encoded_command`` asserts
+it). A shell that mangled it would hand ``base64 -d`` garbage, which fails, and ``&&`` then
+runs nothing. Cost: one ``base64`` process and a third more bytes, still one exec.
+
+Directories. The prepare step never changes the mode of a directory. A missing socket
+directory (and missing parents) is created 0700. The socket directory must be a real
+directory (no symlink) owned by the login user and not writable by group or others; every
+component above it, up to ``/``, must be owned by root or the user, and one writable by group
+or others must be sticky (``/tmp``: the kernel then lets nobody else rename the user's or root's
+entry in it). Symlinks on the way are owner-checked, and the real path (``cd -P``) is checked by
+the same rule. The existing part of the chain is checked before anything is created. This is
+OpenSSH's StrictModes rule except for sticky ancestors (see borgtunnel/privatedir.py).
 """
 
 from __future__ import annotations
 
+import base64
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +65,8 @@ class RunExit(IntEnum):
     SHARED_DIR = 70
     TOO_LONG = 71
     NO_GO = 72
+    UNSAFE_ANCESTOR = 73
+    NO_BASE64 = 74
 
 
 READY_PREFIX = "borgtunnel-ready "
@@ -50,6 +77,7 @@ GO = b"go\n"
 # argv. Messages go to stderr; the server shows them as the reason of a failed pull.
 RUN_SCRIPT = r"""
 set -u
+set -f
 p=$1; rsh_nc=$2; rsh_socat=$3; shift 3
 case $p in "~/"*) p=$HOME/${p#"~/"} ;; esac
 if [ ${#p} -gt 100 ]; then
@@ -57,20 +85,72 @@ if [ ${#p} -gt 100 ]; then
 fi
 d=${p%/*}
 [ -n "$d" ] || d=/
-if [ -L "$d" ]; then echo "borgtunnel: socket directory $d is a symlink; refusing" >&2; exit 65; fi
-if [ ! -e "$d" ]; then
+me=$(id -u)
+sl=0
+# m (mode string) and o (owner uid) of $1, a symlink itself rather than its target.
+inspect() {
+  l=$(LC_ALL=C ls -ldn -- "$1" 2>/dev/null) || return 1
+  set -- $l
+  m=$1; o=$3
+}
+# Every component above $1 up to /: owned by root or us; writable by group or others only if
+# sticky (nobody else may then rename our or root's entry in it). $2 is the directory we need.
+check_above() {
+  c=$1
+  while :; do
+    c=${c%/*}; [ -n "$c" ] || c=/
+    if ! inspect "$c"; then
+      echo "borgtunnel: cannot inspect $c (on the way to $2)" >&2; return 73
+    fi
+    if [ "$o" != 0 ] && [ "$o" != "$me" ]; then
+      echo "borgtunnel: $c (on the way to $2) is owned by uid $o," \
+        "neither root nor $(id -un); refusing" >&2
+      return 73
+    fi
+    case $m in
+      l*) sl=1 ;;
+      d????????[tT]*) ;;
+      d????w*|d???????w*)
+        echo "borgtunnel: $c (on the way to $2) is writable by group or others" \
+          "and not sticky; refusing" >&2
+        return 73 ;;
+      d*) ;;
+      *) echo "borgtunnel: $c (on the way to $2) is not a directory" >&2; return 73 ;;
+    esac
+    [ "$c" = / ] && return 0
+  done
+}
+# The same rule along the real path of the existing directory $1, if check_above met a symlink
+# (sl=1; the usual path has none, and every ls costs a fork on the client).
+check_real() {
+  [ "$sl" = 1 ] || return 0
+  r=$(CDPATH='' cd -P -- "$1" 2>/dev/null && pwd -P && echo .) || {
+    echo "borgtunnel: cannot resolve $1" >&2; return 73; }
+  r=${r%.}; r=${r%?}
+  check_above "$r/x" "$2"
+}
+e=$d
+while [ ! -e "$e" ] && [ ! -L "$e" ]; do e=${e%/*}; [ -n "$e" ] || e=/; done
+if [ "$e" != "$d" ]; then
+  check_above "$e/x" "$d" || exit 73
+  if [ -d "$e" ]; then check_real "$e" "$d" || exit 73; fi
+  sl=0
   (umask 077 && mkdir -p -- "$d") || { echo "borgtunnel: cannot create $d" >&2; exit 66; }
 fi
+if [ -L "$d" ]; then echo "borgtunnel: socket directory $d is a symlink; refusing" >&2; exit 65; fi
+if [ ! -d "$d" ]; then echo "borgtunnel: $d is not a directory" >&2; exit 66; fi
 if [ ! -O "$d" ]; then
   echo "borgtunnel: socket directory $d is not owned by $(id -un); refusing" >&2; exit 67
 fi
-if [ -n "$(find "$d" -maxdepth 0 -perm /077 2>/dev/null)" ]; then
-  if [ -k "$d" ]; then
-    echo "borgtunnel: socket directory $d is a shared sticky directory; use a private one" >&2
-    exit 70
-  fi
-  chmod 0700 -- "$d" || exit 66
-fi
+inspect "$d" || { echo "borgtunnel: cannot inspect $d" >&2; exit 66; }
+case $m in
+  d????w*|d???????w*)
+    echo "borgtunnel: socket directory $d is writable by group or others" \
+      "(a shared directory); use a private one (0700 or 0755)" >&2
+    exit 70 ;;
+esac
+check_above "$d" "$d" || exit 73
+check_real "$d" "$d" || exit 73
 if [ -S "$p" ]; then
   rm -f -- "$p"
 elif [ -e "$p" ] || [ -L "$p" ]; then
@@ -115,11 +195,33 @@ exit "$s"
 """
 
 
+# Characters of the command line the login shell sees. None is special inside single quotes in
+# bash, dash, zsh, fish or tcsh (no quote, backslash, "!", newline); base64 needs only A-Za-z0-9+/=.
+COMMAND_CHARSET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 $(){}|;&>\"%+/=-._:'"
+)
+
+_DECODER = (
+    "sh -c 'command -v base64 >/dev/null 2>&1 || "
+    '{ echo "borgtunnel: the client has no base64 (coreutils); install it" >&2; exit 74; }; '
+    'c=$(printf %s {payload} | base64 -d) && eval "$c"\''
+)
+
+
+def encoded_command(script: str, args: Sequence[str]) -> str:
+    """A command line that runs ``script`` with ``args`` as "$@" under POSIX sh, whatever the
+    login shell: both travel base64-encoded, so the login shell sees no value and no quoting."""
+    program = f"set -- {shlex.join(args)}\n{script}" if args else script
+    payload = base64.b64encode(program.encode("utf-8", "surrogateescape")).decode("ascii")
+    command = _DECODER.replace("{payload}", payload)
+    if not COMMAND_CHARSET.issuperset(command) or command.count("'") != 2:
+        raise AssertionError(f"remote command has a character some login shell reads: {command!r}")
+    return command
+
+
 def run_command(configured_path: str, rsh_nc: str, rsh_socat: str, argv: Sequence[str]) -> str:
     """The whole remote side of a pull as one command line; every value is an argument."""
-    return shlex.join(
-        ["sh", "-c", RUN_SCRIPT, "borgtunnel-run", configured_path, rsh_nc, rsh_socat, *argv]
-    )
+    return encoded_command(RUN_SCRIPT, [configured_path, rsh_nc, rsh_socat, *argv])
 
 
 @dataclass(frozen=True)
@@ -148,26 +250,28 @@ def parse_pid_line(line: str) -> int | None:
 
 
 def remove_command(*paths: str) -> str:
-    return shlex.join(["rm", "-f", "--", *paths])
+    return encoded_command('rm -f -- "$@"', paths)
 
 
 # Only signal the pid if it is still a borg (pid reuse); without /proc, trust the short window.
-_KILL_SCRIPT = r"""
-if [ -r "/proc/$1/cmdline" ] && ! tr '\0' ' ' < "/proc/$1/cmdline" | grep -q borg; then exit 0; fi
-kill -TERM "$1" 2>/dev/null
-exit 0
+# $1 is the pid ("" when borg never started), the rest are the files to remove.
+_CLEANUP_SCRIPT = r"""
+pid=$1; shift
+if [ -n "$pid" ]; then
+  if [ -r "/proc/$pid/cmdline" ] && ! tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q borg; then
+    :
+  else
+    kill -TERM "$pid" 2>/dev/null
+  fi
+fi
+rm -f -- "$@"
 """
 
 
 def cleanup_command(pid: int | None, path: str) -> str:
     """For an abandoned run: SIGTERM borg (closing a channel does not kill a non-pty process,
     and OpenSSH < 10 refuses signal requests for root), then remove the socket. One exec."""
-    kill = (
-        shlex.join(["sh", "-c", _KILL_SCRIPT, "borgtunnel-kill", str(pid)])
-        if pid is not None
-        else "true"
-    )
-    return f"{kill}; {remove_command(path, path + '.pid')}"
+    return encoded_command(_CLEANUP_SCRIPT, ["" if pid is None else str(pid), path, path + ".pid"])
 
 
 def ready_path_matches(configured: str, reported: str) -> bool:

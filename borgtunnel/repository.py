@@ -26,7 +26,7 @@ async def init_repository(config: Config, client: ClientConfig) -> int:
     bound = log.bind(client=client.name, repository=str(client.repository))
     if result.status != 0:
         bound.error("repository_init_failed", status=result.status, output=result.error_text())
-        return result.status
+        return result.status if result.status is not None else 2
     bound.info("repository_initialised", encryption=client.encryption)
     saved = await keyguard.save_key_copy(
         server.borg, client.repository, server.state_dir, client.name

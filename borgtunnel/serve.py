@@ -12,15 +12,27 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import secrets
 import signal
 import socket
 import stat
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+
+from borgtunnel.privatedir import check_private_dir, ensure_private_dir
+
+__all__ = [
+    "BorgServeListener",
+    "SocketInUseError",
+    "bind_unix_socket",
+    "ensure_private_dir",
+    "pull_socket",
+    "sweep_stale_sockets",
+]
 
 log = structlog.get_logger("borgtunnel.serve")
 
@@ -34,23 +46,6 @@ class SocketInUseError(Exception):
 
     def __str__(self) -> str:
         return f"{self.path}: another process is listening on this socket; not taking it over"
-
-
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` 0700 or check an existing one is ours and private.
-
-    Refuses a symlink or a directory owned by someone else: whoever controls the directory could
-    swap our socket for theirs and receive the client's repository traffic.
-    """
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
-    info = path.lstat()
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise PermissionError(f"{path}: socket directory is not a plain directory")
-    if info.st_uid != os.geteuid():
-        raise PermissionError(f"{path}: socket directory is owned by uid {info.st_uid}, not us")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        path.chmod(0o700)
 
 
 def _listening(path: Path) -> bool:
@@ -325,6 +320,50 @@ async def run_to_completion(cleanup: Coroutine[object, object, None]) -> None:
         raise
 
 
+_TOKEN_HEX_CHARS = 8  # secrets.token_hex(4) in pull_socket
+
+
+def pull_socket_name(client: str) -> str:
+    return f"{client}.{secrets.token_hex(_TOKEN_HEX_CHARS // 2)}.sock"
+
+
+def sweep_stale_sockets(socket_dir: Path, clients: Iterable[str]) -> list[Path]:
+    """Remove the pull sockets of ``clients`` in ``socket_dir`` that nobody listens on.
+
+    A pull killed with SIGKILL leaves its ``NAME.xxxxxxxx.sock``; the next pull picks a new name,
+    so without a sweep they pile up. Only sockets (lstat, no symlink followed) named exactly like
+    a pull socket of one of ``clients`` are candidates, and one that still accepts a connection
+    belongs to a live pull and stays. Returns what was removed. A missing directory has nothing
+    to sweep; one that fails the private-directory rule raises PermissionError (never touched).
+    Call it only while holding these clients' run locks (borgtunnel/lock.py): a probe that
+    reached a live pull's listener would start a ``borg serve`` there, and a pull that is
+    between bind and listen would lose its socket.
+    """
+    patterns = [
+        re.compile(re.escape(client) + rf"\.[0-9a-f]{{{_TOKEN_HEX_CHARS}}}\.sock")
+        for client in clients
+    ]
+    try:
+        check_private_dir(socket_dir)
+        entries = list(os.scandir(socket_dir))
+    except FileNotFoundError:
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        if not any(pattern.fullmatch(entry.name) for pattern in patterns):
+            continue
+        path = Path(entry.path)
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode) or _listening(path):
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+        log.info("stale_socket_removed", path=str(path))
+    return removed
+
+
 @contextlib.asynccontextmanager
 async def pull_socket(
     socket_dir: Path,
@@ -334,7 +373,10 @@ async def pull_socket(
     stop_timeout: float,
 ) -> AsyncIterator[tuple[Path, BorgServeListener]]:
     """A fresh socket for one pull; on exit the children are stopped and the file removed."""
-    path = socket_dir / f"{client}.{secrets.token_hex(4)}.sock"
+    # Before binding: the sweep's probe must never reach our own listener (it would start a
+    # borg serve). The caller holds the client lock, so any other socket of ours is dead.
+    sweep_stale_sockets(socket_dir, [client])
+    path = socket_dir / pull_socket_name(client)
     sock = bind_unix_socket(path)
     listener = BorgServeListener(sock, argv, client=client, stop_timeout=stop_timeout)
     listener.start()

@@ -167,8 +167,26 @@ def _wrap_listening_fd(item: systemd.ListenFd) -> socket.socket:
             "use ListenStream=/path/NAME.sock with Accept=no in the socket unit",
             EXIT_CONFIG,
         )
+    address = sock.getsockname()
+    if not isinstance(address, str) or not address.startswith("/"):
+        # An abstract (or unnamed) socket has no file and so no permissions: any local user
+        # could connect and reach the repository. Only a path in a private directory is safe.
+        sock.detach()
+        kind = "an abstract-namespace" if isinstance(address, bytes) and address else "an unnamed"
+        raise ServeSetupError(
+            f"fd {item.fd} ({item.name}) is {kind} unix socket ({_address_text(address)}): it has "
+            "no file permissions, so every local user could reach the repository; use "
+            "ListenStream=/path/NAME.sock (a filesystem path) in the socket unit",
+            EXIT_CONFIG,
+        )
     sock.setblocking(False)
     return sock
+
+
+def _address_text(address: object) -> str:
+    if isinstance(address, bytes):
+        return "@" + address[1:].decode("utf-8", "replace") if address else "no address"
+    return str(address) or "no address"
 
 
 def _describe_fd(item: systemd.ListenFd, sock: socket.socket) -> str:

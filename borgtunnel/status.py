@@ -30,13 +30,24 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any, TypeVar
 
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.history import History, HistoryError, ProcessIdentity, RunRecord, RunResult
+from borgtunnel.history import (
+    KIND_MAINTAIN,
+    KIND_PULL,
+    History,
+    HistoryError,
+    ProcessIdentity,
+    RunRecord,
+    RunResult,
+)
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.planning import next_client_run
+from borgtunnel.reporting.staleness import is_stale
 
 T = TypeVar("T")
 
 EXIT_OK = 0
+# `status` as a Nagios/cron check: some client is stale or its last run failed.
+EXIT_ATTENTION = 1
 EXIT_FAILURE = 2
 
 # How far back to look past running rows for the last finished result.
@@ -50,6 +61,16 @@ class ClientStatus:
     last_result: RunResult | None
     next_run: datetime | None
     running: bool
+    # Maintenance (borgtunnel/maintenance/): the newest check and the newest maintain run.
+    last_check: datetime | None = None
+    last_check_result: RunResult | None = None
+    last_maintain_result: RunResult | None = None
+    # max_age is set and the last verified archive is older (or there never was one).
+    stale: bool = False
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.stale or self.last_result is RunResult.FAILED
 
     def age_seconds(self, now: datetime) -> int | None:
         if self.last_success is None:
@@ -62,13 +83,20 @@ def client_status(
 ) -> ClientStatus:
     zone = config.daemon.zone()
     success = history.last_success(client.name)
-    last_result, running_row = _last_result(history.last_runs(client.name, _SCAN_ROWS))
+    last_result, _ = _last_result(history.last_runs(client.name, _SCAN_ROWS, kind=KIND_PULL))
+    _, running_row = _last_result(history.last_runs(client.name, 1))
+    check = history.last_operation(client.name, "check")
+    maintained = history.last_runs(client.name, _SCAN_ROWS, kind=KIND_MAINTAIN)
     return ClientStatus(
         client=client.name,
         last_success=success.started.astimezone(zone) if success else None,
         last_result=last_result,
         next_run=next_client_run(client, zone, now, jitter=False),
         running=running_row and _lock_held(config, client),
+        last_check=check.started.astimezone(zone) if check else None,
+        last_check_result=check.result if check else None,
+        last_maintain_result=_last_result(maintained)[0],
+        stale=is_stale(success.started if success else None, config.max_age_for(client), now),
     )
 
 
@@ -101,13 +129,29 @@ def status_json(rows: Sequence[ClientStatus], now: datetime) -> list[dict[str, A
             "next_run": _iso(row.next_run),
             "running": row.running,
             "last_success_age_seconds": row.age_seconds(now),
+            "last_check": _iso(row.last_check),
+            "last_check_result": str(row.last_check_result) if row.last_check_result else None,
+            "last_maintain_result": (
+                str(row.last_maintain_result) if row.last_maintain_result else None
+            ),
+            "stale": row.stale,
         }
         for row in rows
     ]
 
 
 def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
-    header = ("CLIENT", "LAST SUCCESS", "AGE", "LAST RESULT", "NEXT RUN", "RUNNING")
+    header = (
+        "CLIENT",
+        "LAST SUCCESS",
+        "AGE",
+        "LAST RESULT",
+        "NEXT RUN",
+        "RUNNING",
+        "LAST CHECK",
+        "MAINTENANCE",
+        "STALE",
+    )
     lines = [
         (
             row.client,
@@ -116,6 +160,9 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
             str(row.last_result) if row.last_result else "-",
             _when(row.next_run) if row.next_run else "not scheduled",
             "yes" if row.running else "no",
+            f"{_when(row.last_check)} {row.last_check_result}" if row.last_check else "never",
+            str(row.last_maintain_result) if row.last_maintain_result else "-",
+            "STALE" if row.stale else "no",
         )
         for row in rows
     ]
@@ -147,7 +194,7 @@ def show_status(config: Config, *, as_json: bool) -> int:
         print(json.dumps(status_json(rows, now), indent=2))
     else:
         print(status_table(rows, now))
-    return EXIT_OK
+    return EXIT_ATTENTION if any(row.needs_attention for row in rows) else EXIT_OK
 
 
 # --- history ----------------------------------------------------------------------------
@@ -159,6 +206,7 @@ def history_json(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
             "id": run.id,
             "client": run.client,
             "trigger": run.trigger,
+            "kind": run.kind,
             "started": _iso(run.started),
             "finished": _iso(run.finished),
             "result": str(run.result),
@@ -176,12 +224,13 @@ def history_json(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
 
 
 def history_table(runs: Sequence[RunRecord], zone: tzinfo) -> str:
-    header = ("STARTED", "TOOK", "RESULT", "TRIGGER", "ARCHIVE", "FILES", "ADDED", "ERROR")
+    header = ("STARTED", "TOOK", "RESULT", "KIND", "TRIGGER", "ARCHIVE", "FILES", "ADDED", "ERROR")
     lines = [
         (
             _when(run.started.astimezone(zone), seconds=True),
             _took(run),
             str(run.result),
+            run.kind,
             run.trigger,
             run.archive or "-",
             "-" if run.stats.nfiles is None else str(run.stats.nfiles),

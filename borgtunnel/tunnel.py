@@ -183,6 +183,23 @@ class Tunnel:
         finally:
             listener.close()
 
+    async def probe_forwarding(self, remote_path: str) -> ForwardProbe:
+        """For doctor: try the reverse forward a pull needs at ``remote_path``, and, while it is
+        held, a *local* unix-socket connection to that same path — which a pull never needs and
+        which would let whoever holds this key connect to any socket on the client (e.g.
+        /run/docker.sock). Nothing is served; the caller removes the socket file."""
+        try:
+            async with self.forward(remote_path, Path("/nonexistent/borgtunnel-doctor")):
+                try:
+                    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+                        writer = (await self._conn.open_unix_connection(remote_path))[1]
+                except (asyncssh.ChannelOpenError, TimeoutError):
+                    return ForwardProbe(remote_refused=None, local_allowed=False)
+                writer.close()
+                return ForwardProbe(remote_refused=None, local_allowed=True)
+        except ForwardError as exc:
+            return ForwardProbe(remote_refused=exc.message, local_allowed=None)
+
     @contextlib.asynccontextmanager
     async def start(self, command: str) -> AsyncIterator[RemoteRun]:
         """Start ``command``; the caller drives its stdin and reads its stderr line by line.
@@ -199,6 +216,15 @@ class Tunnel:
         finally:
             run.stop_reading()
             process.close()
+
+
+@dataclass(frozen=True)
+class ForwardProbe:
+    """``remote_refused``: None if the reverse forward worked, else sshd's refusal.
+    ``local_allowed``: whether a local (-L style) unix connection was allowed; None untested."""
+
+    remote_refused: str | None
+    local_allowed: bool | None
 
 
 # Caps on what a client may make the server hold: borg's --json is a few kB, a log line rarely
@@ -372,3 +398,51 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConnectError(target, reason) from None
     return conn
+
+
+# --- host keys (borgtunnel trust) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """A host key as an administrator compares it: type, SHA256 fingerprint, public line."""
+
+    algorithm: str
+    fingerprint: str
+    public: str  # "TYPE BASE64", as known_hosts holds it
+
+
+def _host_key(key: asyncssh.SSHKey) -> HostKey:
+    algorithm, blob, *_ = key.export_public_key("openssh").decode("ascii").split()
+    return HostKey(algorithm, key.get_fingerprint("sha256"), f"{algorithm} {blob}")
+
+
+async def fetch_host_key(target: Target) -> HostKey:
+    """The key the client's sshd presents, without authenticating or trusting it."""
+    try:
+        async with asyncio.timeout(target.ssh.connect_timeout):
+            key = await asyncssh.get_server_host_key(target.host, target.port, config=None)
+    except TimeoutError:
+        raise ConnectError(target, f"no answer within {target.ssh.connect_timeout:.0f}s") from None
+    except asyncssh.Error as exc:
+        raise ConnectError(target, f"SSH failed: {exc}") from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConnectError(target, reason) from None
+    if key is None:
+        raise ConnectError(target, "the server presented no host key")
+    return _host_key(key)
+
+
+def trusted_host_keys(target: Target) -> list[HostKey]:
+    """The keys ``known_hosts`` already trusts for this host and port (none if it is missing)."""
+    path = target.ssh.known_hosts
+    if not path.exists():
+        return []
+    try:
+        known = asyncssh.read_known_hosts(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConnectError(target, f"known_hosts {path}: {exc}") from None
+    port = None if target.port == 22 else target.port
+    trusted, *_ = known.match(target.host, "", port)
+    return [_host_key(key) for key in trusted]

@@ -182,10 +182,15 @@ def assert_same_tree(original: Path, extracted_root: Path) -> None:
         assert got[rel] == content, f"content differs: {rel!r}"
 
 
+def cli_argv(config: Path) -> list[str]:
+    """The start of a borgtunnel command line for ``config``."""
+    return [sys.executable, "-m", "borgtunnel", "--config", str(config)]
+
+
 def run_cli(config: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     """The real command line, as an administrator runs it (JSON logs, since not a TTY)."""
     return subprocess.run(
-        [sys.executable, "-m", "borgtunnel", "--config", str(config), *args],
+        [*cli_argv(config), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -21,6 +21,14 @@ logging in through an unprivileged sshd could not be verified here: with ``UsePA
 the only other account ("account is locked") that it accepts when run as root. As root, sshd
 runs with privilege separation (``/run/sshd`` is created if missing) and tests log in as root.
 
+Logging in as another user (:meth:`SshdServer.login_as`): sshd reads ``AuthorizedKeysFile``
+with the *target user's* privileges, and the default one sits in the work directory under
+pytest's root-only ``tmp_path``. Start the server with ``extra_config=[f"AuthorizedKeysFile
+{path}"]`` for a ``path`` that user can read (in a directory the test made), write the key
+there with :func:`write_authorized_keys`, and log in with ``server.login_as(name)``. Accounts
+made by ``useradd`` are locked (``!`` password) and refused with ``UsePAM no``: give them
+``-p '*'`` (no password login either way: ``PasswordAuthentication no``).
+
 Teardown kills more than the listener. sshd forks one process per connection and that process
 calls ``setsid()``, so it is in neither the listener's process group nor its lifetime; a remote
 command whose channel was closed keeps running too. :func:`stop_sshd` therefore signals the
@@ -38,6 +46,7 @@ call test programs by absolute path. The readiness probe leaves one "Connection 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import pwd
@@ -136,6 +145,10 @@ class SshdServer:
             "StrictHostKeyChecking=yes",
         ]
 
+    def login_as(self, user: str) -> SshdServer:
+        """The same server, logged into as ``user`` (see the module docstring)."""
+        return dataclasses.replace(self, user=user)
+
     def ssh_command(self, *remote: str) -> list[str]:
         """An OpenSSH ``ssh`` argv that reaches this server without any user configuration."""
         return [
@@ -199,6 +212,14 @@ def public_key(private_key: Path) -> str:
     """The ``type base64`` public half, derived from the private key so no ``.pub`` is trusted."""
     algorithm, blob, *_comment = _run(["ssh-keygen", "-y", "-f", str(private_key)]).split()
     return f"{algorithm} {blob}"
+
+
+def write_authorized_keys(server: SshdServer, path: Path) -> Path:
+    """The server's client key as an authorized_keys file at ``path`` (0644: read by the login
+    user, see the module docstring)."""
+    path.write_text(public_key(server.client_key) + "\n")
+    path.chmod(0o644)
+    return path
 
 
 def fingerprint(private_key: Path) -> str:
@@ -592,6 +613,15 @@ def stop_sshd(server: SshdServer) -> None:
     Files stay in ``server.workdir`` (pytest removes old tmp dirs); nothing else is touched.
     """
     _terminate(server.process, server.workdir)
+
+
+def install_authorized_key(server: SshdServer, line: str) -> None:
+    """Replace the client key's authorized_keys entry with ``line`` — e.g. one with options and
+    a forced command (sshd then puts the requested command in ``SSH_ORIGINAL_COMMAND``), as
+    `borgtunnel authorized-key` prints it. sshd reads the file at each login."""
+    if public_key(server.client_key) not in line or "\n" in line.rstrip("\n"):
+        raise SshdError(f"not one authorized_keys line for this server's client key: {line!r}")
+    (server.workdir / "authorized_keys").write_text(line.rstrip("\n") + "\n")
 
 
 # --- pytest fixtures ---------------------------------------------------------------------

@@ -452,6 +452,10 @@ async def test_daemon_pulls_two_scheduled_clients_and_status_shows_them(sshd, tm
             "next_run",
             "running",
             "last_success_age_seconds",
+            "last_check",
+            "last_check_result",
+            "last_maintain_result",
+            "stale",
         }
         assert row["last_result"] == "ok"
         assert row["running"] is False

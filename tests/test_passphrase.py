@@ -76,6 +76,24 @@ async def test_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> 
     assert SECRET not in message
 
 
+OTHER_UID = 54321  # no such account here: a uid nobody on this machine logs in as
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another uid")
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+async def test_file_owned_by_another_user_is_refused(tmp_path: Path, mode: int) -> None:
+    # Whoever owns the file can rewrite it (or chmod it open) whenever they like.
+    path = secret_file(tmp_path, SECRET.encode() + b"\n", mode)
+    os.chown(path, OTHER_UID, OTHER_UID)
+    with pytest.raises(PassphraseError) as caught:
+        await read_passphrase(client(passphrase_file=str(path)))
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"owned by uid {OTHER_UID}" in message
+    assert f"mode {mode:04o}" in message
+    assert SECRET not in message
+
+
 async def test_owner_only_modes_are_fine(tmp_path: Path) -> None:
     path = secret_file(tmp_path, b"x\n", 0o400)
     assert await read_passphrase(client(passphrase_file=str(path))) == b"x"

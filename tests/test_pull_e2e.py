@@ -204,7 +204,7 @@ def test_wrong_passphrase_fails_with_exit_2(tmp_path: Path, sshd: SshdServer) ->
 def test_stale_remote_socket_is_replaced_and_removed(tmp_path: Path, sshd: SshdServer) -> None:
     _, repo, config = _setup(tmp_path, sshd)
     stale = sshd.workdir / "rsock" / "c1.sock"
-    stale.parent.mkdir(mode=0o755)  # also too open: must become 0700
+    stale.parent.mkdir(mode=0o755)  # safe as it is: must be left alone
     leftover = socket.socket(socket.AF_UNIX)
     leftover.bind(str(stale))
     leftover.close()  # a socket file nobody listens on, as sshd leaves behind
@@ -215,7 +215,7 @@ def test_stale_remote_socket_is_replaced_and_removed(tmp_path: Path, sshd: SshdS
     assert result.returncode == 0, result.stderr
     assert len(pullkit.archives(tmp_path, repo)) == 1
     assert not stale.exists()
-    assert stat.S_IMODE(stale.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(stale.parent.stat().st_mode) == 0o755
     _assert_no_leftovers(tmp_path, sshd, repo)
 
 

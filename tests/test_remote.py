@@ -20,16 +20,19 @@ import pytest
 
 from borgtunnel import borg
 from borgtunnel.remote import (
+    COMMAND_CHARSET,
     GO,
     RemoteSocket,
     RunExit,
+    cleanup_command,
+    encoded_command,
     parse_ready_line,
     remove_command,
     run_command,
 )
 
 # What the script needs besides a tool: dash itself (the command says `sh -c`) and coreutils.
-BASICS = ("sh", "mkdir", "find", "chmod", "rm", "id", "grep")
+BASICS = ("sh", "mkdir", "rm", "id", "grep", "ls", "base64")
 
 
 def run_prepare(
@@ -143,13 +146,93 @@ def test_refuses_a_directory_owned_by_someone_else(home: Path) -> None:
     assert b"not owned by" in result.stderr
 
 
-def test_tightens_an_own_open_directory(home: Path) -> None:
+def test_leaves_an_own_0755_directory_as_it_is(home: Path) -> None:
+    # Readable by others is safe (sshd makes the forwarded socket 0600); not ours to change.
     directory = home / "sockets"
     directory.mkdir()
     directory.chmod(0o755)
     result = run_prepare(str(directory / "s.sock"), home)
     assert result.returncode == 0, result.stderr
-    assert mode(directory) == 0o700
+    assert mode(directory) == 0o755
+
+
+def test_socket_directly_in_home_leaves_home_alone(home: Path) -> None:
+    # "~/x.sock" once made the user's home 0700 (and, as root, "/run/x.sock" made /run 0700).
+    home.chmod(0o751)
+    result = run_prepare("~/x.sock", home)
+    assert result.returncode == 0, result.stderr
+    assert mode(home) == 0o751
+
+
+def test_missing_parents_are_created_0700(home: Path) -> None:
+    result = run_prepare("~/a/b/c/s.sock", home)
+    assert result.returncode == 0, result.stderr
+    assert [mode(home / p) for p in ("a", "a/b", "a/b/c")] == [0o700] * 3
+
+
+@pytest.mark.parametrize("dir_mode", [0o775, 0o757, 0o777])
+def test_refuses_a_group_or_world_writable_directory(home: Path, dir_mode: int) -> None:
+    directory = home / "sockets"
+    directory.mkdir()
+    directory.chmod(dir_mode)
+    result = run_prepare(str(directory / "s.sock"), home)
+    assert result.returncode == RunExit.SHARED_DIR, result.stderr
+    assert b"writable by group or others" in result.stderr
+    assert mode(directory) == dir_mode
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize("shared_mode", [0o775, 0o757, 0o777])
+def test_refuses_a_writable_ancestor_and_creates_nothing(home: Path, shared_mode: int) -> None:
+    shared = home / "shared"
+    shared.mkdir()
+    shared.chmod(shared_mode)
+    (shared / "mine").mkdir(mode=0o700)
+    result = run_prepare(str(shared / "mine" / "new" / "s.sock"), home)
+    assert result.returncode == RunExit.UNSAFE_ANCESTOR, result.stderr
+    assert f"{shared} (on the way to".encode() in result.stderr
+    assert not (shared / "mine" / "new").exists()
+    assert mode(shared) == shared_mode
+    assert mode(shared / "mine") == 0o700
+    # An existing socket directory below it is refused the same way.
+    (shared / "mine" / "new").mkdir(mode=0o700)
+    result = run_prepare(str(shared / "mine" / "new" / "s.sock"), home)
+    assert result.returncode == RunExit.UNSAFE_ANCESTOR, result.stderr
+
+
+def test_accepts_a_sticky_ancestor_with_our_entry_below(home: Path) -> None:
+    sticky = home / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    result = run_prepare(str(sticky / "mine" / "s.sock"), home)
+    assert result.returncode == 0, result.stderr
+    assert mode(sticky) == 0o1777
+    assert mode(sticky / "mine") == 0o700
+
+
+def test_refuses_a_symlinked_ancestor_leading_to_a_shared_directory(
+    home: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "mine").mkdir(mode=0o700)
+    (home / "link").symlink_to(shared / "mine")
+    result = run_prepare("~/link/sockets/s.sock", home)
+    assert result.returncode == RunExit.UNSAFE_ANCESTOR, result.stderr
+    assert not (shared / "mine" / "sockets").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a directory to nobody")
+def test_refuses_an_ancestor_owned_by_someone_else(home: Path) -> None:
+    foreign = home / "foreign"
+    foreign.mkdir(mode=0o755)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(foreign, nobody.pw_uid, nobody.pw_gid)
+    (foreign / "mine").mkdir(mode=0o700)
+    result = run_prepare(str(foreign / "mine" / "s.sock"), home)
+    assert result.returncode == RunExit.UNSAFE_ANCESTOR, result.stderr
+    assert f"owned by uid {nobody.pw_uid}".encode() in result.stderr
 
 
 def test_refuses_a_sticky_shared_directory(home: Path) -> None:
@@ -276,3 +359,66 @@ def test_refuses_a_socket_path_too_long_after_expanding_home(tmp_path: Path) -> 
     assert result.returncode == RunExit.TOO_LONG
     assert b"longer than 100 bytes" in result.stderr
     assert not (deep_home / ".cache").exists()
+
+
+# --- the command line under every login shell ---------------------------------------------------
+
+LOGIN_SHELLS = ["bash", "dash", "zsh", "fish", "tcsh"]
+HOSTILE = "-q'uote \"dq\" back\\slash \\' \\\\ !bang !! $(touch PWNED) `touch PWNED` ünï\nnl"
+
+
+def login_shell(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (scripts/setup installs it)")
+    return found
+
+
+@pytest.mark.parametrize("shell", LOGIN_SHELLS)
+def test_values_reach_sh_exactly_under_each_login_shell(shell: str, tmp_path: Path) -> None:
+    values = [HOSTILE, "", "*", "--", "-n", "a\\\\'b"]
+    command = encoded_command('for a in "$@"; do printf "[%s]" "$a"; done', values)
+    result = subprocess.run(
+        [login_shell(shell), "-c", command], cwd=tmp_path, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "".join(f"[{v}]" for v in values)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("shell", LOGIN_SHELLS)
+def test_cleanup_command_removes_only_its_files_under_each_login_shell(shell: str) -> None:
+    program = login_shell(shell)
+    # A short directory: pytest's tmp_path plus this name would exceed the socket path limit.
+    with tempfile.TemporaryDirectory(prefix="bt-") as short:
+        directory = Path(short)
+        sock = directory / f"{HOSTILE}.sock"
+        stale_socket(sock)
+        Path(f"{sock}.pid").write_text("1 2\n")
+        gone = directory / "gone.sock"
+        stale_socket(gone)
+        stale_socket(directory / "bystander.sock")
+        for command in (cleanup_command(None, str(sock)), remove_command(str(gone))):
+            result = subprocess.run(
+                [program, "-c", command], cwd=directory, capture_output=True, check=False
+            )
+            assert result.returncode == 0, result.stderr
+        assert [p.name for p in directory.iterdir()] == ["bystander.sock"]
+
+
+def test_command_line_has_no_character_a_login_shell_reads() -> None:
+    # No quote inside the quoted word, no backslash, "!" or newline: whatever the values are.
+    command = run_command(HOSTILE, HOSTILE, HOSTILE, [HOSTILE, "☃"])
+    assert set(command) <= COMMAND_CHARSET
+    assert command.count("'") == 2
+    assert not set("\\!\n`") & set(command)
+
+
+def test_missing_base64_is_a_clear_error(home: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "only-sh"
+    directory.mkdir()
+    (directory / "sh").symlink_to(shutil.which("sh") or "/bin/sh")
+    result = run_prepare("~/s.sock", home, [directory])
+    assert result.returncode == RunExit.NO_BASE64
+    assert b"no base64" in result.stderr
+    assert list(home.iterdir()) == []  # nothing ran

@@ -170,12 +170,24 @@ def test_bind_makes_private_dir_and_socket(tmp_path: Path, closing: Any) -> None
     assert mode(path.parent) == 0o700
 
 
-def test_bind_tightens_an_own_open_dir(tmp_path: Path, closing: Any) -> None:
+def test_bind_leaves_an_own_0755_dir_as_it_is(tmp_path: Path, closing: Any) -> None:
+    # Readable by others is safe (the socket itself is 0600); its mode is not ours to change.
     directory = tmp_path / "sockets"
     directory.mkdir()
     directory.chmod(0o755)
     closing(bind_unix_socket(directory / "s.sock"))
-    assert mode(directory) == 0o700
+    assert mode(directory) == 0o755
+
+
+@pytest.mark.parametrize("dir_mode", [0o775, 0o757, 0o1777])
+def test_bind_refuses_a_shared_dir_and_changes_nothing(tmp_path: Path, dir_mode: int) -> None:
+    directory = tmp_path / "sockets"
+    directory.mkdir()
+    directory.chmod(dir_mode)
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        bind_unix_socket(directory / "s.sock")
+    assert mode(directory) == dir_mode
+    assert list(directory.iterdir()) == []
 
 
 def test_bind_refuses_a_live_listener(tmp_path: Path, closing: Any) -> None:
@@ -208,7 +220,7 @@ def test_bind_refuses_a_symlinked_dir(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     (tmp_path / "sockets").symlink_to(real)
-    with pytest.raises(PermissionError, match="not a plain directory"):
+    with pytest.raises(PermissionError, match="is a symlink"):
         bind_unix_socket(tmp_path / "sockets" / "s.sock")
     assert list(real.iterdir()) == []
 

@@ -242,7 +242,8 @@ def test_connections_on_one_socket_run_in_parallel(harness: Harness) -> None:
         # Served one after the other, this would hang until the borg timeout.
         listed = borg_client(["list", url(harness.repos["web1"])], harness.env(sock))
         assert listed.returncode == 0, listed.stderr
-        assert set(borg_serve_children(serve.marker)) == first
+        # The list's own serve exits after its client's EOF, a moment after borg list returns.
+        wait_until(lambda: set(borg_serve_children(serve.marker)) == first, 20, "second to end")
     assert len(_started_events(serve)) == 2
 
 
@@ -318,7 +319,7 @@ def test_listen_replaces_a_stale_socket_file(harness: Harness) -> None:
     notify.wait_for("READY=1")
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755  # safe as it is: left alone
     listed = borg_client(["list", url(harness.repos["web1"])], harness.env(path))
     assert listed.returncode == 0, listed.stderr
     serve.terminate()
@@ -448,3 +449,38 @@ def test_passed_unix_socket_is_adopted_nonblocking(tmp_path: Path) -> None:
             assert endpoint.created is None  # systemd's file: never removed by us
         finally:
             endpoint.sock.close()
+
+
+def test_abstract_socket_from_systemd_exits_78(harness: Harness) -> None:
+    # An abstract socket has no file and no mode: any local user could reach the repository.
+    name = f"borgtunnel-test-{os.getpid()}-{time.monotonic_ns()}"
+    serve = harness.serve(activate=[(Path(f"@{name}"), "web1")])
+    deadline = time.monotonic() + 10
+    while True:  # connecting wakes systemd-socket-activate, which execs serve
+        try:
+            waker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waker.connect("\0" + name)
+            break
+        except OSError:
+            waker.close()
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.05)
+    try:
+        assert serve.wait() == 78
+    finally:
+        waker.close()
+    stderr = serve.stderr()
+    assert f"abstract-namespace unix socket (@{name})" in stderr
+    assert "every local user could reach the repository" in stderr
+    assert _started_events(serve) == []
+
+
+def test_passed_abstract_socket_is_refused(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.toml", {"web1": tmp_path / "repo"}))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract:
+        abstract.bind(f"\0borgtunnel-test-{os.getpid()}")
+        abstract.listen()
+        with pytest.raises(ServeSetupError, match="abstract-namespace") as caught:
+            adopt_listen_fds(config, [ListenFd(abstract.fileno(), "web1")])
+        assert caught.value.exit_code == 78
+        assert abstract.fileno() >= 0  # left open for its owner

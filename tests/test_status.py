@@ -21,12 +21,16 @@ from tests.daemon_support import BORGTUNNEL, offline_client, write_config
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 STATUS_KEYS = {
+    "last_check",
+    "last_check_result",
+    "last_maintain_result",
     "client",
     "last_success",
     "last_result",
     "next_run",
     "running",
     "last_success_age_seconds",
+    "stale",
 }
 
 
@@ -83,6 +87,10 @@ def test_status_fields_from_the_history(config_path):
         "next_run": "2026-03-03T02:00:00+00:00",
         "running": False,
         "last_success_age_seconds": 3 * 3600,
+        "last_check": None,
+        "last_check_result": None,
+        "last_maintain_result": None,
+        "stale": False,
     }
     assert rows[1]["last_success_age_seconds"] is None
     assert rows[2]["next_run"] is None
@@ -125,10 +133,23 @@ def test_status_table_is_readable(config_path):
         rows = [client_status(config, history, c, NOW) for c in config.clients.values()]
     columns = [re.split(r"\s{2,}", line) for line in status_table(rows, NOW).splitlines()]
     assert columns == [
-        ["CLIENT", "LAST SUCCESS", "AGE", "LAST RESULT", "NEXT RUN", "RUNNING"],
-        ["web1", "2026-03-01 09:55 UTC", "1d 2h", "ok", "2026-03-03 02:00 UTC", "no"],
-        ["db1", "never", "-", "-", "2026-03-03 02:00 UTC", "no"],
-        ["laptop", "never", "-", "-", "not scheduled", "no"],
+        [
+            "CLIENT",
+            "LAST SUCCESS",
+            "AGE",
+            "LAST RESULT",
+            "NEXT RUN",
+            "RUNNING",
+            "LAST CHECK",
+            "MAINTENANCE",
+            "STALE",
+        ],
+        [
+            *("web1", "2026-03-01 09:55 UTC", "1d 2h", "ok", "2026-03-03 02:00 UTC"),
+            *("no", "never", "-", "no"),
+        ],
+        ["db1", "never", "-", "-", "2026-03-03 02:00 UTC", "no", "never", "-", "no"],
+        ["laptop", "never", "-", "-", "not scheduled", "no", "never", "-", "no"],
     ]
 
 
@@ -149,8 +170,18 @@ def test_history_json_and_table(config_path):
     assert data[1]["deduplicated_size"] == 1_234_000
     lines = history_table(runs, UTC).splitlines()
     assert lines[0].split()[:3] == ["STARTED", "TOOK", "RESULT"]
-    assert lines[1].split()[3:] == ["90.0s", "failed", "daemon", "-", "-", "-", "host", "down"]
-    assert lines[2].split()[3:] == ["90.0s", "ok", "daemon", "web1-x", "12", "1.2MB"]
+    assert lines[1].split()[3:] == [
+        "90.0s",
+        "failed",
+        "pull",
+        "daemon",
+        "-",
+        "-",
+        "-",
+        "host",
+        "down",
+    ]
+    assert lines[2].split()[3:] == ["90.0s", "ok", "pull", "daemon", "web1-x", "12", "1.2MB"]
 
 
 # --- the commands ------------------------------------------------------------------------
@@ -172,7 +203,7 @@ def test_status_and_history_print_json_on_a_pipe(config_path):
         record(history, "web1", datetime.now(UTC) - timedelta(minutes=5), RunResult.OK)
         record(history, "web1", datetime.now(UTC) - timedelta(minutes=2), RunResult.FAILED)
     status = cli(config_path, "status")
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 1, status.stderr  # web1's last run failed: a check must say so
     rows = json.loads(status.stdout)
     assert [row["client"] for row in rows] == ["web1", "db1", "laptop"]
     assert 290 <= rows[0]["last_success_age_seconds"] < 400
@@ -218,3 +249,53 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # EIO: the other end is closed and everything has been read
         return b""
+
+
+# --- staleness and the exit code ---------------------------------------------------------
+
+
+def stale_config(tmp_path: Path, **defaults) -> Path:
+    clients = {
+        "web1": offline_client(tmp_path / "w", max_age="36h"),
+        "db1": offline_client(tmp_path / "d"),  # inherits [defaults] max_age, if any
+    }
+    path = write_config(tmp_path / "borgtunnel.toml", tmp_path, clients=clients)
+    if defaults:
+        path.write_text(
+            path.read_text()
+            + "[defaults]\n"
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in defaults.items())
+        )
+    return path
+
+
+def test_stale_is_older_than_max_age_or_never(tmp_path):
+    config = load_config(stale_config(tmp_path, max_age="2d"))
+    with History.open(config.server.state_dir) as history:
+        record(history, "web1", NOW - timedelta(hours=37), RunResult.OK)
+        record(history, "db1", NOW - timedelta(hours=40), RunResult.OK)
+        web1, db1 = (client_status(config, history, c, NOW) for c in config.clients.values())
+        assert (web1.stale, db1.stale) == (True, False)  # 37 h > 36 h; 40 h < 2 d
+        record(history, "web1", NOW - timedelta(hours=1), RunResult.SKIPPED)
+        assert client_status(config, history, config.clients["web1"], NOW).stale is True
+        record(history, "web1", NOW - timedelta(minutes=30), RunResult.OK)
+        fresh = client_status(config, history, config.clients["web1"], NOW)
+    assert fresh.stale is False
+    assert status_json([fresh], NOW)[0]["stale"] is False
+
+
+def test_status_exits_1_on_a_stale_client_and_0_when_all_is_well(tmp_path):
+    path = stale_config(tmp_path)
+    never = cli(path, "status")
+    assert never.returncode == 1, never.stderr  # web1 never had an archive and has max_age
+    assert {row["client"]: row["stale"] for row in json.loads(never.stdout)} == {
+        "web1": True,
+        "db1": False,  # no max_age anywhere: never stale
+    }
+    config = load_config(path)
+    with History.open(config.server.state_dir) as history:
+        record(history, "web1", datetime.now(UTC) - timedelta(hours=1), RunResult.OK)
+        record(history, "db1", datetime.now(UTC) - timedelta(hours=1), RunResult.SKIPPED)
+    fine = cli(path, "status", "--json")
+    assert fine.returncode == 0, fine.stdout
+    assert [row["last_result"] for row in json.loads(fine.stdout)] == ["ok", "skipped"]

@@ -1,0 +1,1 @@
+"""What runs on a client: the gatekeeper (a standalone program, see gatekeeper.py)."""

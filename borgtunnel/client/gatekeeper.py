@@ -1,0 +1,969 @@
+#!/usr/bin/python3
+"""borgtunnel-gatekeeper: the forced command a borgtunnel client puts on the server's key.
+
+Without it, the backup server's SSH key can run any command on the client (often as root): a
+compromised server owns every client. With it (``command="/usr/local/bin/borgtunnel-gatekeeper"``
+in ``authorized_keys``), the key can only do what a pull needs:
+
+- ``run``: prepare the socket directory, report ``borgtunnel-ready TOOL PATH``, wait for ``go``,
+  run ``borg create`` to the forwarded socket (passphrase from stdin), remove its socket;
+- ``cleanup``: stop a borg create left by an abandoned run (only a pid recorded in one of our
+  pid files) and remove our own socket and pid file;
+- ``doctor``: print versions and this policy, probe the reverse forward;
+- ``restore``: ``borg extract`` into an allowed directory, only if the policy says so.
+
+The server's command is NOT run. The gatekeeper reads ``SSH_ORIGINAL_COMMAND``, splits it the
+way sh would (refusing any shell syntax beyond quoting and ``;``), recognises the request by its
+fixed leading words and takes only the data from it: the socket path, the environment
+assignments, the borg options, repository, archive and paths. Each is checked against the
+client's policy file; borg's argv, ``BORG_RSH`` and the environment are built here. Anything
+else is refused with a one-line reason on stderr, logged through ``logger`` (syslog/journal).
+
+Standalone: Python 3 standard library only, no borgtunnel import, installable as one file
+(``borgtunnel gatekeeper > /usr/local/bin/borgtunnel-gatekeeper``). Policy file, default
+``/etc/borgtunnel/gatekeeper.conf`` (``--policy PATH`` in the forced command overrides it)::
+
+    [gatekeeper]
+    # paths that may be backed up (one per line); anything below them too
+    paths =
+        /etc
+        /home
+    # the directory of the forwarded socket (the server's remote_socket must be in it)
+    socket_dir = ~/.cache/borgtunnel
+    # which borg runs (the server's remote_borg is ignored)
+    borg = /usr/bin/borg
+    # restores from the server: off unless enabled, and only into these directories
+    restore = no
+    restore_targets =
+        /var/restore
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+VERSION = "1"
+DEFAULT_POLICY = "/etc/borgtunnel/gatekeeper.conf"
+LOG_TAG = "borgtunnel-gatekeeper"
+
+# Exit codes: the same meanings as the server's run script (borgtunnel/remote.py RunExit), so
+# the server reports a gatekeeper's preparation failure exactly like the script's.
+EXIT_SYMLINK = 65
+EXIT_MKDIR_FAILED = 66
+EXIT_NOT_OWNER = 67
+EXIT_NOT_A_SOCKET = 68
+EXIT_NO_TOOL = 69
+EXIT_SHARED_DIR = 70
+EXIT_TOO_LONG = 71
+EXIT_NO_GO = 72
+EXIT_REFUSED = 77  # EX_NOPERM: the request is not allowed
+EXIT_POLICY = 78  # EX_CONFIG: the policy file is missing or broken
+
+MAX_SOCKET_PATH = 100
+URL_PREFIX = "ssh://borgtunnel/"
+# The BORG_RSH we build: the socket path comes from the environment, never quoted into text.
+RSH_BY_TOOL = {
+    "nc": "sh -c 'exec nc -N -U \"$BORGTUNNEL_SOCKET\"'",
+    "socat": "sh -c 'exec socat STDIO \"UNIX-CONNECT:$BORGTUNNEL_SOCKET\"'",
+}
+SOCAT_UNSAFE = frozenset(",:!\\'\"(){}[]<>\n")
+
+# --- requests ------------------------------------------------------------------------------
+
+
+class RefusedError(Exception):
+    """The request is not allowed; ``str()`` is the one-line reason."""
+
+    def __init__(self, reason: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BorgCall:
+    """What the server asked borg to do, as data: options, repository, archive, paths."""
+
+    env: Mapping[str, str]
+    program: tuple[str, ...]  # the server's remote_borg words: logged, never run
+    options: tuple[str, ...]  # normalised to --name=value / --flag words
+    repository: str
+    archive: str
+    paths: tuple[str, ...]
+    pattern_files: tuple[str, ...] = ()
+    pattern_roots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    socket: str
+    call: BorgCall
+    kind: str = "run"
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    socket: str
+    target: str
+    call: BorgCall
+    kind: str = "restore"
+
+
+@dataclass(frozen=True)
+class CleanupRequest:
+    pid: int | None
+    paths: tuple[str, ...]
+    kind: str = "cleanup"
+
+
+@dataclass(frozen=True)
+class DoctorRequest:
+    socket: str
+    kind: str = "doctor"
+
+
+# typing.Union, not |: the gatekeeper must also run on clients with Python < 3.10.
+Request = Union[RunRequest, RestoreRequest, CleanupRequest, DoctorRequest]  # noqa: UP007
+
+# --- splitting the command the way sh would ------------------------------------------------
+
+# Unquoted, these mean something to sh beyond a plain word; shlex.join never leaves them bare.
+_SHELL_SYNTAX = frozenset("|&<>()$`*?[]#~{}!^\n")
+_DOUBLE_QUOTE_ESCAPES = frozenset('$`"\\\n')
+
+
+class _Splitter:
+    """POSIX sh word splitting for the subset a quoting function produces: words, '…', "…",
+    backslash escapes and ``;`` between commands. Anything that would expand or redirect is
+    refused: the gatekeeper only accepts requests whose meaning does not depend on a shell."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.commands: list[list[str]] = [[]]
+        self.word: list[str] = []
+        self.in_word = False
+
+    def split(self) -> list[list[str]]:
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char in " \t":
+                self._end_word()
+                self.pos += 1
+            elif char == ";":
+                self._end_word()
+                if not self.commands[-1]:
+                    raise RefusedError("empty command before ';'")
+                self.commands.append([])
+                self.pos += 1
+            elif char == "'":
+                self._single_quoted()
+            elif char == '"':
+                self._double_quoted()
+            elif char == "\\":
+                self._escaped()
+            elif char in _SHELL_SYNTAX:
+                raise RefusedError(f"shell syntax {char!r} in the command")
+            else:
+                self._add(char)
+                self.pos += 1
+        self._end_word()
+        if not self.commands[-1]:
+            self.commands.pop()  # a trailing ';'
+        if not self.commands:
+            raise RefusedError("empty command")
+        return self.commands
+
+    def _add(self, text: str) -> None:
+        self.word.append(text)
+        self.in_word = True
+
+    def _end_word(self) -> None:
+        if self.in_word:
+            self.commands[-1].append("".join(self.word))
+        self.word = []
+        self.in_word = False
+
+    def _single_quoted(self) -> None:
+        end = self.text.find("'", self.pos + 1)
+        if end < 0:
+            raise RefusedError("unterminated single quote")
+        self._add(self.text[self.pos + 1 : end])
+        self.pos = end + 1
+
+    def _double_quoted(self) -> None:
+        self._add("")
+        self.pos += 1
+        while True:
+            if self.pos >= len(self.text):
+                raise RefusedError("unterminated double quote")
+            char = self.text[self.pos]
+            following = self.text[self.pos + 1 : self.pos + 2]
+            if char == '"':
+                self.pos += 1
+                return
+            if char == "\\" and following and following in _DOUBLE_QUOTE_ESCAPES:
+                if following != "\n":
+                    self._add(following)
+                self.pos += 2
+                continue
+            if char in "$`":
+                raise RefusedError(f"shell expansion {char!r} in the command")
+            self._add(char)
+            self.pos += 1
+
+    def _escaped(self) -> None:
+        following = self.text[self.pos + 1 : self.pos + 2]
+        if not following:
+            raise RefusedError("trailing backslash in the command")
+        if following != "\n":  # backslash-newline is a line continuation
+            self._add(following)
+        self.pos += 2
+
+
+def split_command(text: str) -> list[list[str]]:
+    """The commands (lists of words) of a ``;``-separated command line, as sh would split it."""
+    return _Splitter(text).split()
+
+
+# --- parsing: the one place that knows the server's command shapes -------------------------
+
+_ENV_ALLOWED: Mapping[str, re.Pattern[str]] = {
+    "PYTHONUTF8": re.compile(r"[01]"),
+    "LANG": re.compile(r"[A-Za-z0-9_.@-]{1,64}"),
+    "LC_ALL": re.compile(r"[A-Za-z0-9_.@-]{1,64}"),
+    "LC_CTYPE": re.compile(r"[A-Za-z0-9_.@-]{1,64}"),
+    "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": re.compile(r"yes|no"),
+    "BORG_RELOCATED_REPO_ACCESS_IS_OK": re.compile(r"yes|no"),
+    "BORG_HOSTNAME_IS_UNIQUE": re.compile(r"yes|no"),
+    "BORG_EXIT_CODES": re.compile(r"legacy|modern"),
+    "BORG_PASSPHRASE_FD": re.compile(r"0"),
+}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# borg create/extract options a pull may use. "flag" takes no value, "value" one, "pattern" a
+# pattern (an R root pattern is a path to check), "file" a patterns file (must be in the policy's
+# paths; its R lines are checked too). Everything else is refused — --rsh, --remote-path,
+# --paths-from-command, --content-from-command, --paths-from-stdin, --read-special (reads
+# devices and FIFOs), --timestamp (its reference-file form stats any path), ...
+_COMMON_FLAGS = [
+    "--log-json",
+    "--progress",
+    "--list",
+    "--dry-run",
+    "-n",
+    "--numeric-ids",
+    "--numeric-owner",
+    "--noflags",
+    "--nobsdflags",
+    "--noacls",
+    "--noxattrs",
+    "--sparse",
+    "--info",
+    "-v",
+    "--verbose",
+    "--warning",
+    "--error",
+    "--critical",
+    "--debug",
+    "--show-rc",
+    "--show-version",
+    "--iec",
+]
+_CREATE_OPTIONS: Mapping[str, str] = {
+    **dict.fromkeys(_COMMON_FLAGS, "flag"),
+    **dict.fromkeys(
+        [
+            "--json",
+            "--stats",
+            "-s",
+            "--one-file-system",
+            "-x",
+            "--exclude-caches",
+            "--keep-exclude-tags",
+            "--noatime",
+            "--noctime",
+            "--nobirthtime",
+        ],
+        "flag",
+    ),
+    **dict.fromkeys(
+        [
+            "--compression",
+            "-C",
+            "--comment",
+            "--checkpoint-interval",
+            "-c",
+            "--chunker-params",
+            "--files-cache",
+            "--lock-wait",
+            "--upload-ratelimit",
+            "--upload-buffer",
+            "--filter",
+            "--exclude-if-present",
+            "--debug-topic",
+        ],
+        "value",
+    ),
+    **dict.fromkeys(["--exclude", "-e", "--pattern"], "pattern"),
+    **dict.fromkeys(["--exclude-from", "--patterns-from"], "file"),
+}
+_EXTRACT_OPTIONS: Mapping[str, str] = {
+    **dict.fromkeys(_COMMON_FLAGS, "flag"),
+    **dict.fromkeys(["--strip-components", "--lock-wait", "--debug-topic"], "value"),
+    **dict.fromkeys(["--exclude", "-e", "--pattern"], "pattern"),
+}
+_SHORT_ALIASES = {"-e": "--exclude", "-C": "--compression", "-c": "--checkpoint-interval"}
+
+
+def parse_request(command: str) -> Request:
+    """``SSH_ORIGINAL_COMMAND`` -> a request, by the fixed leading words of each shape.
+
+    Shapes (borgtunnel/remote.py builds them; only the positional data is used):
+
+    - run: ``sh -c SCRIPT borgtunnel-run SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS``
+    - restore: ``sh -c SCRIPT borgtunnel-restore SOCKET RSH_NC RSH_SOCAT TARGET [env K=V…]
+      BORG… extract ARGS``
+    - cleanup: ``sh -c SCRIPT borgtunnel-kill PID; rm -f -- PATH…`` (or ``true; rm …``, or the
+      ``rm -f -- PATH…`` alone)
+    - doctor: ``sh -c SCRIPT borgtunnel-doctor SOCKET [BORG…]``
+
+    The SCRIPT text is ignored: it is never run, and it may change with the server's version.
+    """
+    commands = split_command(command)
+    first = commands[0]
+    if len(commands) == 1:
+        if _is_script(first, "borgtunnel-run") and len(first) >= 8:
+            socket, _rsh_nc, _rsh_socat, *rest = first[4:]
+            return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))
+        if _is_script(first, "borgtunnel-restore") and len(first) >= 9:
+            socket, _rsh_nc, _rsh_socat, target, *rest = first[4:]
+            call = _parse_borg(rest, "extract", _EXTRACT_OPTIONS)
+            return RestoreRequest(socket=socket, target=target, call=call)
+        if _is_script(first, "borgtunnel-doctor") and len(first) >= 5:
+            return DoctorRequest(socket=first[4])
+    cleanup = _parse_cleanup(commands)
+    if cleanup is not None:
+        return cleanup
+    raise RefusedError(f"not a borgtunnel request: {_show(command, 120)}")
+
+
+def _is_script(words: Sequence[str], name: str) -> bool:
+    return (
+        len(words) >= 4
+        and words[0] in {"sh", "/bin/sh"}
+        and words[1] == "-c"
+        and (words[3] == name)
+    )
+
+
+def _parse_cleanup(commands: Sequence[Sequence[str]]) -> CleanupRequest | None:
+    *first, last = commands
+    if len(last) < 4 or list(last[:3]) != ["rm", "-f", "--"]:
+        return None
+    pid: int | None = None
+    if len(first) > 1:
+        return None
+    if first:
+        kill = first[0]
+        if list(kill) == ["true"]:
+            pid = None
+        elif _is_script(kill, "borgtunnel-kill") and len(kill) == 5 and kill[4].isdigit():
+            pid = int(kill[4])
+        else:
+            return None
+    return CleanupRequest(pid=pid, paths=tuple(last[3:]))
+
+
+def _parse_borg(words: Sequence[str], subcommand: str, allowed: Mapping[str, str]) -> BorgCall:
+    """``[env K=V…] BORG… SUBCOMMAND OPTIONS -- ssh://borgtunnel/REPO::ARCHIVE PATH…``."""
+    env: dict[str, str] = {}
+    rest = list(words)
+    if rest and rest[0] == "env":
+        rest.pop(0)
+        while rest and "=" in rest[0] and _ENV_NAME.fullmatch(rest[0].partition("=")[0]):
+            name, _, value = rest.pop(0).partition("=")
+            env[name] = value
+    if subcommand not in rest:
+        raise RefusedError(f"not a borg {subcommand} request")
+    at = rest.index(subcommand)
+    program, rest = tuple(rest[:at]), rest[at + 1 :]
+    if not program:
+        raise RefusedError(f"no borg program before {subcommand!r}")
+    if "--" not in rest:
+        raise RefusedError("borg arguments without '--' before the repository")
+    at = rest.index("--")
+    options, positional = rest[:at], rest[at + 1 :]
+    normalised, pattern_files, roots = _parse_options(options, allowed)
+    if not positional:
+        raise RefusedError("no repository given")
+    location, *paths = positional
+    if not location.startswith(URL_PREFIX) or "::" not in location:
+        raise RefusedError(f"repository must be {URL_PREFIX}PATH::ARCHIVE, got {_show(location)}")
+    repository, _, archive = location[len(URL_PREFIX) - 1 :].partition("::")
+    if not archive or "/" in archive:
+        raise RefusedError(f"bad archive name {_show(archive)}")
+    return BorgCall(
+        env=env,
+        program=program,
+        options=tuple(normalised),
+        repository=repository,
+        archive=archive,
+        paths=tuple(paths),
+        pattern_files=tuple(pattern_files),
+        pattern_roots=tuple(roots),
+    )
+
+
+def _parse_options(
+    words: Sequence[str], allowed: Mapping[str, str]
+) -> tuple[list[str], list[str], list[str]]:
+    """(normalised options, pattern files, R root patterns); refuse what is not allowed."""
+    normalised: list[str] = []
+    files: list[str] = []
+    roots: list[str] = []
+    todo = list(words)
+    while todo:
+        word = todo.pop(0)
+        name, has_value, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        name = _SHORT_ALIASES.get(name, name)
+        kind = allowed.get(name)
+        if kind is None:
+            raise RefusedError(f"borg option {_show(name)} is not allowed")
+        if kind == "flag":
+            if has_value:
+                raise RefusedError(f"borg option {name} takes no value")
+            normalised.append(name)
+            continue
+        if not has_value:
+            if not todo:
+                raise RefusedError(f"borg option {name} needs a value")
+            value = todo.pop(0)
+        if kind == "file":
+            files.append(value)
+        if kind == "pattern" and name == "--pattern":
+            roots.extend(_root_patterns([value]))
+        normalised.append(f"{name}={value}")
+    return normalised, files, roots
+
+
+def _root_patterns(lines: Sequence[str]) -> list[str]:
+    """The paths of ``R PATH`` pattern lines: they add backup roots."""
+    found = []
+    for line in lines:
+        text = line.strip()
+        if text[:1] in {"R", "r"} and text[1:2] in {" ", "\t"}:
+            found.append(text[1:].strip())
+    return found
+
+
+def _show(text: str, limit: int = 240) -> str:
+    """A value for a one-line message: repr (newlines and controls escaped), shortened."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The client's own rules. Defaults are the strict ones."""
+
+    paths: tuple[str, ...]
+    socket_dir: str = "~/.cache/borgtunnel"
+    borg: str = "borg"
+    restore: bool = False
+    restore_targets: tuple[str, ...] = ()
+    source: str = ""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "policy": self.source,
+            "paths": list(self.paths),
+            "socket_dir": self.socket_dir,
+            "borg": self.borg,
+            "restore": self.restore,
+            "restore_targets": list(self.restore_targets),
+        }
+
+
+_POLICY_KEYS = frozenset({"paths", "socket_dir", "borg", "restore", "restore_targets"})
+
+
+def load_policy(path: str) -> Policy:
+    """Read the policy; any problem is a refusal (fail closed), naming the file and key."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise RefusedError(f"policy {path}: {exc.strerror or exc}", EXIT_POLICY) from None
+    except configparser.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise RefusedError(f"policy {path}: {first}", EXIT_POLICY) from None
+    if not parser.has_section("gatekeeper"):
+        raise RefusedError(f"policy {path}: no [gatekeeper] section", EXIT_POLICY)
+    section = parser["gatekeeper"]
+    unknown = sorted(set(section) - _POLICY_KEYS)
+    if unknown:
+        raise RefusedError(f"policy {path}: unknown key(s) {', '.join(unknown)}", EXIT_POLICY)
+    paths = _policy_paths(path, "paths", section.get("paths", ""))
+    if not paths:
+        raise RefusedError(f"policy {path}: paths: at least one path is required", EXIT_POLICY)
+    try:
+        restore = section.getboolean("restore", fallback=False)
+    except ValueError:
+        raise RefusedError(f"policy {path}: restore: must be yes or no", EXIT_POLICY) from None
+    socket_dir = section.get("socket_dir", "~/.cache/borgtunnel").strip().rstrip("/")
+    if not socket_dir.startswith(("/", "~/")):
+        raise RefusedError(f"policy {path}: socket_dir: must be absolute or ~/…", EXIT_POLICY)
+    return Policy(
+        paths=paths,
+        socket_dir=socket_dir,
+        borg=section.get("borg", "borg").strip() or "borg",
+        restore=restore,
+        restore_targets=_policy_paths(path, "restore_targets", section.get("restore_targets", "")),
+        source=path,
+    )
+
+
+def _policy_paths(source: str, key: str, text: str) -> tuple[str, ...]:
+    paths = tuple(line.strip() for line in text.splitlines() if line.strip())
+    for item in paths:
+        if not item.startswith("/"):
+            raise RefusedError(f"policy {source}: {key}: {item!r} is not absolute", EXIT_POLICY)
+    return tuple(os.path.normpath(item) for item in paths)
+
+
+# --- checking a request against the policy -------------------------------------------------
+
+
+def expand_home(path: str, home: str) -> str:
+    return home.rstrip("/") + "/" + path[2:] if path.startswith("~/") else path
+
+
+def _within(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def check_path(path: str, roots: Sequence[str], what: str) -> None:
+    """``path`` (as given and with symlinks resolved) lies in one of ``roots``."""
+    if not path.startswith("/"):
+        raise RefusedError(f"{what} {_show(path)} is not an absolute path")
+    if "\0" in path or any(part == ".." for part in path.split("/")):
+        raise RefusedError(f"{what} {_show(path)} contains '..'")
+    given = os.path.normpath(path)
+    # A policy path may itself be a symlink (/home -> /usr/home): compare resolved with resolved.
+    resolved_roots = [*roots, *(os.path.realpath(root) for root in roots)]
+    if not _within(given, roots) or not _within(os.path.realpath(given), resolved_roots):
+        raise RefusedError(f"{what} {_show(path)} is outside the policy's paths")
+
+
+def check_socket(path: str, policy: Policy, home: str) -> str:
+    """The resolved socket path, if it is a ``*.sock`` directly in the policy's socket_dir."""
+    resolved = expand_home(path, home)
+    directory = os.path.normpath(expand_home(policy.socket_dir, home))
+    parent, _, name = resolved.rpartition("/")
+    if (
+        os.path.normpath(parent or "/") != directory
+        or not name.endswith(".sock")
+        or name.startswith(".")
+    ):
+        raise RefusedError(
+            f"socket {_show(path)} is not a *.sock in the policy's socket_dir {directory}"
+        )
+    return resolved
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        pattern = _ENV_ALLOWED.get(name)
+        if pattern is None:
+            raise RefusedError(f"environment variable {name} may not be set by the server")
+        if not pattern.fullmatch(value):
+            raise RefusedError(f"environment variable {name}={_show(value)} is not allowed")
+
+
+def check_run(request: RunRequest, policy: Policy, home: str) -> str:
+    """Refuse anything the policy does not allow; return the resolved socket path."""
+    socket = check_socket(request.socket, policy, home)
+    call = request.call
+    check_env(call.env)
+    if not call.paths:
+        raise RefusedError("no paths to back up")
+    for path in call.paths:
+        check_path(path, policy.paths, "path")
+    for path in call.pattern_roots:
+        check_path(path, policy.paths, "pattern root")
+    for path in call.pattern_files:
+        check_path(path, policy.paths, "patterns file")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                roots = _root_patterns(handle.read().splitlines())
+        except OSError as exc:
+            raise RefusedError(f"patterns file {_show(path)}: {exc.strerror}") from None
+        for root in roots:
+            check_path(root, policy.paths, f"pattern root in {path}")
+    return socket
+
+
+def check_restore(request: RestoreRequest, policy: Policy, home: str) -> str:
+    if not policy.restore:
+        raise RefusedError("restore is not allowed by this client's policy")
+    socket = check_socket(request.socket, policy, home)
+    check_env(request.call.env)
+    check_path(request.target, policy.restore_targets, "restore target")
+    if not os.path.isdir(request.target):
+        raise RefusedError(f"restore target {_show(request.target)} is not a directory")
+    return socket
+
+
+def check_cleanup(request: CleanupRequest, policy: Policy, home: str) -> int | None:
+    """Only our own sockets and pid files. The pid to signal, if one of those pid files records
+    it; any other pid is not signalled (the run usually ended and removed its pid file already,
+    which is why that is not a refusal: the server's cleanup still removes the socket)."""
+    sockets: list[str] = []
+    for path in request.paths:
+        socket = path[: -len(".pid")] if path.endswith(".sock.pid") else path
+        sockets.append(check_socket(socket, policy, home))
+    if request.pid is None:
+        return None
+    for socket in sockets:
+        if _recorded_borg_pid(socket + ".pid") == request.pid:
+            return request.pid
+    return None
+
+
+# --- the client side of the protocol ---------------------------------------------------------
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _fail(message: str, code: int) -> RefusedError:
+    return RefusedError(f"borgtunnel: {message}", code)
+
+
+def prepare_socket(path: str) -> str:
+    """The run script's rules, then the tool (nc or socat) that will connect borg to it."""
+    prepare_socket_dir(path)
+    return _pick_tool(path)
+
+
+def prepare_socket_dir(path: str) -> None:
+    """0700 directory of ours (created if missing), no symlink, a stale socket removed."""
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise _fail(f"socket path {path} is longer than 100 bytes (unix socket limit)", 71)
+    directory = path.rpartition("/")[0] or "/"
+    if os.path.islink(directory):
+        raise _fail(f"socket directory {directory} is a symlink; refusing", EXIT_SYMLINK)
+    if not os.path.exists(directory):
+        old = os.umask(0o077)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError:
+            raise _fail(f"cannot create {directory}", EXIT_MKDIR_FAILED) from None
+        finally:
+            os.umask(old)
+    info = os.lstat(directory)
+    if info.st_uid != os.geteuid():
+        raise _fail(f"socket directory {directory} is not owned by us; refusing", EXIT_NOT_OWNER)
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        if info.st_mode & stat.S_ISVTX:
+            raise _fail(
+                f"socket directory {directory} is a shared sticky directory; use a private one",
+                EXIT_SHARED_DIR,
+            )
+        os.chmod(directory, 0o700)
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise _fail(f"{path} exists and is not a socket; refusing to remove it", 68)
+    os.unlink(path)
+
+
+def _pick_tool(path: str) -> str:
+    if _has_nc_with_n():
+        return "nc"
+    if shutil.which("socat") and not SOCAT_UNSAFE.intersection(path):
+        return "socat"
+    raise _fail("neither nc (netcat-openbsd, with -N and -U) nor socat is installed", 69)
+
+
+def _recorded_borg_pid(pid_file: str) -> int | None:
+    """The borg pid in ``PATH.pid`` ("OWNER BORGPID"), if there is one."""
+    try:
+        with open(pid_file, encoding="ascii", errors="replace") as handle:
+            words = handle.read().split()
+    except OSError:
+        return None
+    return int(words[1]) if len(words) >= 2 and words[1].isdigit() else None
+
+
+def _is_borg(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"borg" in handle.read()
+    except OSError:
+        return False
+
+
+def _stop_orphan(pid_file: str) -> None:
+    """An earlier run whose link dropped left its borg running (it holds the cache lock)."""
+    old = _recorded_borg_pid(pid_file)
+    if old is None or not _is_borg(old):
+        return
+    _say(f"borgtunnel: stopping borg {old}, left running by an earlier run whose link dropped")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(old, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _is_borg(old):
+        time.sleep(0.1)
+
+
+def _read_go() -> bool:
+    """Read ``go\\n`` from fd 0 byte by byte: the rest of stdin is borg's passphrase."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 16:
+        chunk = os.read(0, 1)
+        if not chunk:
+            return False
+        line += chunk
+    return line == b"go\n"
+
+
+def _borg_env(call: BorgCall, tool: str, socket: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+    env.update(call.env)
+    env["BORG_RSH"] = RSH_BY_TOOL[tool]
+    env["BORGTUNNEL_SOCKET"] = socket
+    return env
+
+
+def _write_pid_file(pid_file: str, text: str) -> None:
+    with open(pid_file, "w", encoding="ascii") as handle:
+        handle.write(text + "\n")
+
+
+def _owns(pid_file: str) -> bool:
+    try:
+        with open(pid_file, encoding="ascii", errors="replace") as handle:
+            words = handle.read().split()
+    except OSError:
+        return False
+    return bool(words) and words[0] == str(os.getpid())
+
+
+def serve_borg(socket: str, argv: Sequence[str], call: BorgCall, cwd: str | None = None) -> int:
+    """Prepare, ready, go, borg, pid, wait, clean up: the run script's protocol in Python."""
+    tool = prepare_socket(socket)
+    pid_file = socket + ".pid"
+    _stop_orphan(pid_file)
+    _write_pid_file(pid_file, str(os.getpid()))
+    _say(f"borgtunnel-ready {tool} {socket}")
+    if not _read_go():
+        _remove_if_ours(socket, pid_file)
+        raise RefusedError("no go from the server; borg not started", EXIT_NO_GO)
+    env = _borg_env(call, tool, socket)
+    try:
+        child = subprocess.Popen(argv, stdin=0, env=env, cwd=cwd)
+    except OSError as exc:
+        _remove_if_ours(socket, pid_file)
+        raise RefusedError(f"cannot run {argv[0]}: {exc.strerror or exc}", 127) from None
+    # sshd may close the session with SIGHUP/SIGTERM to us; borg gets it too and cleans up.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
+    _write_pid_file(pid_file, f"{os.getpid()} {child.pid}")
+    _say(f"borgtunnel-pid {child.pid}")
+    status = child.wait()
+    _remove_if_ours(socket, pid_file)
+    return status if status >= 0 else 128 - status
+
+
+def _remove_if_ours(socket: str, pid_file: str) -> None:
+    """Only while our pid file still names us: a newer run may own the socket by now."""
+    if _owns(pid_file):
+        for stale in (socket, pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+
+
+def borg_argv(policy: Policy, subcommand: str, call: BorgCall, paths: Sequence[str]) -> list[str]:
+    """borg's argv, built here from checked data: the server's program words are not used."""
+    location = f"{URL_PREFIX}{call.repository.lstrip('/')}::{call.archive}"
+    return [policy.borg, subcommand, *call.options, "--", location, *paths]
+
+
+def run_cleanup(request: CleanupRequest, pid: int | None) -> int:
+    if pid is not None and _is_borg(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for path in request.paths:
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(path)
+            if stat.S_ISSOCK(info.st_mode) or (
+                path.endswith(".pid") and stat.S_ISREG(info.st_mode)
+            ):
+                os.unlink(path)
+    return 0
+
+
+def _version_of(argv: Sequence[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        return "missing"
+    try:
+        result = subprocess.run(
+            argv, capture_output=True, stdin=subprocess.DEVNULL, check=False, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unusable ({exc})"
+    lines = (result.stdout or result.stderr).decode("utf-8", "replace").strip().splitlines()
+    if not lines:
+        return f"exit status {result.returncode}"
+    return next((line for line in lines if "version" in line), lines[0])
+
+
+def _has_nc_with_n() -> bool:
+    if not shutil.which("nc"):
+        return False
+    probe = subprocess.run(
+        ["nc", "-h"], capture_output=True, stdin=subprocess.DEVNULL, check=False, timeout=10
+    )
+    return b"-N" in probe.stdout + probe.stderr
+
+
+def run_doctor(socket: str, policy: Policy) -> int:
+    """Versions and the policy, then a probe socket the server tries to reverse-forward.
+
+    Same lines as the server's plain doctor script (borgtunnel/doctor.py), plus ``gatekeeper``
+    and ``policy``: ``borgtunnel-doctor KEY VALUE`` on stderr, ``probe PATH`` last, then wait
+    for a line on stdin and remove the probe socket.
+    """
+    _say(f"borgtunnel-doctor gatekeeper {VERSION}")
+    _say("borgtunnel-doctor policy " + json.dumps(policy.summary(), sort_keys=True))
+    _say(f"borgtunnel-doctor user {pwd_name()}")
+    _say(f"borgtunnel-doctor borg {_version_of([policy.borg, '--version'])}")
+    _say(f"borgtunnel-doctor nc {'yes' if _has_nc_with_n() else 'missing'}")
+    _say(f"borgtunnel-doctor socat {_version_of(['socat', '-V'])}")
+    directory = socket.rpartition("/")[0] or "/"
+    probe = f"{directory}/doctor-{os.getpid()}.sock"
+    try:
+        prepare_socket_dir(probe)
+    except RefusedError as exc:
+        _say(f"borgtunnel-doctor probe-failed {exc.reason}")
+        return 0
+    _say(f"borgtunnel-doctor probe {probe}")
+    _read_go()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(probe)
+    return 0
+
+
+def pwd_name() -> str:
+    import pwd  # noqa: PLC0415 - only the doctor needs it
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def log(priority: str, message: str) -> None:
+    """One line to syslog/journal through logger; a missing logger never turns a refusal into
+    an acceptance, it only loses the log line (stderr still has it)."""
+    who = os.environ.get("SSH_CONNECTION", "").split(" ")[0] or "local"
+    line = f"{message} (from {who})".replace("\n", "\\n")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["logger", "-t", LOG_TAG, "-p", f"auth.{priority}", "--", line],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            timeout=10,
+        )
+
+
+def handle(command: str, policy: Policy, home: str) -> int:
+    """Parse, check, log, run. Raises RefusedError for anything not allowed."""
+    request = parse_request(command)
+    if isinstance(request, RunRequest):
+        socket = check_run(request, policy, home)
+        call = request.call
+        log("info", f"run: borg create {call.archive!r} of {list(call.paths)} to {socket}")
+        return serve_borg(socket, borg_argv(policy, "create", call, call.paths), call)
+    if isinstance(request, RestoreRequest):
+        socket = check_restore(request, policy, home)
+        call = request.call
+        log("notice", f"restore: borg extract {call.archive!r} into {request.target}")
+        argv = borg_argv(policy, "extract", call, call.paths)
+        return serve_borg(socket, argv, call, cwd=request.target)
+    if isinstance(request, CleanupRequest):
+        pid = check_cleanup(request, policy, home)
+        signalled = f"pid {pid}" if pid is not None else f"pid {request.pid} not ours, no signal"
+        log("info", f"cleanup: {signalled}; remove {list(request.paths)}")
+        return run_cleanup(request, pid)
+    socket = check_socket(request.socket, policy, home)
+    return run_doctor(socket, policy)
+
+
+def _home() -> str:
+    home = os.environ.get("HOME")
+    if home:
+        return home
+    import pwd  # noqa: PLC0415 - only needed when sshd gave no HOME
+
+    return pwd.getpwuid(os.geteuid()).pw_dir
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[list[int]]:
+    """Turn RefusedError into its one-line reason on stderr, a log line and the exit code."""
+    code = [0]
+    try:
+        yield code
+    except RefusedError as exc:
+        _say(exc.reason if exc.reason.startswith("borgtunnel:") else f"{LOG_TAG}: {exc.reason}")
+        if exc.code in {EXIT_REFUSED, EXIT_POLICY}:
+            log("warning", f"refused: {exc.reason}")
+        code[0] = exc.code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=LOG_TAG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", default=DEFAULT_POLICY, metavar="PATH")
+    parser.add_argument("--version", action="version", version=f"{LOG_TAG} {VERSION}")
+    args = parser.parse_args(argv)
+    command = os.environ.get("SSH_ORIGINAL_COMMAND")
+    with _refusals() as code:
+        if command is None:
+            raise RefusedError("no command (an interactive login is not allowed for this key)")
+        policy = load_policy(args.policy)
+        code[0] = handle(command, policy, _home())
+    return code[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

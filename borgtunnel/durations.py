@@ -1,0 +1,52 @@
+"""Durations as administrators write them: ``"36h"``, ``"1d12h"``, ``"90m"``, ``"45s"``, or seconds.
+
+Kept apart from ``config.py`` so the parser is unit-tested on its own and other modules (staleness,
+status) can format ages the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+_UNITS: Final = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_PART: Final = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in ``value``; a number is already seconds. Raises ValueError saying what is wrong.
+
+    Units: w(eeks) d(ays) h(ours) m(inutes) s(econds), largest first, each at most once
+    (``"1d12h"``); no spaces, no signs. Zero is refused: a zero age would make every client stale.
+    """
+    if isinstance(value, bool):
+        # pydantic turns a ValueError into a key-named config error; a TypeError would escape.
+        raise ValueError("must be a duration such as '36h', not a boolean")  # noqa: TRY004
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        parts = _PART.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{value!r} is not a duration such as '36h', '1d12h' or '90m'")
+        units = [u for _, u in parts]
+        order = list(_UNITS)
+        if len(set(units)) != len(units) or units != sorted(units, key=order.index):
+            raise ValueError(f"{value!r}: give each unit once, largest first (e.g. '1d12h')")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``"2d 3h"``, ``"5h 10m"``, ``"7m"``, ``"12s"``: an age for messages and tables."""
+    whole = max(int(seconds), 0)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m" if minutes else f"{whole}s"

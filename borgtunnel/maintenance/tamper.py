@@ -1,0 +1,81 @@
+"""Tamper-aware compact: did an archive vanish without our own prune? Pure.
+
+A client reaches its repository only through ``borg serve --append-only``: its deletes and
+prunes are written as new transactions, but the old segments stay until a server-side
+``borg compact`` removes them for good. So before compacting, the archives in the repository are
+compared with those the history expects (created by verified pulls, minus what our own prune
+removed or an administrator accepted). A missing one means a delete we did not do: compacting
+now would make it permanent, so compact (and prune, whose transactions would complicate the
+roll-back) is refused until an administrator looks and runs ``maintain NAME --accept-missing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TamperReport:
+    """Archives the history expects that the repository no longer has (``missing``), or has
+    under another id than before (``replaced``: deleted and made again under the same name)."""
+
+    client: str
+    repository: Path
+    missing: tuple[str, ...]
+    replaced: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        repo = self.repository
+        found = []
+        if self.missing:
+            names = ", ".join(repr(name) for name in self.missing)
+            found.append(
+                f"{len(self.missing)} archive(s) vanished from {repo} without a prune by "
+                f"borgtunnel: {names}"
+            )
+        if self.replaced:
+            names = ", ".join(repr(name) for name in self.replaced)
+            found.append(
+                f"{len(self.replaced)} archive(s) in {repo} were replaced by another archive "
+                f"of the same name (the id changed): {names}"
+            )
+        return (
+            f"tampering suspected: {'; '.join(found)}. Compact and prune refused: they would "
+            "make the deletion permanent. The client's serve is append-only, so the data is "
+            "still there. "
+            f"To roll back: stop borgtunnel; in {repo / 'transactions'} find the last "
+            "transaction N from before the deletion; remove the segment files numbered above N "
+            f"under {repo / 'data'} and {repo}/index.*, hints.*, integrity.*; run borg check; "
+            "then remove this repository's borg cache (.cache/borg/ID) and "
+            ".config/borg/security/ID/manifest-timestamp, which are newer than the rolled-back "
+            "repository, on the server (in state_dir/borg) and on the client (README: 'Rolling "
+            "back a client's deletes'). Look at the client: it deleted through its tunnel. If "
+            f"the removal was intended: `borgtunnel maintain {self.client} --accept-missing`."
+        )
+
+
+def missing_archives(expected: Iterable[str], present: Iterable[str]) -> tuple[str, ...]:
+    """Expected names not present, sorted (new archives the client made are not a problem)."""
+    return tuple(sorted(set(expected) - set(present)))
+
+
+def replaced_archives(known_ids: Mapping[str, str], present: Mapping[str, str]) -> tuple[str, ...]:
+    """Names present now under another id than the one remembered for them, sorted."""
+    return tuple(
+        sorted(name for name, old in known_ids.items() if name in present and present[name] != old)
+    )
+
+
+def tamper_report(
+    client: str,
+    repository: Path,
+    expected: Iterable[str],
+    present: Mapping[str, str],
+    known_ids: Mapping[str, str] | None = None,
+) -> TamperReport | None:
+    """``present``: name -> id in the repository now; ``known_ids``: name -> id seen before."""
+    missing = missing_archives(expected, present)
+    replaced = replaced_archives(known_ids or {}, present)
+    return TamperReport(client, repository, missing, replaced) if missing or replaced else None

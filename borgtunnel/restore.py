@@ -1,0 +1,383 @@
+"""``borgtunnel restore``: push files of an archive back to the client through a tunnel.
+
+The same machinery as a pull, the other way round: a fresh local socket served by
+``borg serve --append-only --restrict-to-repository REPO`` (extract only reads, so append-only
+holds, and the serve cannot reach any other repository), a reverse forward to the client, and
+ONE remote command (borgtunnel/remote.py's run script) that runs ``borg extract`` with its
+working directory at the target. Before extracting, the client side creates the target 0700 if
+it is missing and refuses one that exists and is not empty (``--force`` overrides), a symlink,
+or a non-directory. Cleanup order and rules are those of pull.py.
+
+The run is recorded in the history as kind ``restore`` (trigger ``restore``), under the client
+lock: never a pull, a maintenance run and a restore of one client at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from borgtunnel import borg, borgexit
+from borgtunnel.config import ClientConfig, Config
+from borgtunnel.history import KIND_RESTORE, History, RunResult, RunStats
+from borgtunnel.lock import ClientBusy, client_lock
+from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.remote import (
+    GO,
+    RemoteSocket,
+    cleanup_command,
+    parse_pid_line,
+    parse_ready_line,
+    run_command,
+)
+from borgtunnel.serve import BorgServeListener, pull_socket
+from borgtunnel.tunnel import (
+    SHORT_COMMAND_TIMEOUT,
+    ConnectError,
+    ForwardError,
+    RemotePrepareError,
+    RemoteRun,
+    Target,
+    Tunnel,
+    TunnelError,
+)
+
+log = structlog.get_logger("borgtunnel.restore")
+
+REFUSED_PREFIX = "borgtunnel-restore-refused: "
+REFUSED_NOT_EMPTY = 75
+REFUSED_UNUSABLE = 76
+
+# $1 target directory, $2 mode (extract | force | dry-run), then borg's argv. Runs as the
+# program the run script starts after "go"; the passphrase stays on stdin for borg.
+TARGET_SCRIPT = r"""
+t=$1; mode=$2; shift 2
+if [ "$mode" != dry-run ]; then
+  if [ -L "$t" ]; then
+    echo "borgtunnel-restore-refused: target $t is a symlink" >&2; exit 76
+  fi
+  if [ ! -e "$t" ]; then
+    (umask 077 && mkdir -p -- "$t") || {
+      echo "borgtunnel-restore-refused: cannot create target $t" >&2; exit 76; }
+  fi
+  if [ ! -d "$t" ]; then
+    echo "borgtunnel-restore-refused: target $t is not a directory" >&2; exit 76
+  fi
+  if [ "$mode" != force ] && [ -n "$(find "$t" -mindepth 1 -maxdepth 1 -print 2>&1 | head -n 1)" ]
+  then
+    echo "borgtunnel-restore-refused: target $t is not empty; use --force to restore into it" >&2
+    exit 75
+  fi
+  cd -- "$t" || { echo "borgtunnel-restore-refused: cannot enter target $t" >&2; exit 76; }
+fi
+exec "$@"
+"""
+
+
+def extract_argv(
+    *,
+    remote_borg: str,
+    repository: Path,
+    archive: str,
+    paths: Sequence[str],
+    dry_run: bool,
+) -> list[str]:
+    """``borg extract`` for the client. ``pp:`` makes each PATH a literal path prefix (no
+    pattern syntax); borg stores paths without the leading '/'."""
+    return [
+        *shlex.split(remote_borg),
+        "extract",
+        "--log-json",
+        "--list",
+        *(["--dry-run"] if dry_run else []),
+        "--",
+        f"{borg.repository_url(repository)}::{archive}",
+        *(f"pp:{path.lstrip('/')}" for path in paths),
+    ]
+
+
+def restore_command(
+    client: ClientConfig, archive: str, paths: Sequence[str], target: str, *, mode: str
+) -> str:
+    """The whole remote side of a restore as one command line."""
+    argv = extract_argv(
+        remote_borg=client.remote_borg,
+        repository=client.repository,
+        archive=archive,
+        paths=paths,
+        dry_run=mode == "dry-run",
+    )
+    env = borg.client_env(encrypted=client.encryption != "none")
+    wrapped = ["sh", "-c", TARGET_SCRIPT, "borgtunnel-restore", target, mode, *argv]
+    return run_command(
+        client.remote_socket_path,
+        borg.RSH_BY_TOOL["nc"],
+        borg.RSH_BY_TOOL["socat"],
+        borg.with_env(wrapped, env),
+    )
+
+
+@dataclass
+class RestoreOutcome:
+    """Everything known about one finished restore."""
+
+    client: str
+    archive: str
+    target: str
+    dry_run: bool = False
+    result: RunResult = RunResult.FAILED
+    borg_status: int | None = None
+    nfiles: int = 0
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    duration: float = 0.0
+    busy: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return {RunResult.OK: 0, RunResult.WARNING: 1}.get(self.result, 2)
+
+    def summary(self) -> str:
+        took = f"{self.duration:.1f}s"
+        if self.result in (RunResult.OK, RunResult.WARNING):
+            verb = "would restore" if self.dry_run else "restored"
+            text = (
+                f"{self.client}: {self.result} {verb} archive={self.archive} "
+                f"to {self.target} on the client: {self.nfiles} item(s) in {took}"
+            )
+            if self.warnings:
+                text += f" ({len(self.warnings)} warning(s), last: {self.warnings[-1]})"
+            return text
+        return f"{self.client}: {self.result} restore of {self.archive} after {took}: {self.error}"
+
+
+class _Run:
+    def __init__(self, config: Config, client: ClientConfig, outcome: RestoreOutcome) -> None:
+        self.config = config
+        self.client = client
+        self.outcome = outcome
+        self.log = log.bind(client=client.name)
+        self.errors: list[str] = []
+        self.refusal: str | None = None
+        self.remote_pid: int | None = None
+        self.remote_finished = False
+
+    def on_remote_line(self, line: str) -> None:
+        if self.remote_pid is None:
+            self.remote_pid = parse_pid_line(line)
+            if self.remote_pid is not None:
+                return
+        if line.startswith(REFUSED_PREFIX):
+            self.refusal = line[len(REFUSED_PREFIX) :].strip()
+            return
+        parsed = borg.parse_log_line(line)
+        if parsed is None:
+            return
+        if parsed.fields.get("name") == "borg.output.list":
+            self.outcome.nfiles += 1  # one line per item; the names stay out of the log
+            return
+        if parsed.level == "warning":
+            self.outcome.warnings.append(parsed.message)
+        elif parsed.level == "error":
+            self.errors.append(parsed.message)
+        self.log.log(_LEVELS[parsed.level], parsed.message, source="borg extract")
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+async def restore(
+    config: Config,
+    client: ClientConfig,
+    archive: str,
+    paths: Sequence[str],
+    target: str,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+) -> RestoreOutcome:
+    """Extract ``archive`` (or ``paths`` of it) into ``target`` on the client. Failures are
+    reported in the outcome; a cancellation runs the full cleanup and is re-raised."""
+    outcome = RestoreOutcome(client=client.name, archive=archive, target=target, dry_run=dry_run)
+    run = _Run(config, client, outcome)
+    started = time.monotonic()
+    mode = "dry-run" if dry_run else "force" if force else "extract"
+    run.log.info("restore_started", archive=archive, target=target, mode=mode)
+    try:
+        await _restore(run, restore_command(client, archive, paths, target, mode=mode))
+    except asyncio.CancelledError:
+        outcome.result = RunResult.INTERRUPTED
+        outcome.error = "interrupted"
+        raise
+    except (TunnelError, PassphraseError, OSError) as exc:
+        outcome.result = RunResult.FAILED
+        outcome.error = str(exc)
+    finally:
+        outcome.duration = time.monotonic() - started
+    report = run.log.info if outcome.result is RunResult.OK else run.log.warning
+    report(
+        "restore_finished",
+        result=str(outcome.result),
+        items=outcome.nfiles,
+        duration=round(outcome.duration, 3),
+        error=outcome.error,
+    )
+    return outcome
+
+
+async def _restore(run: _Run, command: str) -> None:
+    config, client = run.config, run.client
+    passphrase = await read_passphrase(client)
+    target = Target(client.host, client.port, client.user, config.ssh_for(client))
+    argv = borg.serve_argv(config.server.borg, client.repository)
+    async with (
+        pull_socket(
+            config.server.socket_dir,
+            client.name,
+            argv,
+            stop_timeout=config.server.serve_stop_timeout,
+        ) as (local_path, listener),
+        Tunnel.connect(target) as tunnel,
+        tunnel.start(command) as rr,
+    ):
+        remote = await _await_ready(rr, target)
+        try:
+            async with _forward_retrying(run, tunnel, remote.path, local_path):
+                rr.send_and_close(GO + (passphrase or b""))
+                await _finish(run, rr, listener)
+        finally:
+            await _stop_serve(run, listener)
+            if not run.remote_finished:
+                await _abandon_remote(run, tunnel, remote.path)
+
+
+async def _await_ready(rr: RemoteRun, target: Target) -> RemoteSocket:
+    said: list[str] = []
+    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+        while (line := await rr.next_line()) is not None:
+            remote = parse_ready_line(line)
+            if remote is None:
+                said.append(line.rstrip("\n"))
+                continue
+            if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
+                raise ForwardError(
+                    target, f"remote socket path {remote.path!r} is unsafe for socat"
+                )
+            return remote
+        raise RemotePrepareError(target, await rr.status(), "\n".join(said))
+
+
+@contextlib.asynccontextmanager
+async def _forward_retrying(
+    run: _Run, tunnel: Tunnel, remote: str, local: Path
+) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(tunnel.forward(remote, local))
+        except ForwardError:
+            run.log.warning("remote_socket_busy_retrying", path=remote)
+            await tunnel.remove_socket(remote)
+            await stack.enter_async_context(tunnel.forward(remote, local))
+        yield
+
+
+async def _finish(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:
+    status, _ = await rr.finish(on_stderr=run.on_remote_line)
+    run.remote_finished = status is not None
+    outcome = run.outcome
+    outcome.borg_status = status
+    # No BORG_EXIT_CODES=modern is sent for a restore: 0/1/2, anything else (the shell's 127) fails.
+    verdict = borgexit.classify_exit(status, modern=False)
+    if run.refusal is not None:
+        outcome.result = RunResult.FAILED
+        outcome.error = f"refused on the client: {run.refusal}"
+    elif verdict is borg.Outcome.OK:
+        outcome.result = RunResult.OK
+    elif verdict is borg.Outcome.WARNING:
+        outcome.result = RunResult.WARNING
+    else:
+        parts = run.errors[-1:]
+        if listener.stats.last_error:
+            parts.append(f"server side: {listener.stats.last_error}")
+        if status is None:
+            parts.append("borg extract was killed or the connection dropped")
+        outcome.result = RunResult.FAILED
+        detail = "; ".join(parts) or "no error message"
+        outcome.error = f"borg extract failed (status {status}): {detail}"
+
+
+async def _stop_serve(run: _Run, listener: BorgServeListener) -> None:
+    if run.remote_finished:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await listener.wait_idle()
+    await listener.terminate_children()
+
+
+async def _abandon_remote(run: _Run, tunnel: Tunnel, path: str) -> None:
+    try:
+        await tunnel.exec_quiet(cleanup_command(run.remote_pid, path))
+    except TunnelError as exc:
+        run.log.warning("remote_cleanup_failed", pid=run.remote_pid, path=path, error=str(exc))
+
+
+async def restore_recorded(
+    config: Config,
+    client: ClientConfig,
+    archive: str,
+    paths: Sequence[str],
+    target: str,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    wait: bool = False,
+) -> RestoreOutcome:
+    """Under the client lock, recorded in the history as kind ``restore``."""
+    with History.open(config.server.state_dir) as db:
+        db.recover_interrupted()
+        try:
+            async with client_lock(config.server.state_dir, client.name, wait=wait):
+                run_id = db.start_run(client.name, "restore", kind=KIND_RESTORE)
+                try:
+                    outcome = await restore(
+                        config, client, archive, paths, target, dry_run=dry_run, force=force
+                    )
+                except asyncio.CancelledError:
+                    db.finish_run(
+                        run_id,
+                        RunResult.INTERRUPTED,
+                        archive=archive,
+                        error="interrupted: the restore was cancelled",
+                    )
+                    raise
+                except BaseException as exc:
+                    db.finish_run(run_id, RunResult.FAILED, error=f"internal error: {exc!r}")
+                    raise
+                db.finish_run(
+                    run_id,
+                    outcome.result,
+                    exit_code=outcome.borg_status,
+                    archive=archive,
+                    stats=RunStats(nfiles=outcome.nfiles, duration=outcome.duration),
+                    error=outcome.error,
+                )
+                return outcome
+        except ClientBusy as exc:
+            holder = f" by pid {exc.pid}" if exc.pid else ""
+            return RestoreOutcome(
+                client=client.name,
+                archive=archive,
+                target=target,
+                error=f"busy: another borgtunnel process is working on this client{holder}",
+                busy=True,
+            )
+
+
+__all__ = ["ConnectError", "RestoreOutcome", "restore", "restore_recorded"]

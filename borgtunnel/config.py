@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from borgtunnel import scheduler
-from borgtunnel.maintenance.durations import parse_duration
+from borgtunnel.durations import parse_borg_interval
 from borgtunnel.reporting.settings import (
     ClientDefaults,
     Duration,
@@ -189,7 +189,7 @@ class RetentionSettings(_Model):
     @classmethod
     def _within_valid(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_duration(value)
+            parse_borg_interval(value)
         return value
 
     @model_validator(mode="after")
@@ -210,7 +210,7 @@ class CheckSettings(_Model):
     @field_validator("every")
     @classmethod
     def _every_valid(cls, value: str) -> str:
-        parse_duration(value)
+        parse_borg_interval(value)
         return value
 
 

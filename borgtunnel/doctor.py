@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.remote import GO
+from borgtunnel.remote import GO, REQUEST_DOCTOR, encoded_command
 from borgtunnel.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelError
 
 PREFIX = "borgtunnel-doctor "
@@ -50,15 +50,10 @@ exit 0
 
 
 def doctor_command(client: ClientConfig) -> str:
-    return shlex.join(
-        [
-            "sh",
-            "-c",
-            DOCTOR_SCRIPT,
-            "borgtunnel-doctor",
-            client.remote_socket_path,
-            *shlex.split(client.remote_borg),
-        ]
+    return encoded_command(
+        DOCTOR_SCRIPT,
+        [client.remote_socket_path, *shlex.split(client.remote_borg)],
+        kind=REQUEST_DOCTOR,
     )
 
 

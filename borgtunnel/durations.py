@@ -1,12 +1,19 @@
-"""Durations as administrators write them: ``"36h"``, ``"1d12h"``, ``"90m"``, ``"45s"``, or seconds.
+"""Durations as administrators write them. Two spellings, each where it belongs:
 
-Kept apart from ``config.py`` so the parser is unit-tested on its own and other modules (staleness,
-status) can format ages the same way.
+* ``parse_duration``: ``"36h"``, ``"1d12h"``, ``"90m"``, ``"45s"`` or seconds (w d h m s) —
+  ``max_age``, hook timeouts and the like;
+* ``parse_borg_interval``: borg's own ``--keep-within`` letters, ``"30d"``, ``"12H"``, ``"6m"``
+  (H d w m y, where **m is a month**) — the ``[retention]`` and ``[check]`` tables, so that one
+  spelling works in borgtunnel's config and in what is handed to borg.
+
+Kept apart from ``config.py`` so the parsers are unit-tested on their own and other modules
+(staleness, status) can format ages the same way.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Final
 
 _UNITS: Final = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -50,3 +57,27 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m" if minutes else f"{whole}s"
+
+
+# borg's --keep-within accepts H (hours), d, w, m (31 days), y (365 days).
+_BORG_UNIT_SECONDS: Final = {
+    "H": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "m": 31 * 86400,
+    "y": 365 * 86400,
+}
+_BORG_INTERVAL: Final = re.compile(r"^([1-9][0-9]{0,5})([Hdwmy])$")
+
+
+def parse_borg_interval(text: str) -> timedelta:
+    """``"30d"`` -> 30 days, in borg's ``--keep-within`` syntax. Raises ValueError naming the
+    accepted form."""
+    match = _BORG_INTERVAL.match(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: a whole number followed by one of "
+            "H (hours), d (days), w (weeks), m (months of 31 days), y (years of 365 days), "
+            "e.g. '30d'"
+        )
+    return timedelta(seconds=int(match.group(1)) * _BORG_UNIT_SECONDS[match.group(2)])

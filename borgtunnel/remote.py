@@ -208,10 +208,24 @@ _DECODER = (
 )
 
 
-def encoded_command(script: str, args: Sequence[str]) -> str:
+# What each encoded command is, on its first line: a client-side gatekeeper
+# (borgtunnel/client/gatekeeper.py) reads the kind and the ``set --`` line, never the script.
+REQUEST_RUN = "borgtunnel-run"
+REQUEST_RESTORE = "borgtunnel-restore"
+REQUEST_CLEANUP = "borgtunnel-cleanup"
+REQUEST_REMOVE = "borgtunnel-remove"
+REQUEST_DOCTOR = "borgtunnel-doctor"
+REQUEST_SCRIPT = "borgtunnel-script"  # anything else (tests, tools): no gatekeeper allows it
+
+
+def encoded_command(script: str, args: Sequence[str], *, kind: str = REQUEST_SCRIPT) -> str:
     """A command line that runs ``script`` with ``args`` as "$@" under POSIX sh, whatever the
-    login shell: both travel base64-encoded, so the login shell sees no value and no quoting."""
-    program = f"set -- {shlex.join(args)}\n{script}" if args else script
+    login shell: both travel base64-encoded, so the login shell sees no value and no quoting.
+
+    The decoded program is ``# KIND``, then ``set -- ARGS`` (shlex-quoted, one line: shlex
+    never leaves a newline unquoted), then the script.
+    """
+    program = f"# {kind}\nset -- {shlex.join(args)}\n{script}"
     payload = base64.b64encode(program.encode("utf-8", "surrogateescape")).decode("ascii")
     command = _DECODER.replace("{payload}", payload)
     if not COMMAND_CHARSET.issuperset(command) or command.count("'") != 2:
@@ -219,9 +233,17 @@ def encoded_command(script: str, args: Sequence[str]) -> str:
     return command
 
 
-def run_command(configured_path: str, rsh_nc: str, rsh_socat: str, argv: Sequence[str]) -> str:
-    """The whole remote side of a pull as one command line; every value is an argument."""
-    return encoded_command(RUN_SCRIPT, [configured_path, rsh_nc, rsh_socat, *argv])
+def run_command(
+    configured_path: str,
+    rsh_nc: str,
+    rsh_socat: str,
+    argv: Sequence[str],
+    *,
+    kind: str = REQUEST_RUN,
+) -> str:
+    """The whole remote side of a pull (or a restore) as one command line; every value is an
+    argument."""
+    return encoded_command(RUN_SCRIPT, [configured_path, rsh_nc, rsh_socat, *argv], kind=kind)
 
 
 @dataclass(frozen=True)
@@ -250,7 +272,7 @@ def parse_pid_line(line: str) -> int | None:
 
 
 def remove_command(*paths: str) -> str:
-    return encoded_command('rm -f -- "$@"', paths)
+    return encoded_command('rm -f -- "$@"', paths, kind=REQUEST_REMOVE)
 
 
 # Only signal the pid if it is still a borg (pid reuse); without /proc, trust the short window.
@@ -271,7 +293,8 @@ rm -f -- "$@"
 def cleanup_command(pid: int | None, path: str) -> str:
     """For an abandoned run: SIGTERM borg (closing a channel does not kill a non-pty process,
     and OpenSSH < 10 refuses signal requests for root), then remove the socket. One exec."""
-    return encoded_command(_CLEANUP_SCRIPT, ["" if pid is None else str(pid), path, path + ".pid"])
+    args = ["" if pid is None else str(pid), path, path + ".pid"]
+    return encoded_command(_CLEANUP_SCRIPT, args, kind=REQUEST_CLEANUP)
 
 
 def ready_path_matches(configured: str, reported: str) -> bool:

@@ -31,6 +31,7 @@ from borgtunnel.lock import ClientBusy, client_lock
 from borgtunnel.passphrase import PassphraseError, read_passphrase
 from borgtunnel.remote import (
     GO,
+    REQUEST_RESTORE,
     RemoteSocket,
     cleanup_command,
     parse_pid_line,
@@ -121,6 +122,7 @@ def restore_command(
         borg.RSH_BY_TOOL["nc"],
         borg.RSH_BY_TOOL["socat"],
         borg.with_env(wrapped, env),
+        kind=REQUEST_RESTORE,
     )
 
 

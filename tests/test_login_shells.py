@@ -138,7 +138,10 @@ def test_pull_as_a_user_with_this_login_shell(
             assert [p for p in pullkit.files_named(root, "PWNED") if p.parent not in {first}] == []
 
         # The default remote_socket, ~/.cache/borgtunnel/c1.sock, with the real borg on PATH.
-        table = pullkit.client_table(login, "c1", repo, [second], archive="plain-{now}")
+        # A different, much smaller tree on purpose: not a shrink worth a warning here.
+        table = pullkit.client_table(
+            login, "c1", repo, [second], archive="plain-{now}", max_shrink=100
+        )
         del table["remote_socket"]
         table["remote_borg"] = str(fake)
         config = pullkit.write_config(tmp_path / "bt2.toml", clients={"c1": table}, **conf)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.config import CheckSettings, ConfigError, RetentionSettings, parse_config
+from borgtunnel.durations import parse_borg_interval
 from borgtunnel.history import SCHEMA_VERSION, History, Operation, RunResult
 from borgtunnel.maintenance import retention
-from borgtunnel.maintenance.durations import parse_duration
 from borgtunnel.maintenance.sanity import sanity_warning
 from borgtunnel.maintenance.tamper import missing_archives, tamper_report
 
@@ -28,13 +28,13 @@ def client() -> dict[str, object]:
     [("30d", timedelta(days=30)), ("12H", timedelta(hours=12)), ("2w", timedelta(weeks=2))],
 )
 def test_durations(text, expected):
-    assert parse_duration(text) == expected
+    assert parse_borg_interval(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "5", "0d", "3x", "-1d", "1.5d", "d", "30 d"])
 def test_bad_durations_are_refused(text):
     with pytest.raises(ValueError, match="not a duration"):
-        parse_duration(text)
+        parse_borg_interval(text)
 
 
 def test_config_errors_name_the_dotted_key():

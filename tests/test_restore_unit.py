@@ -3,13 +3,13 @@ here with the real /bin/sh on temporary directories)."""
 
 from __future__ import annotations
 
-import shlex
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from borgtunnel.client import gatekeeper
 from borgtunnel.config import parse_config
 from borgtunnel.restore import (
     REFUSED_NOT_EMPTY,
@@ -60,7 +60,9 @@ def test_restore_command_quotes_every_word():
     command = restore_command(
         config.clients["web1"], "a'b", ["/x $(id)"], "/t; rm -rf /", mode="extract"
     )
-    words = shlex.split(command)
+    # Read back the way a client's gatekeeper does: decode the envelope, split ARGS like sh.
+    kind, words = gatekeeper.decode_command(command)
+    assert kind == "borgtunnel-restore"
     assert "/t; rm -rf /" in words
     assert "pp:x $(id)" in words
     assert words[words.index("borgtunnel-restore") + 2] == "extract"

@@ -12,10 +12,12 @@ in ``authorized_keys``), the key can only do what a pull needs:
 - ``doctor``: print versions and this policy, probe the reverse forward;
 - ``restore``: ``borg extract`` into an allowed directory, only if the policy says so.
 
-The server's command is NOT run. The gatekeeper reads ``SSH_ORIGINAL_COMMAND``, splits it the
-way sh would (refusing any shell syntax beyond quoting and ``;``), recognises the request by its
-fixed leading words and takes only the data from it: the socket path, the environment
-assignments, the borg options, repository, archive and paths. Each is checked against the
+The server's command is NOT run. The gatekeeper reads ``SSH_ORIGINAL_COMMAND``: the server's
+fixed decoder around one base64 payload (borgtunnel/remote.py ``encoded_command``, which keeps
+every login shell out of the quoting). It decodes the payload to ``# KIND``, ``set -- ARGS``
+and a script, splits ARGS the way sh would (refusing any shell syntax beyond quoting), ignores
+the script, and takes only the data from ARGS: the socket path, the environment assignments,
+the borg options, repository, archive and paths. Each is checked against the
 client's policy file; borg's argv, ``BORG_RSH`` and the environment are built here. Anything
 else is refused with a one-line reason on stderr, logged through ``logger`` (syslog/journal).
 
@@ -41,6 +43,7 @@ Standalone: Python 3 standard library only, no borgtunnel import, installable as
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
 import contextlib
 import json
@@ -120,6 +123,8 @@ class RestoreRequest:
     socket: str
     target: str
     call: BorgCall
+    # extract (the target must be empty), force, or dry-run (borg's --dry-run is in the call)
+    mode: str = "extract"
     kind: str = "restore"
 
 
@@ -151,8 +156,9 @@ class _Splitter:
     backslash escapes and ``;`` between commands. Anything that would expand or redirect is
     refused: the gatekeeper only accepts requests whose meaning does not depend on a shell."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, one_line: bool = False) -> None:
         self.text = text
+        self.one_line = one_line  # stop at the first unquoted newline; no ';' allowed
         self.pos = 0
         self.commands: list[list[str]] = [[]]
         self.word: list[str] = []
@@ -161,15 +167,9 @@ class _Splitter:
     def split(self) -> list[list[str]]:
         while self.pos < len(self.text):
             char = self.text[self.pos]
-            if char in " \t":
-                self._end_word()
-                self.pos += 1
-            elif char == ";":
-                self._end_word()
-                if not self.commands[-1]:
-                    raise RefusedError("empty command before ';'")
-                self.commands.append([])
-                self.pos += 1
+            if char in " \t\n;":
+                if self._separator(char):
+                    return self.commands
             elif char == "'":
                 self._single_quoted()
             elif char == '"':
@@ -182,11 +182,27 @@ class _Splitter:
                 self._add(char)
                 self.pos += 1
         self._end_word()
+        if self.one_line:
+            return self.commands
         if not self.commands[-1]:
             self.commands.pop()  # a trailing ';'
         if not self.commands:
             raise RefusedError("empty command")
         return self.commands
+
+    def _separator(self, char: str) -> bool:
+        """Blank, newline or ';'; True when the split ends here (one_line's newline)."""
+        if (char == "\n" and not self.one_line) or (char == ";" and self.one_line):
+            raise RefusedError(f"shell syntax {char!r} in the command")
+        self._end_word()
+        self.pos += 1
+        if char == "\n":
+            return True
+        if char == ";":
+            if not self.commands[-1]:
+                raise RefusedError("empty command before ';'")
+            self.commands.append([])
+        return False
 
     def _add(self, text: str) -> None:
         self.word.append(text)
@@ -330,63 +346,79 @@ _EXTRACT_OPTIONS: Mapping[str, str] = {
 _SHORT_ALIASES = {"-e": "--exclude", "-C": "--compression", "-c": "--checkpoint-interval"}
 
 
+# The server's command line: this decoder around one base64 payload, exactly as
+# borgtunnel/remote.py writes it (a test keeps the two in sync).
+DECODER_HEAD = (
+    "sh -c 'command -v base64 >/dev/null 2>&1 || "
+    '{ echo "borgtunnel: the client has no base64 (coreutils); install it" >&2; exit 74; }; '
+    "c=$(printf %s "
+)
+DECODER_TAIL = ' | base64 -d) && eval "$c"\''
+_PAYLOAD = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_SET_LINE = "set -- "
+
+
+def decode_command(command: str) -> tuple[str, list[str]]:
+    """The server's command -> (kind, ARGS): what ``# KIND`` and ``set -- ARGS`` say."""
+    if not (command.startswith(DECODER_HEAD) and command.endswith(DECODER_TAIL)):
+        raise RefusedError(f"not a borgtunnel request: {_show(command, 120)}")
+    payload = command[len(DECODER_HEAD) : len(command) - len(DECODER_TAIL)]
+    if not _PAYLOAD.fullmatch(payload):
+        raise RefusedError("not a borgtunnel request: the payload is not base64")
+    try:
+        program = base64.b64decode(payload, validate=True).decode("utf-8", "surrogateescape")
+    except ValueError:
+        raise RefusedError("not a borgtunnel request: the payload is not base64") from None
+    header, _, rest = program.partition("\n")
+    if not header.startswith("# ") or not rest.startswith(_SET_LINE):
+        raise RefusedError("not a borgtunnel request: no '# KIND' and 'set --' lines")
+    (args,) = _Splitter(rest[len(_SET_LINE) :], one_line=True).split()
+    return header[2:], args
+
+
 def parse_request(command: str) -> Request:
-    """``SSH_ORIGINAL_COMMAND`` -> a request, by the fixed leading words of each shape.
+    """``SSH_ORIGINAL_COMMAND`` -> a request, by its kind and the positions of its ARGS.
 
-    Shapes (borgtunnel/remote.py builds them; only the positional data is used):
+    Kinds and ARGS (borgtunnel/remote.py builds them; only this data is used):
 
-    - run: ``sh -c SCRIPT borgtunnel-run SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS``
-    - restore: ``sh -c SCRIPT borgtunnel-restore SOCKET RSH_NC RSH_SOCAT TARGET [env K=V…]
-      BORG… extract ARGS``
-    - cleanup: ``sh -c SCRIPT borgtunnel-kill PID; rm -f -- PATH…`` (or ``true; rm …``, or the
-      ``rm -f -- PATH…`` alone)
-    - doctor: ``sh -c SCRIPT borgtunnel-doctor SOCKET [BORG…]``
+    - ``borgtunnel-run``: SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS
+    - ``borgtunnel-restore``: SOCKET RSH_NC RSH_SOCAT [env K=V…] sh -c SCRIPT
+      borgtunnel-restore TARGET MODE BORG… extract ARGS
+    - ``borgtunnel-cleanup``: PID-or-empty SOCKET SOCKET.pid
+    - ``borgtunnel-remove``: PATH…
+    - ``borgtunnel-doctor``: SOCKET [BORG…]
 
-    The SCRIPT text is ignored: it is never run, and it may change with the server's version.
+    The scripts are ignored: they are never run, and they may change with the server's version.
     """
-    commands = split_command(command)
-    first = commands[0]
-    if len(commands) == 1:
-        if _is_script(first, "borgtunnel-run") and len(first) >= 8:
-            socket, _rsh_nc, _rsh_socat, *rest = first[4:]
-            return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))
-        if _is_script(first, "borgtunnel-restore") and len(first) >= 9:
-            socket, _rsh_nc, _rsh_socat, target, *rest = first[4:]
-            call = _parse_borg(rest, "extract", _EXTRACT_OPTIONS)
-            return RestoreRequest(socket=socket, target=target, call=call)
-        if _is_script(first, "borgtunnel-doctor") and len(first) >= 5:
-            return DoctorRequest(socket=first[4])
-    cleanup = _parse_cleanup(commands)
-    if cleanup is not None:
-        return cleanup
-    raise RefusedError(f"not a borgtunnel request: {_show(command, 120)}")
+    kind, args = decode_command(command)
+    if kind == "borgtunnel-run" and len(args) >= 4:
+        socket, _rsh_nc, _rsh_socat, *rest = args
+        return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))
+    if kind == "borgtunnel-restore" and len(args) >= 4:
+        return _parse_restore(args)
+    if kind == "borgtunnel-cleanup" and len(args) == 3 and (not args[0] or args[0].isdigit()):
+        return CleanupRequest(pid=int(args[0]) if args[0] else None, paths=tuple(args[1:]))
+    if kind == "borgtunnel-remove" and args:
+        return CleanupRequest(pid=None, paths=tuple(args))
+    if kind == "borgtunnel-doctor" and args:
+        return DoctorRequest(socket=args[0])
+    raise RefusedError(f"not a borgtunnel request: {_show(kind, 60)} {_show(' '.join(args), 80)}")
 
 
-def _is_script(words: Sequence[str], name: str) -> bool:
-    return (
-        len(words) >= 4
-        and words[0] in {"sh", "/bin/sh"}
-        and words[1] == "-c"
-        and (words[3] == name)
-    )
-
-
-def _parse_cleanup(commands: Sequence[Sequence[str]]) -> CleanupRequest | None:
-    *first, last = commands
-    if len(last) < 4 or list(last[:3]) != ["rm", "-f", "--"]:
-        return None
-    pid: int | None = None
-    if len(first) > 1:
-        return None
-    if first:
-        kill = first[0]
-        if list(kill) == ["true"]:
-            pid = None
-        elif _is_script(kill, "borgtunnel-kill") and len(kill) == 5 and kill[4].isdigit():
-            pid = int(kill[4])
-        else:
-            return None
-    return CleanupRequest(pid=pid, paths=tuple(last[3:]))
+def _parse_restore(args: Sequence[str]) -> RestoreRequest:
+    socket, _rsh_nc, _rsh_socat, *rest = args
+    env: list[str] = []
+    if rest and rest[0] == "env":
+        env.append(rest.pop(0))
+        while rest and "=" in rest[0] and _ENV_NAME.fullmatch(rest[0].partition("=")[0]):
+            env.append(rest.pop(0))
+    if len(rest) < 6 or rest[:2] != ["sh", "-c"] or rest[3] != "borgtunnel-restore":
+        raise RefusedError("not a borgtunnel restore request")
+    target, mode = rest[4], rest[5]
+    if mode not in {"extract", "force", "dry-run"}:
+        raise RefusedError(f"unknown restore mode {_show(mode, 40)}")
+    call = _parse_borg([*env, *rest[6:]], "extract", _EXTRACT_OPTIONS)
+    return RestoreRequest(socket=socket, target=target, call=call, mode=mode)
 
 
 def _parse_borg(words: Sequence[str], subcommand: str, allowed: Mapping[str, str]) -> BorgCall:
@@ -630,6 +662,10 @@ def check_restore(request: RestoreRequest, policy: Policy, home: str) -> str:
     check_path(request.target, policy.restore_targets, "restore target")
     if not os.path.isdir(request.target):
         raise RefusedError(f"restore target {_show(request.target)} is not a directory")
+    if request.mode == "extract" and os.listdir(request.target):
+        raise RefusedError(
+            f"restore target {_show(request.target)} is not empty; use --force to restore into it"
+        )
     return socket
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from borgtunnel.config import CheckSettings, ClientConfig, RetentionSettings
-from borgtunnel.maintenance.durations import parse_duration
+from borgtunnel.durations import parse_borg_interval
 
 # The lines of `borg prune --list` end in the archive id in brackets: names may hold any
 # character (spaces, brackets), the id is 64 hex digits, so that is what is matched.
@@ -137,7 +137,7 @@ def check_due(check: CheckSettings | None, last_check: datetime | None, now: dat
     """A check is due when configured and the last one that ran is older than ``every``."""
     if check is None:
         return False
-    return last_check is None or now - last_check >= parse_duration(check.every)
+    return last_check is None or now - last_check >= parse_borg_interval(check.every)
 
 
 def compact_pending(

@@ -1,5 +1,5 @@
 """N pulls at once in one process, the way the daemon runs them: ``asyncio.gather`` of
-``borgtunnel.jobs.run_recorded`` sharing one History.
+``borgtunnel.runs.jobs.run_recorded`` sharing one History.
 
 ``python -m bench.concurrent --config C CLIENT...`` prints JSON: wall seconds, each outcome,
 this process's CPU seconds and peak RSS (VmHWM; ``borg serve`` children are separate processes
@@ -20,7 +20,7 @@ from bench import patches
 from borgtunnel import logs
 from borgtunnel.config import load_config
 from borgtunnel.history import History
-from borgtunnel.jobs import run_recorded
+from borgtunnel.runs.jobs import run_recorded
 
 
 async def _pull_all(config_path: Path, names: list[str]) -> dict[str, object]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from bench import patches
 from borgtunnel.borg import RSH_BY_TOOL
+from borgtunnel.client.remote import GO, parse_ready_line, run_command
 from borgtunnel.config import load_config
-from borgtunnel.remote import GO, parse_ready_line, run_command
-from borgtunnel.tunnel import Target, Tunnel
+from borgtunnel.ssh.tunnel import Target, Tunnel
 
 
 async def _transfer(args: argparse.Namespace) -> dict[str, object]:
@@ -32,8 +32,8 @@ async def _transfer(args: argparse.Namespace) -> dict[str, object]:
     target = Target(client.host, client.port, client.user, ssh)
     async with Tunnel.connect(target) as tunnel:
         errors: list[str] = []
-        # The same one-command protocol as a pull (borgtunnel/remote.py), with the transfer in
-        # place of borg create: prepare, "ready", forward, "go", run, socket removed.
+        # The same one-command protocol as a pull (borgtunnel/client/remote.py), with the
+        # transfer in place of borg create: prepare, "ready", forward, "go", run, socket removed.
         payload = ["sh", "-c", f'head -c {args.bytes} /dev/zero | nc -N -U "$BORGTUNNEL_SOCKET"']
         command = run_command(
             client.remote_socket_path, RSH_BY_TOOL["nc"], RSH_BY_TOOL["socat"], payload

@@ -1,8 +1,8 @@
 """Pulls in an already running process, as the daemon runs them (no interpreter start, no imports).
 
 ``python -m bench.warm CONFIG`` loads the config, then for every client name read from stdin runs
-``borgtunnel.jobs.run_recorded`` and answers one JSON line with its own timing and the result. The
-harness times from writing the name to reading the answer.
+``borgtunnel.runs.jobs.run_recorded`` and answers one JSON line with its own timing and the
+result. The harness times from writing the name to reading the answer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from borgtunnel import logs
 from borgtunnel.config import load_config
-from borgtunnel.jobs import run_recorded
+from borgtunnel.runs.jobs import run_recorded
 
 
 async def _serve(config_path: Path) -> None:

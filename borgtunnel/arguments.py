@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from borgtunnel import __version__, enrol
+from borgtunnel import __version__
+from borgtunnel.ssh import enrol
 
 # argparse's own (private) type of what add_subparsers returns.
 Commands = argparse._SubParsersAction

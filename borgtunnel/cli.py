@@ -20,7 +20,7 @@ from typing import Any, TextIO, cast
 
 import structlog
 
-from borgtunnel import daemon, doctor, enrol, logs, socketserve, status, trust
+from borgtunnel import logs
 from borgtunnel.arguments import build_parser
 from borgtunnel.config import (
     ClientConfig,
@@ -31,16 +31,19 @@ from borgtunnel.config import (
     load_config,
 )
 from borgtunnel.history import History
-from borgtunnel.jobs import run_recorded
-from borgtunnel.keyguard import KeyGuardError
 from borgtunnel.maintenance import command as maintenance_command
 from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
-from borgtunnel.reporting import notify
+from borgtunnel.reporting import notify, status
 from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
 from borgtunnel.reporting.reporter import Reporter
-from borgtunnel.repository import init_repository
-from borgtunnel.restore import restore_recorded
+from borgtunnel.runs.jobs import run_recorded
+from borgtunnel.runs.keyguard import KeyGuardError
+from borgtunnel.runs.repository import init_repository
+from borgtunnel.runs.restore import restore_recorded
+from borgtunnel.scheduling import daemon
+from borgtunnel.server import socketserve
+from borgtunnel.ssh import doctor, enrol, trust
 
 EXIT_OK = 0
 EXIT_WARNING = 1

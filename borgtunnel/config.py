@@ -27,7 +27,6 @@ from pydantic import (
     model_validator,
 )
 
-from borgtunnel import scheduler
 from borgtunnel.durations import parse_borg_interval
 from borgtunnel.reporting.settings import (
     ClientDefaults,
@@ -39,6 +38,7 @@ from borgtunnel.reporting.settings import (
     check_apprise_urls,
     check_hooks,
 )
+from borgtunnel.scheduling import scheduler
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"

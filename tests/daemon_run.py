@@ -13,7 +13,7 @@ from pathlib import Path
 
 from borgtunnel import logs
 from borgtunnel.config import load_config
-from borgtunnel.daemon import run_daemon
+from borgtunnel.scheduling.daemon import run_daemon
 from tests.daemon_support import FIRE_AT, clock_offset, shifted_now
 
 

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from borgtunnel.daemon import Daemon
 from borgtunnel.history import History, RunRecord, RunResult
+from borgtunnel.scheduling.daemon import Daemon
 from tests.sshd import SshdServer, is_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

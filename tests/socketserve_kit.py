@@ -69,7 +69,7 @@ def client_env(socket_path: Path, base_dir: Path) -> dict[str, str]:
     """The environment borgtunnel gives a pulled client's borg, pointed at ``socket_path``."""
     env = dict(os.environ)
     env.update(borg.client_env(encrypted=False))
-    # What the remote run script exports after choosing nc (borgtunnel/remote.py).
+    # What the remote run script exports after choosing nc (borgtunnel/client/remote.py).
     env[borg.SOCKET_VAR] = str(socket_path)
     env["BORG_RSH"] = borg.RSH_BY_TOOL["nc"]
     env["BORG_BASE_DIR"] = str(base_dir)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from borgtunnel import borg
-from borgtunnel.remote import GO, parse_pid_line, parse_ready_line, run_command
+from borgtunnel.client.remote import GO, parse_pid_line, parse_ready_line, run_command
 
 SHELLS = [s for s in ("/bin/sh", "/bin/bash", "/usr/bin/zsh") if Path(s).exists()]
 

@@ -31,10 +31,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from borgtunnel.config import ClientConfig, Config, load_config
-from borgtunnel.daemon import Daemon
 from borgtunnel.history import History, RunResult
 from borgtunnel.lock import acquire_client_lock
-from borgtunnel.pull import PullOutcome, State
+from borgtunnel.runs.pull import PullOutcome, State
+from borgtunnel.scheduling.daemon import Daemon
 from borgtunnel.systemd import Notifier
 from tests.daemon_support import (
     FIRE_AT,

@@ -21,12 +21,12 @@ import asyncssh
 import pytest
 
 from borgtunnel import borg
+from borgtunnel.client.remote import GO, parse_ready_line, run_command
 from borgtunnel.config import load_config
-from borgtunnel.pull import pull
-from borgtunnel.remote import GO, parse_ready_line, run_command
-from borgtunnel.restore import restore_command
-from borgtunnel.serve import pull_socket
-from borgtunnel.tunnel import Target, Tunnel
+from borgtunnel.runs.pull import pull
+from borgtunnel.runs.restore import restore_command
+from borgtunnel.server.serve import pull_socket
+from borgtunnel.ssh.tunnel import Target, Tunnel
 from tests import pullkit
 from tests.sshd import SshdFactory, SshdServer, install_authorized_key
 

@@ -1,6 +1,6 @@
 """The gatekeeper's pure parts: splitting, recognising the server's requests, policy checks.
 
-The requests are built with the server's own builders (borgtunnel/remote.py, borg.py), so a
+The requests are built with the server's own builders (borgtunnel/client/remote.py, borg.py), so a
 change of the server's command shape that the gatekeeper no longer understands fails here.
 """
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from borgtunnel import borg
 from borgtunnel.client import gatekeeper as gk
-from borgtunnel.remote import (
+from borgtunnel.client.remote import (
     REQUEST_RESTORE,
     cleanup_command,
     remove_command,

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from borgtunnel import cli, jobs
+from borgtunnel import cli
 from borgtunnel.config import load_config
 from borgtunnel.history import History
+from borgtunnel.runs import jobs
 from tests import hostile, pullkit
 from tests.sshd import SshdServer
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.config import load_config
-from borgtunnel.daemon import Daemon
 from borgtunnel.history import History, RunResult
-from borgtunnel.jobs import run_recorded
-from borgtunnel.pull import PullOutcome
+from borgtunnel.runs.jobs import run_recorded
+from borgtunnel.runs.pull import PullOutcome
+from borgtunnel.scheduling.daemon import Daemon
 from borgtunnel.systemd import Notifier
 from tests.daemon_support import (
     FIRE_AT,

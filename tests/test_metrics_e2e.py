@@ -90,7 +90,7 @@ async def test_daemon_serves_metrics_and_writes_the_textfile(tmp_path: Path, ssh
     )
     append_tables(path, {"metrics": {"listen": "127.0.0.1:0", "textfile": str(textfile)}})
     config = load_config(path)
-    from borgtunnel.daemon import Daemon  # noqa: PLC0415 - keeps the test's imports short
+    from borgtunnel.scheduling.daemon import Daemon  # noqa: PLC0415 - keeps the test's imports short
     from borgtunnel.systemd import Notifier  # noqa: PLC0415
 
     daemon = Daemon(config, now=shifted_now(clock_offset(FIRE_AT, 2.0)), notifier=Notifier(""))

@@ -8,9 +8,10 @@ import pytest
 
 from borgtunnel.config import ClientConfig
 from borgtunnel.history import RunResult
-from borgtunnel.jobs import busy_outcome
 from borgtunnel.lock import ClientBusy
-from borgtunnel.planning import (
+from borgtunnel.runs.jobs import busy_outcome
+from borgtunnel.runs.pull import PullOutcome, State
+from borgtunnel.scheduling.planning import (
     MAX_RETRY_DELAY,
     RunQueue,
     is_busy,
@@ -19,7 +20,6 @@ from borgtunnel.planning import (
     retry_delay,
     status_line,
 )
-from borgtunnel.pull import PullOutcome, State
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

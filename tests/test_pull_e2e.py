@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.config import load_config
-from borgtunnel.pull import pull
+from borgtunnel.runs.pull import pull
 from tests import pullkit
 from tests.sshd import (
     SshdFactory,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from borgtunnel import borg
-from borgtunnel.remote import (
+from borgtunnel.client.remote import (
     COMMAND_CHARSET,
     GO,
     RemoteSocket,

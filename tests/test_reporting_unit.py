@@ -18,13 +18,13 @@ from borgtunnel.borg import ArchiveStats, parse_progress
 from borgtunnel.config import Config, ConfigError, load_config, parse_config
 from borgtunnel.durations import format_duration, parse_duration
 from borgtunnel.history import History, RunResult, RunStats
-from borgtunnel.pull import PullOutcome
 from borgtunnel.reporting import metrics
 from borgtunnel.reporting.hooks import hook_env, substitute
 from borgtunnel.reporting.notify import apprise_send, open_problems, redact_url
 from borgtunnel.reporting.progress import progress_line
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.reporting.staleness import is_stale
+from borgtunnel.runs.pull import PullOutcome
 from tests.reporting_kit import closed_port
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -348,7 +348,7 @@ async def test_a_hook_over_its_timeout_is_killed_with_its_children(tmp_path):
 
 
 async def test_daemon_run_is_not_held_up_by_a_hanging_notifier(tmp_path):
-    from borgtunnel.daemon import Daemon  # noqa: PLC0415 - only this test
+    from borgtunnel.scheduling.daemon import Daemon  # noqa: PLC0415 - only this test
     from borgtunnel.systemd import Notifier  # noqa: PLC0415
     from tests.daemon_support import (  # noqa: PLC0415
         FIRE_AT,
@@ -409,7 +409,7 @@ async def test_tampering_fed_with_a_run_is_sent_and_is_no_recovery(tmp_path):
 
 
 async def test_daemon_notifies_a_failure_only_after_its_retries(tmp_path):
-    from borgtunnel.daemon import Daemon  # noqa: PLC0415 - only these tests
+    from borgtunnel.scheduling.daemon import Daemon  # noqa: PLC0415 - only these tests
     from borgtunnel.systemd import Notifier  # noqa: PLC0415
     from tests.daemon_support import (  # noqa: PLC0415
         FIRE_AT,

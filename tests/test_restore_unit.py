@@ -11,7 +11,7 @@ import pytest
 
 from borgtunnel.client import gatekeeper
 from borgtunnel.config import parse_config
-from borgtunnel.restore import (
+from borgtunnel.runs.restore import (
     REFUSED_NOT_EMPTY,
     REFUSED_PREFIX,
     REFUSED_UNUSABLE,

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from borgtunnel.scheduler import (
+from borgtunnel.scheduling.scheduler import (
     BlackoutWindow,
     Schedule,
     blackout_end,

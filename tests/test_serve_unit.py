@@ -26,7 +26,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from borgtunnel.serve import (
+from borgtunnel.server.serve import (
     BorgServeListener,
     SocketInUseError,
     bind_unix_socket,
@@ -463,7 +463,7 @@ EMFILE_SCRIPT = """
 import asyncio, resource, socket, sys
 from pathlib import Path
 from borgtunnel import logs
-from borgtunnel.serve import BorgServeListener, bind_unix_socket
+from borgtunnel.server.serve import BorgServeListener, bind_unix_socket
 logs.configure("json", stream=sys.stderr)
 
 async def main(path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.config import UnknownClientError, load_config
-from borgtunnel.socketserve import ServeSetupError, adopt_listen_fds, run_serve
+from borgtunnel.server.socketserve import ServeSetupError, adopt_listen_fds, run_serve
 from borgtunnel.systemd import ListenFd
 from tests.socketserve_kit import (
     BORG_TIMEOUT,

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.config import load_config
-from borgtunnel.daemon import Daemon
 from borgtunnel.lock import acquire_client_lock
-from borgtunnel.privatedir import ensure_private_dir
-from borgtunnel.serve import pull_socket
+from borgtunnel.scheduling.daemon import Daemon
+from borgtunnel.server.privatedir import ensure_private_dir
+from borgtunnel.server.serve import pull_socket
 from borgtunnel.systemd import Notifier
 from tests import pullkit
 from tests.sshd import SshdServer

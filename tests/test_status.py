@@ -16,7 +16,13 @@ import pytest
 from borgtunnel.config import load_config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import acquire_client_lock
-from borgtunnel.status import client_status, history_json, history_table, status_json, status_table
+from borgtunnel.reporting.status import (
+    client_status,
+    history_json,
+    history_table,
+    status_json,
+    status_table,
+)
 from tests.daemon_support import BORGTUNNEL, offline_client, write_config
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from borgtunnel.trust import host_pattern, with_key, without_host
-from borgtunnel.tunnel import HostKey
+from borgtunnel.ssh.trust import host_pattern, with_key, without_host
+from borgtunnel.ssh.tunnel import HostKey
 from tests import pullkit
 from tests.sshd import SshdFactory, SshdServer, generate_key, public_key
 

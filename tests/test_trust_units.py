@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from borgtunnel.client.remote import ready_path_matches
 from borgtunnel.config import ConfigError, parse_config
-from borgtunnel.remote import ready_path_matches
+from borgtunnel.ssh.tunnel import MAX_LINE, _CappedLines
 from borgtunnel.text import printable
-from borgtunnel.tunnel import MAX_LINE, _CappedLines
 
 
 @pytest.mark.parametrize(

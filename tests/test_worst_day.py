@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from borgtunnel.config import parse_config
 from borgtunnel.history import RunResult
-from borgtunnel.pull import pull
+from borgtunnel.runs.pull import pull
 from tests import pullkit
 from tests.daemon_support import (
     BORGTUNNEL,

@@ -1,1 +1,2 @@
-"""What runs on a client: the gatekeeper (a standalone program, see gatekeeper.py)."""
+"""What runs on the client: the one remote command of a run (remote.py, built here, run there)
+and the gatekeeper (gatekeeper.py, a standalone program installed on the client)."""

@@ -13,8 +13,8 @@ in ``authorized_keys``), the key can only do what a pull needs:
 - ``restore``: ``borg extract`` into an allowed directory, only if the policy says so.
 
 The server's command is NOT run. The gatekeeper reads ``SSH_ORIGINAL_COMMAND``: the server's
-fixed decoder around one base64 payload (borgtunnel/remote.py ``encoded_command``, which keeps
-every login shell out of the quoting). It decodes the payload to ``# KIND``, ``set -- ARGS``
+fixed decoder around one base64 payload (borgtunnel/client/remote.py ``encoded_command``, which
+keeps every login shell out of the quoting). It decodes the payload to ``# KIND``, ``set -- ARGS``
 and a script, splits ARGS the way sh would (refusing any shell syntax beyond quoting), ignores
 the script, and takes only the data from ARGS: the socket path, the environment assignments,
 the borg options, repository, archive and paths. Each is checked against the
@@ -63,7 +63,7 @@ VERSION = "1"
 DEFAULT_POLICY = "/etc/borgtunnel/gatekeeper.conf"
 LOG_TAG = "borgtunnel-gatekeeper"
 
-# Exit codes: the same meanings as the server's run script (borgtunnel/remote.py RunExit), so
+# Exit codes: the same meanings as the server's run script (borgtunnel/client/remote.py RunExit), so
 # the server reports a gatekeeper's preparation failure exactly like the script's.
 EXIT_SYMLINK = 65
 EXIT_MKDIR_FAILED = 66
@@ -347,7 +347,7 @@ _SHORT_ALIASES = {"-e": "--exclude", "-C": "--compression", "-c": "--checkpoint-
 
 
 # The server's command line: this decoder around one base64 payload, exactly as
-# borgtunnel/remote.py writes it (a test keeps the two in sync).
+# borgtunnel/client/remote.py writes it (a test keeps the two in sync).
 DECODER_HEAD = (
     "sh -c 'command -v base64 >/dev/null 2>&1 || "
     '{ echo "borgtunnel: the client has no base64 (coreutils); install it" >&2; exit 74; }; '
@@ -379,7 +379,7 @@ def decode_command(command: str) -> tuple[str, list[str]]:
 def parse_request(command: str) -> Request:
     """``SSH_ORIGINAL_COMMAND`` -> a request, by its kind and the positions of its ARGS.
 
-    Kinds and ARGS (borgtunnel/remote.py builds them; only this data is used):
+    Kinds and ARGS (borgtunnel/client/remote.py builds them; only this data is used):
 
     - ``borgtunnel-run``: SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS
     - ``borgtunnel-restore``: SOCKET RSH_NC RSH_SOCAT [env K=V…] sh -c SCRIPT
@@ -890,7 +890,7 @@ def _has_nc_with_n() -> bool:
 def run_doctor(socket: str, policy: Policy) -> int:
     """Versions and the policy, then a probe socket the server tries to reverse-forward.
 
-    Same lines as the server's plain doctor script (borgtunnel/doctor.py), plus ``gatekeeper``
+    Same lines as the server's plain doctor script (borgtunnel/ssh/doctor.py), plus ``gatekeeper``
     and ``policy``: ``borgtunnel-doctor KEY VALUE`` on stderr, ``probe PATH`` last, then wait
     for a line on stdin and remove the probe socket.
     """

@@ -9,11 +9,11 @@ from typing import Any
 
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History
-from borgtunnel.localborg import run_local_borg
 from borgtunnel.maintenance import retention
 from borgtunnel.maintenance.retention import Archive, Plan
 from borgtunnel.maintenance.run import maintain
 from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.server.localborg import run_local_borg
 
 EXIT_OK = 0
 EXIT_FAILURE = 2

@@ -29,13 +29,13 @@ import structlog
 from borgtunnel import borg
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import KIND_MAINTAIN, History, Operation, RunResult, RunStats
-from borgtunnel.localborg import LocalResult, run_local_borg
 from borgtunnel.lock import ClientBusy, client_lock
 from borgtunnel.maintenance import retention
 from borgtunnel.maintenance.retention import Archive, Plan
 from borgtunnel.maintenance.tamper import tamper_report
 from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.pull import PullOutcome
+from borgtunnel.runs.pull import PullOutcome
+from borgtunnel.server.localborg import LocalResult, run_local_borg
 
 log = structlog.get_logger("borgtunnel.maintenance")
 

@@ -35,8 +35,8 @@ import structlog
 
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
-from borgtunnel.pull import PullOutcome
 from borgtunnel.reporting.settings import _PLACEHOLDER
+from borgtunnel.runs.pull import PullOutcome
 
 log = structlog.get_logger("borgtunnel.hooks")
 

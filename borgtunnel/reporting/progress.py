@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.text import Text
 
 from borgtunnel.borg import Progress
-from borgtunnel.pull import ProgressCallback
+from borgtunnel.runs.pull import ProgressCallback
 
 _PATH_WIDTH = 50
 

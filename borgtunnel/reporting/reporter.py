@@ -32,11 +32,11 @@ import structlog
 
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult
-from borgtunnel.pull import PullOutcome
 from borgtunnel.reporting import healthchecks, metrics
 from borgtunnel.reporting.notify import Dispatcher, Sender, apprise_send, compose
 from borgtunnel.reporting.settings import parse_listen
 from borgtunnel.reporting.staleness import is_stale
+from borgtunnel.runs.pull import PullOutcome
 
 log = structlog.get_logger("borgtunnel.reporting")
 

@@ -11,69 +11,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import structlog
 
-from borgtunnel import borg, borgexit, clientborg, keyguard
+from borgtunnel import borg, borgexit, clientborg
+from borgtunnel.client.remote import (
+    GO,
+    parse_pid_line,
+    run_command,
+)
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.remote import (
-    GO,
-    RemoteSocket,
-    cleanup_command,
-    parse_pid_line,
-    parse_ready_line,
-    ready_path_matches,
-    run_command,
+from borgtunnel.runs import keyguard
+from borgtunnel.runs.remoterun import (
+    KEEP_MESSAGES,
+    StalledError,
+    abandon_remote,
+    await_ready,
+    finish_watched,
+    forward_retrying,
+    stop_serve,
 )
-from borgtunnel.serve import BorgServeListener, pull_socket
-from borgtunnel.text import printable
-from borgtunnel.tunnel import (
-    SHORT_COMMAND_TIMEOUT,
+from borgtunnel.runs.verify import VerifyError, repository_transaction, verify_archive
+from borgtunnel.server.serve import BorgServeListener, pull_socket
+from borgtunnel.ssh.tunnel import (
     ConnectError,
-    ForwardError,
-    RemotePrepareError,
     RemoteRun,
     Target,
     Tunnel,
     TunnelError,
 )
-from borgtunnel.verify import VerifyError, repository_transaction, verify_archive
+from borgtunnel.text import printable
 
-log = structlog.get_logger("borgtunnel.pull")
+log = structlog.get_logger("borgtunnel.runs.pull")
 
 # EX_SOFTWARE: borgtunnel itself failed. Distinct from 2 so a bug is never mistaken for a
 # client problem, and never 1, which the units accept as "warnings only".
 EXIT_INTERNAL = 70
 
-# After a finished create, how long serve gets to exit on its own before it is terminated.
-SERVE_EXIT_GRACE = 2.0
 
 # What a run keeps of the client's messages: every warning is counted, the last few kept; past
 # MAX_LOGGED_LINES the client's lines are counted, not logged (a flood costs the client's run,
 # not the server's journal).
-KEEP_MESSAGES = 10
 MAX_LOGGED_LINES = 10_000
-MAX_PREPARE_LINES = 20
-
-
-class PullStalledError(Exception):
-    """No output from the client's borg and no repository traffic for ``stall_timeout``."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(seconds)
-        self.seconds = seconds
-
-    def __str__(self) -> str:
-        return (
-            f"stalled: no output from the client's borg and no repository traffic for "
-            f"{self.seconds:g} s (stall_timeout); the run was stopped and cleaned up"
-        )
 
 
 class State(StrEnum):
@@ -257,7 +241,7 @@ async def pull(
     except (
         TunnelError,
         PassphraseError,
-        PullStalledError,
+        StalledError,
         VerifyError,
         keyguard.KeyGuardError,
         OSError,
@@ -339,19 +323,20 @@ async def _pull(run: _Run) -> None:
         async with Tunnel.connect(target) as tunnel:
             run.enter(State.PREPARING)
             async with tunnel.start(_remote_command(run, encrypted=passphrase is not None)) as rr:
-                remote = await _await_ready(run, rr, target)
+                remote = await await_ready(rr, target, client.remote_socket_path, run.log)
+                run.outcome.tool = remote.tool
                 try:
                     run.enter(State.FORWARDING)
-                    async with _forward_retrying(run, tunnel, remote.path, local_path):
+                    async with forward_retrying(tunnel, remote.path, local_path, run.log):
                         run.enter(State.RUNNING)
                         rr.send_and_close(GO + (passphrase or b""))
                         await _finish_create(run, rr, listener)
                 finally:
                     reached = run.outcome.state
                     run.enter(State.CLEANING_UP)
-                    await _stop_serve(run, listener)
+                    await stop_serve(listener, remote_finished=run.remote_finished)
                     if not run.remote_finished:  # a finished run removed its socket itself
-                        await _abandon_remote(run, tunnel, remote.path)
+                        await abandon_remote(tunnel, run.remote_pid, remote.path, run.log)
                     run.outcome.state = reached  # a failure reports where it happened
     await _guard_key(run)
     if run.outcome.result in (RunResult.OK, RunResult.WARNING):
@@ -425,75 +410,12 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
     )
 
 
-async def _await_ready(run: _Run, rr: RemoteRun, target: Target) -> RemoteSocket:
-    """The client prepared the socket directory: where the socket goes, and nc or socat."""
-    said: list[str] = []
-    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
-        while (line := await rr.next_line()) is not None:
-            remote = parse_ready_line(line)
-            if remote is None:
-                said.append(line.rstrip("\n"))  # a refusal's reason, or login noise
-                del said[:-MAX_PREPARE_LINES]
-                continue
-            run.outcome.tool = remote.tool
-            run.log.info("remote_prepared", path=remote.path, tool=remote.tool)
-            if not ready_path_matches(run.client.remote_socket_path, remote.path):
-                # The server removes and forwards at this path: it must be the configured one,
-                # not whatever a login script on the client prints.
-                raise ForwardError(
-                    target,
-                    f"the client reported socket path {remote.path!r}, which is not the "
-                    f"configured remote_socket {run.client.remote_socket_path!r}; refusing",
-                )
-            if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
-                raise ForwardError(
-                    target,
-                    f"remote socket path {remote.path!r} has characters socat reads as syntax; "
-                    "install netcat-openbsd on the client or choose a plainer remote_socket",
-                )
-            return remote
-        raise RemotePrepareError(target, await rr.status(), "\n".join(said))
-
-
-async def _stop_serve(run: _Run, listener: BorgServeListener) -> None:
-    if run.remote_finished:
-        # borg create has closed its end: serve is committing and exits by itself.
-        # SIGTERM only what is still there after a moment.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(SERVE_EXIT_GRACE):
-                await listener.wait_idle()
-    await listener.terminate_children()
-
-
-@contextlib.asynccontextmanager
-async def _forward_retrying(
-    run: _Run, tunnel: Tunnel, remote: str, local: Path
-) -> AsyncIterator[None]:
-    """The forward; if the path was taken meanwhile (sshd never unlinks), remove it and retry."""
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(tunnel.forward(remote, local))
-        except ForwardError:
-            run.log.warning("remote_socket_busy_retrying", path=remote)
-            await tunnel.remove_socket(remote)
-            await stack.enter_async_context(tunnel.forward(remote, local))
-        yield
-
-
 async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:
     # On cancellation, _pull's cleanup stops serve first: that breaks the remote borg's RPC pipe
     # and it exits within a second, where closing the channel would leave it running.
-    finish = asyncio.ensure_future(rr.finish(on_stderr=run.on_remote_line))
-    watchdog = asyncio.ensure_future(_watch_stall(run.client.stall_timeout, rr, listener))
-    try:
-        await asyncio.wait({finish, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (finish, watchdog):
-            task.cancel()
-        await asyncio.gather(finish, watchdog, return_exceptions=True)
-    if finish.cancelled():  # the watchdog fired first
-        raise PullStalledError(run.client.stall_timeout)
-    status, stdout = finish.result()
+    status, stdout = await finish_watched(
+        rr, run.on_remote_line, listener, stall_timeout=run.client.stall_timeout
+    )
     run.remote_finished = status is not None
     run.stdout = stdout
     outcome = run.outcome
@@ -518,20 +440,6 @@ def _explain(run: _Run, status: int | None) -> str:
     )
 
 
-async def _watch_stall(limit: float, rr: RemoteRun, listener: BorgServeListener) -> None:
-    """Return once neither the client's borg said anything nor any repository byte moved (the
-    borg serve children's I/O counters) for ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    io_seen, io_changed = listener.io_bytes(), loop.time()
-    while True:
-        await asyncio.sleep(min(limit / 4, 15.0))
-        now, io_now = loop.time(), listener.io_bytes()
-        if io_now != io_seen:
-            io_seen, io_changed = io_now, now
-        if now - max(io_changed, rr.last_activity) >= limit:
-            return
-
-
 def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) -> str:
     meaning = _explain(run, status)
     if run.seen_borg is None and status in (
@@ -549,19 +457,3 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     if listener.stats.last_error:
         parts.append(f"server side: {listener.stats.last_error}")
     return f"borg create failed (status {status}): {'; '.join(parts)}"
-
-
-async def _abandon_remote(run: _Run, tunnel: Tunnel, path: str) -> None:
-    """The run was abandoned (cancelled, link lost, forward refused): leave nothing behind.
-
-    Stopping serve usually ends borg create already (broken RPC pipe); one blocked elsewhere (a
-    FIFO, a hung NFS mount) would linger, so it also gets a SIGTERM by pid, and the socket file
-    (never unlinked by sshd) is removed. Best effort: over a dead link the next run's prepare
-    step removes the socket.
-    """
-    try:
-        await tunnel.exec_quiet(cleanup_command(run.remote_pid, path))
-    except TunnelError as exc:
-        run.log.warning("remote_cleanup_failed", pid=run.remote_pid, path=path, error=str(exc))
-    else:
-        run.log.info("remote_cleaned_up", pid=run.remote_pid, path=path)

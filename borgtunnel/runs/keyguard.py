@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from borgtunnel import borg
-from borgtunnel.localborg import run_local_borg
-from borgtunnel.privatedir import ensure_private_dir
+from borgtunnel.server.localborg import run_local_borg
+from borgtunnel.server.privatedir import ensure_private_dir
 
 
 class KeyGuardError(Exception):

@@ -11,10 +11,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 
-from borgtunnel import scheduler
 from borgtunnel.config import ClientConfig
 from borgtunnel.history import RunResult
-from borgtunnel.pull import PullOutcome
+from borgtunnel.runs.pull import PullOutcome
+from borgtunnel.scheduling import scheduler
 
 # Backoff doubles per attempt; without a cap, retries=10 with retry_wait=60 would wait 17 hours
 # before the last attempt, long after the next scheduled run. A retry_wait above the cap wins.
@@ -62,7 +62,7 @@ def is_busy(outcome: PullOutcome) -> bool:
 def is_retryable(outcome: PullOutcome) -> bool:
     """The connection failed or dropped (client offline, network down, laptop asleep mid-backup):
     worth another try. Retrying a dropped run is safe: the next run stops the borg create the
-    dead session left on the client (borgtunnel/remote.py).
+    dead session left on the client (borgtunnel/client/remote.py).
 
     Anything else (borg error, refused prepare step, host key, bad passphrase) would fail the
     same way again, so it waits for the next scheduled run.

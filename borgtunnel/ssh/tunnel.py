@@ -1,10 +1,10 @@
 """The SSH side: the only module that talks to asyncssh.
 
 One ``Tunnel`` is one verified SSH connection to a client. It can start a remote command whose
-stdin it drives and whose stderr it reads line by line (the run script of borgtunnel/remote.py),
-hold a reverse unix-socket forward open, and run short housekeeping commands. Failures are
-raised as ``TunnelError`` subclasses that carry the data an administrator needs (host, port, key
-fingerprint, remote stderr), never asyncssh types.
+stdin it drives and whose stderr it reads line by line (the run script of
+borgtunnel/client/remote.py), hold a reverse unix-socket forward open, and run short
+housekeeping commands. Failures are raised as ``TunnelError`` subclasses that carry the data an
+administrator needs (host, port, key fingerprint, remote stderr), never asyncssh types.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import cast
 
 import asyncssh
 
+from borgtunnel.client.remote import remove_command
 from borgtunnel.config import SSHSettings
-from borgtunnel.remote import remove_command
 
 LineCallback = Callable[[str], None]
 

@@ -18,7 +18,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from borgtunnel import borg
-from borgtunnel.localborg import run_local_borg
+from borgtunnel.server.localborg import run_local_borg
 
 _TRANSACTION_FILE = re.compile(r"^(?:index|hints|integrity)\.(\d+)$")
 

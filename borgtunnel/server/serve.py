@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from borgtunnel.privatedir import check_private_dir, ensure_private_dir
+from borgtunnel.server.privatedir import check_private_dir, ensure_private_dir
 
 __all__ = [
     "BorgServeListener",
@@ -34,7 +34,7 @@ __all__ = [
     "sweep_stale_sockets",
 ]
 
-log = structlog.get_logger("borgtunnel.serve")
+log = structlog.get_logger("borgtunnel.server.serve")
 
 
 class SocketInUseError(Exception):

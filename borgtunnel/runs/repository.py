@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import structlog
 
-from borgtunnel import borg, keyguard
+from borgtunnel import borg
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.localborg import run_local_borg
 from borgtunnel.passphrase import read_passphrase
+from borgtunnel.runs import keyguard
+from borgtunnel.server.localborg import run_local_borg
 
-log = structlog.get_logger("borgtunnel.repository")
+log = structlog.get_logger("borgtunnel.runs.repository")
 
 
 async def init_repository(config: Config, client: ClientConfig) -> int:

@@ -53,10 +53,13 @@ import structlog
 from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
 from borgtunnel.history import History, HistoryError
-from borgtunnel.jobs import run_recorded
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.maintenance.run import after_pull
-from borgtunnel.planning import (
+from borgtunnel.reporting.notify import Sender, apprise_send
+from borgtunnel.reporting.reporter import Reporter
+from borgtunnel.runs.jobs import run_recorded
+from borgtunnel.runs.pull import PullOutcome
+from borgtunnel.scheduling.planning import (
     RunQueue,
     is_busy,
     is_retryable,
@@ -64,12 +67,9 @@ from borgtunnel.planning import (
     retry_delay,
     status_line,
 )
-from borgtunnel.pull import PullOutcome
-from borgtunnel.reporting.notify import Sender, apprise_send
-from borgtunnel.reporting.reporter import Reporter
-from borgtunnel.serve import sweep_stale_sockets
+from borgtunnel.server.serve import sweep_stale_sockets
 
-log = structlog.get_logger("borgtunnel.daemon")
+log = structlog.get_logger("borgtunnel.scheduling.daemon")
 
 EXIT_OK = 0
 EXIT_FAILURE = 2

@@ -3,7 +3,7 @@
 The same machinery as a pull, the other way round: a fresh local socket served by
 ``borg serve --append-only --restrict-to-repository REPO`` (extract only reads, so append-only
 holds, and the serve cannot reach any other repository), a reverse forward to the client, and
-ONE remote command (borgtunnel/remote.py's run script) that runs ``borg extract`` with its
+ONE remote command (borgtunnel/client/remote.py's run script) that runs ``borg extract`` with its
 working directory at the target. Before extracting, the client side creates the target 0700 if
 it is missing and refuses one that exists and is not empty (``--force`` overrides), a symlink,
 or a non-directory. Cleanup order and rules are those of pull.py.
@@ -15,42 +15,45 @@ lock: never a pull, a maintenance run and a restore of one client at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shlex
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from borgtunnel import borg, borgexit
+from borgtunnel.client.remote import (
+    GO,
+    REQUEST_RESTORE,
+    parse_pid_line,
+    run_command,
+)
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import KIND_RESTORE, History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
 from borgtunnel.passphrase import PassphraseError, read_passphrase
-from borgtunnel.remote import (
-    GO,
-    REQUEST_RESTORE,
-    RemoteSocket,
-    cleanup_command,
-    parse_pid_line,
-    parse_ready_line,
-    run_command,
+from borgtunnel.runs.remoterun import (
+    KEEP_MESSAGES,
+    StalledError,
+    abandon_remote,
+    await_ready,
+    finish_watched,
+    forward_retrying,
+    stop_serve,
 )
-from borgtunnel.serve import BorgServeListener, pull_socket
-from borgtunnel.tunnel import (
-    SHORT_COMMAND_TIMEOUT,
+from borgtunnel.server.serve import BorgServeListener, pull_socket
+from borgtunnel.ssh.tunnel import (
     ConnectError,
-    ForwardError,
-    RemotePrepareError,
     RemoteRun,
     Target,
     Tunnel,
     TunnelError,
 )
+from borgtunnel.text import printable
 
-log = structlog.get_logger("borgtunnel.restore")
+log = structlog.get_logger("borgtunnel.runs.restore")
 
 REFUSED_PREFIX = "borgtunnel-restore-refused: "
 REFUSED_NOT_EMPTY = 75
@@ -138,7 +141,9 @@ class RestoreOutcome:
     borg_status: int | None = None
     nfiles: int = 0
     error: str | None = None
+    # The last few warnings; ``warning_count`` counts them all.
     warnings: list[str] = field(default_factory=list)
+    warning_count: int = 0
     duration: float = 0.0
     busy: bool = False
 
@@ -155,9 +160,11 @@ class RestoreOutcome:
                 f"to {self.target} on the client: {self.nfiles} item(s) in {took}"
             )
             if self.warnings:
-                text += f" ({len(self.warnings)} warning(s), last: {self.warnings[-1]})"
-            return text
-        return f"{self.client}: {self.result} restore of {self.archive} after {took}: {self.error}"
+                text += f" ({self.warning_count} warning(s), last: {self.warnings[-1]})"
+            return printable(text)
+        return printable(
+            f"{self.client}: {self.result} restore of {self.archive} after {took}: {self.error}"
+        )
 
 
 class _Run:
@@ -186,9 +193,12 @@ class _Run:
             self.outcome.nfiles += 1  # one line per item; the names stay out of the log
             return
         if parsed.level == "warning":
+            self.outcome.warning_count += 1
             self.outcome.warnings.append(parsed.message)
+            del self.outcome.warnings[:-KEEP_MESSAGES]
         elif parsed.level == "error":
             self.errors.append(parsed.message)
+            del self.errors[:-KEEP_MESSAGES]
         self.log.log(_LEVELS[parsed.level], parsed.message, source="borg extract")
 
 
@@ -218,7 +228,7 @@ async def restore(
         outcome.result = RunResult.INTERRUPTED
         outcome.error = "interrupted"
         raise
-    except (TunnelError, PassphraseError, OSError) as exc:
+    except (TunnelError, PassphraseError, StalledError, OSError) as exc:
         outcome.result = RunResult.FAILED
         outcome.error = str(exc)
     finally:
@@ -249,49 +259,21 @@ async def _restore(run: _Run, command: str) -> None:
         Tunnel.connect(target) as tunnel,
         tunnel.start(command) as rr,
     ):
-        remote = await _await_ready(rr, target)
+        remote = await await_ready(rr, target, client.remote_socket_path, run.log)
         try:
-            async with _forward_retrying(run, tunnel, remote.path, local_path):
+            async with forward_retrying(tunnel, remote.path, local_path, run.log):
                 rr.send_and_close(GO + (passphrase or b""))
                 await _finish(run, rr, listener)
         finally:
-            await _stop_serve(run, listener)
+            await stop_serve(listener, remote_finished=run.remote_finished)
             if not run.remote_finished:
-                await _abandon_remote(run, tunnel, remote.path)
-
-
-async def _await_ready(rr: RemoteRun, target: Target) -> RemoteSocket:
-    said: list[str] = []
-    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
-        while (line := await rr.next_line()) is not None:
-            remote = parse_ready_line(line)
-            if remote is None:
-                said.append(line.rstrip("\n"))
-                continue
-            if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
-                raise ForwardError(
-                    target, f"remote socket path {remote.path!r} is unsafe for socat"
-                )
-            return remote
-        raise RemotePrepareError(target, await rr.status(), "\n".join(said))
-
-
-@contextlib.asynccontextmanager
-async def _forward_retrying(
-    run: _Run, tunnel: Tunnel, remote: str, local: Path
-) -> AsyncIterator[None]:
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(tunnel.forward(remote, local))
-        except ForwardError:
-            run.log.warning("remote_socket_busy_retrying", path=remote)
-            await tunnel.remove_socket(remote)
-            await stack.enter_async_context(tunnel.forward(remote, local))
-        yield
+                await abandon_remote(tunnel, run.remote_pid, remote.path, run.log)
 
 
 async def _finish(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:
-    status, _ = await rr.finish(on_stderr=run.on_remote_line)
+    status, _ = await finish_watched(
+        rr, run.on_remote_line, listener, stall_timeout=run.client.stall_timeout
+    )
     run.remote_finished = status is not None
     outcome = run.outcome
     outcome.borg_status = status
@@ -313,21 +295,6 @@ async def _finish(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None
         outcome.result = RunResult.FAILED
         detail = "; ".join(parts) or "no error message"
         outcome.error = f"borg extract failed (status {status}): {detail}"
-
-
-async def _stop_serve(run: _Run, listener: BorgServeListener) -> None:
-    if run.remote_finished:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2.0):
-                await listener.wait_idle()
-    await listener.terminate_children()
-
-
-async def _abandon_remote(run: _Run, tunnel: Tunnel, path: str) -> None:
-    try:
-        await tunnel.exec_quiet(cleanup_command(run.remote_pid, path))
-    except TunnelError as exc:
-        run.log.warning("remote_cleanup_failed", pid=run.remote_pid, path=path, error=str(exc))
 
 
 async def restore_recorded(

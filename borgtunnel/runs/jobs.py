@@ -17,10 +17,10 @@ from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
 from borgtunnel.maintenance.sanity import sanity_warning
-from borgtunnel.pull import ProgressCallback, PullOutcome, State, pull
 from borgtunnel.reporting import hooks
+from borgtunnel.runs.pull import ProgressCallback, PullOutcome, State, pull
 
-log = structlog.get_logger("borgtunnel.jobs")
+log = structlog.get_logger("borgtunnel.runs.jobs")
 
 
 def busy_outcome(client: ClientConfig, exc: ClientBusy) -> PullOutcome:

@@ -40,8 +40,8 @@ from borgtunnel.history import (
     RunResult,
 )
 from borgtunnel.lock import ClientBusy, acquire_client_lock
-from borgtunnel.planning import next_client_run
 from borgtunnel.reporting.staleness import is_stale
+from borgtunnel.scheduling.planning import next_client_run
 
 T = TypeVar("T")
 

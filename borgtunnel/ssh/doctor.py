@@ -15,9 +15,9 @@ import json
 import shlex
 from dataclasses import dataclass, field
 
+from borgtunnel.client.remote import GO, REQUEST_DOCTOR, encoded_command
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.remote import GO, REQUEST_DOCTOR, encoded_command
-from borgtunnel.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelError
+from borgtunnel.ssh.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelError
 
 PREFIX = "borgtunnel-doctor "
 

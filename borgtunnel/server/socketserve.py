@@ -4,7 +4,7 @@ This replaces the borg docs' socat recipe. The sockets come either from systemd 
 activation (each fd's ``FileDescriptorName=`` is a client name) or from ``--listen PATH
 --client NAME``. Every connection runs ``borg serve --append-only --restrict-to-repository``
 for that client's repository, with the connection as the child's stdin/stdout
-(:class:`~borgtunnel.serve.BorgServeListener`, shared with the pull path). Connections are
+(:class:`~borgtunnel.server.serve.BorgServeListener`, shared with the pull path). Connections are
 served in parallel, up to ``--max-connections`` per socket; further ones wait in the backlog.
 
 Exit statuses: 0 after SIGTERM/SIGINT or ``--idle-timeout``; 2 for usage errors and a
@@ -29,7 +29,7 @@ import structlog
 
 from borgtunnel import borg, systemd
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.serve import BorgServeListener, SocketInUseError, bind_unix_socket
+from borgtunnel.server.serve import BorgServeListener, SocketInUseError, bind_unix_socket
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -40,7 +40,7 @@ EXIT_CONFIG: Final = 78
 # two samples still moves the connection counter and resets the idle clock.
 MONITOR_INTERVAL: Final = 0.5
 
-log = structlog.get_logger("borgtunnel.socketserve")
+log = structlog.get_logger("borgtunnel.server.socketserve")
 
 
 class ServeSetupError(Exception):

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.tunnel import HostKey, Target, TunnelError, fetch_host_key, trusted_host_keys
+from borgtunnel.ssh.tunnel import HostKey, Target, TunnelError, fetch_host_key, trusted_host_keys
 
 EXIT_OK = 0
 EXIT_FAILURE = 2

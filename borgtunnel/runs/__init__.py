@@ -1,0 +1,1 @@
+"""One run against a client: pull, restore, the steps they share, and what verifies them."""

@@ -1,0 +1,165 @@
+"""The steps every remote run shares (a pull's ``borg create``, a restore's ``borg extract``).
+
+Both follow the same protocol (borgtunnel/client/remote.py): wait for the client's ready line,
+hold a reverse forward at the path it prepared, send ``go`` (and the passphrase), stream borg's
+output until it ends, then clean up in a fixed order — stop the local ``borg serve`` children
+first (that is what makes an abandoned remote borg exit: closing the SSH channel does not kill
+it), then SIGTERM the remote borg by pid and remove the remote socket. pull.py and restore.py decide
+what the result means; the mechanics live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from borgtunnel import borg
+from borgtunnel.client.remote import (
+    RemoteSocket,
+    cleanup_command,
+    parse_ready_line,
+    ready_path_matches,
+)
+from borgtunnel.server.serve import BorgServeListener
+from borgtunnel.ssh.tunnel import (
+    SHORT_COMMAND_TIMEOUT,
+    ForwardError,
+    RemotePrepareError,
+    RemoteRun,
+    Target,
+    Tunnel,
+    TunnelError,
+)
+
+# After a finished borg, how long serve gets to exit on its own before it is terminated.
+SERVE_EXIT_GRACE = 2.0
+# Warnings and errors of a run kept for its summary (all are counted and logged).
+KEEP_MESSAGES = 10
+# Lines of login noise or refusal kept while waiting for the ready line.
+MAX_PREPARE_LINES = 20
+
+
+class StalledError(Exception):
+    """No output from the client's borg and no repository traffic for ``stall_timeout``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return (
+            f"stalled: no output from the client's borg and no repository traffic for "
+            f"{self.seconds:g} s (stall_timeout); the run was stopped and cleaned up"
+        )
+
+
+async def await_ready(rr: RemoteRun, target: Target, configured: str, log: Any) -> RemoteSocket:  # noqa: ANN401 - a structlog bound logger
+    """The client prepared the socket directory: where the socket goes, and nc or socat."""
+    said: list[str] = []
+    async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
+        while (line := await rr.next_line()) is not None:
+            remote = parse_ready_line(line)
+            if remote is None:
+                said.append(line.rstrip("\n"))  # a refusal's reason, or login noise
+                del said[:-MAX_PREPARE_LINES]
+                continue
+            log.info("remote_prepared", path=remote.path, tool=remote.tool)
+            if not ready_path_matches(configured, remote.path):
+                # The server removes and forwards at this path: it must be the configured one,
+                # not whatever a login script on the client prints.
+                raise ForwardError(
+                    target,
+                    f"the client reported socket path {remote.path!r}, which is not the "
+                    f"configured remote_socket {configured!r}; refusing",
+                )
+            if remote.tool == "socat" and borg.SOCAT_UNSAFE.intersection(remote.path):
+                raise ForwardError(
+                    target,
+                    f"remote socket path {remote.path!r} has characters socat reads as syntax; "
+                    "install netcat-openbsd on the client or choose a plainer remote_socket",
+                )
+            return remote
+        raise RemotePrepareError(target, await rr.status(), "\n".join(said))
+
+
+@contextlib.asynccontextmanager
+async def forward_retrying(
+    tunnel: Tunnel,
+    remote: str,
+    local: Path,
+    log: Any,  # noqa: ANN401 - a structlog bound logger
+) -> AsyncIterator[None]:
+    """The forward; if the path was taken meanwhile (sshd never unlinks), remove it and retry."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(tunnel.forward(remote, local))
+        except ForwardError:
+            log.warning("remote_socket_busy_retrying", path=remote)
+            await tunnel.remove_socket(remote)
+            await stack.enter_async_context(tunnel.forward(remote, local))
+        yield
+
+
+async def finish_watched(
+    rr: RemoteRun,
+    on_line: Callable[[str], None],
+    listener: BorgServeListener,
+    *,
+    stall_timeout: float,
+) -> tuple[int | None, str]:
+    """Stream borg's output to the end: (exit status, stdout). Raises StalledError when the
+    run went silent for ``stall_timeout``; the caller's cleanup then stops it."""
+    finish = asyncio.ensure_future(rr.finish(on_stderr=on_line))
+    watchdog = asyncio.ensure_future(_watch_stall(stall_timeout, rr, listener))
+    try:
+        await asyncio.wait({finish, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (finish, watchdog):
+            task.cancel()
+        await asyncio.gather(finish, watchdog, return_exceptions=True)
+    if finish.cancelled():  # the watchdog fired first
+        raise StalledError(stall_timeout)
+    return finish.result()
+
+
+async def _watch_stall(limit: float, rr: RemoteRun, listener: BorgServeListener) -> None:
+    """Return once neither the client's borg said anything nor any repository byte moved (the
+    borg serve children's I/O counters) for ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    io_seen, io_changed = listener.io_bytes(), loop.time()
+    while True:
+        await asyncio.sleep(min(limit / 4, 15.0))
+        now, io_now = loop.time(), listener.io_bytes()
+        if io_now != io_seen:
+            io_seen, io_changed = io_now, now
+        if now - max(io_changed, rr.last_activity) >= limit:
+            return
+
+
+async def stop_serve(listener: BorgServeListener, *, remote_finished: bool) -> None:
+    if remote_finished:
+        # borg has closed its end: serve is committing and exits by itself.
+        # SIGTERM only what is still there after a moment.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SERVE_EXIT_GRACE):
+                await listener.wait_idle()
+    await listener.terminate_children()
+
+
+async def abandon_remote(tunnel: Tunnel, pid: int | None, path: str, log: Any) -> None:  # noqa: ANN401 - a structlog bound logger
+    """The run was abandoned (cancelled, link lost, forward refused): leave nothing behind.
+
+    Stopping serve usually ends the remote borg already (broken RPC pipe); one blocked elsewhere
+    (a FIFO, a hung NFS mount) would linger, so it also gets a SIGTERM by pid, and the socket
+    file (never unlinked by sshd) is removed. Best effort: over a dead link the next run's
+    prepare step removes the socket.
+    """
+    try:
+        await tunnel.exec_quiet(cleanup_command(pid, path))
+    except TunnelError as exc:
+        log.warning("remote_cleanup_failed", pid=pid, path=path, error=str(exc))
+    else:
+        log.info("remote_cleaned_up", pid=pid, path=path)

@@ -1,0 +1,1 @@
+"""The long-running service: the daemon, cron maths, the queue rules."""

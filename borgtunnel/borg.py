@@ -42,19 +42,6 @@ class Outcome(StrEnum):
     ERROR = "error"
 
 
-def classify_exit(code: int | None) -> Outcome:
-    """borg: 0 ok, 1 warning, 2 error; borg >= 1.4 modern codes: 3-99 error, 100-127 warning.
-
-    ``None`` (killed by a signal, or no status at all) and 128+N are errors: a backup that did
-    not say it finished did not finish.
-    """
-    if code == 0:
-        return Outcome.OK
-    if code == 1 or (code is not None and 100 <= code <= 127):
-        return Outcome.WARNING
-    return Outcome.ERROR
-
-
 def repository_url(repository: Path) -> str:
     """``ssh://borgtunnel/abs/path``: the path as the client names it to our `borg serve`."""
     return f"ssh://{URL_HOST}{repository.as_posix()}"
@@ -119,6 +106,9 @@ def create_argv(
         # alive (stall detection) and what a terminal shows.
         "--progress",
         "--json",
+        # One log line "borgbackup version X": tells which borg the client runs, at no cost
+        # (borgtunnel/clientborg.py), so later pulls can ask a 1.4 for its specific exit codes.
+        "--show-version",
         *(f"--exclude={pattern}" for pattern in exclude),
         *extra,
         "--",
@@ -127,7 +117,7 @@ def create_argv(
     ]
 
 
-def client_env(*, encrypted: bool) -> dict[str, str]:
+def client_env(*, encrypted: bool, modern_exit_codes: bool = False) -> dict[str, str]:
     """Non-secret environment for the client's borg. Secrets go over stdin, never here.
 
     Sent inline in the command (``env K=V … borg``) because a session's env requests are dropped
@@ -144,6 +134,10 @@ def client_env(*, encrypted: bool) -> dict[str, str]:
         # Lets borg remove a stale cache lock left by a killed earlier run on this host.
         "BORG_HOSTNAME_IS_UNIQUE": "yes",
     }
+    if modern_exit_codes:
+        # borg >= 1.4: a specific code per error and warning (borgtunnel/borgexit.py). Only sent
+        # to a client known to run 1.4+, so each code is read in the meaning we asked for.
+        env["BORG_EXIT_CODES"] = "modern"
     if encrypted:
         # borg reads the passphrase from fd 0 until EOF: we write it to the channel and close.
         env["BORG_PASSPHRASE_FD"] = "0"  # noqa: S105 - a file descriptor number

@@ -124,9 +124,11 @@ def borg_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def borg(tmp_path: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+def borg(
+    tmp_path: Path, *args: str, env: Mapping[str, str] | None = None, exe: str = "borg"
+) -> str:
     result = subprocess.run(
-        ["borg", *args],
+        [exe, *args],
         env=dict(env) if env is not None else borg_env(tmp_path),
         capture_output=True,
         text=True,
@@ -137,19 +139,21 @@ def borg(tmp_path: Path, *args: str, env: Mapping[str, str] | None = None) -> st
     return result.stdout
 
 
-def init_repo(tmp_path: Path, repository: Path) -> None:
-    borg(tmp_path, "init", "--encryption=none", "--make-parent-dirs", str(repository))
+def init_repo(tmp_path: Path, repository: Path, *, exe: str = "borg") -> None:
+    borg(tmp_path, "init", "--encryption=none", "--make-parent-dirs", str(repository), exe=exe)
 
 
-def archives(tmp_path: Path, repository: Path, **env: str) -> list[str]:
-    out = borg(tmp_path, "list", "--json", str(repository), env=borg_env(tmp_path, **env))
+def archives(tmp_path: Path, repository: Path, *, exe: str = "borg", **env: str) -> list[str]:
+    out = borg(tmp_path, "list", "--json", str(repository), env=borg_env(tmp_path, **env), exe=exe)
     return [a["name"] for a in json.loads(out)["archives"]]
 
 
-def extract(tmp_path: Path, repository: Path, archive: str, dest: Path, **env: str) -> None:
+def extract(
+    tmp_path: Path, repository: Path, archive: str, dest: Path, *, exe: str = "borg", **env: str
+) -> None:
     dest.mkdir(parents=True)
     result = subprocess.run(
-        ["borg", "extract", f"{repository}::{archive}"],
+        [exe, "extract", f"{repository}::{archive}"],
         cwd=dest,
         env=borg_env(tmp_path, **env),
         capture_output=True,

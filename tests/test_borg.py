@@ -143,6 +143,7 @@ def test_create_argv_layout() -> None:
         "--log-json",
         "--progress",
         "--json",
+        "--show-version",
         "--exclude=-starts-with-dash",
         "--exclude=*.tmp",
         "--compression=zstd,3",
@@ -173,6 +174,9 @@ def test_client_env() -> None:
     assert "BORG_RSH" not in plain
     assert borg.SOCKET_VAR not in plain
     assert borg.client_env(encrypted=True)["BORG_PASSPHRASE_FD"] == "0"
+    # Specific exit codes only when asked (a client known to run borg >= 1.4).
+    assert "BORG_EXIT_CODES" not in plain
+    assert borg.client_env(encrypted=False, modern_exit_codes=True)["BORG_EXIT_CODES"] == "modern"
 
 
 # --- the remote command line through real shells ----------------------------------------------
@@ -326,25 +330,6 @@ def test_borg_rsh_passes_data_and_eof_with_the_real_tool(tool: str, tmp_path: Pa
 
 
 # --- exit codes and output ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("code", "outcome"),
-    [
-        (0, borg.Outcome.OK),
-        (1, borg.Outcome.WARNING),
-        (2, borg.Outcome.ERROR),
-        (3, borg.Outcome.ERROR),
-        (99, borg.Outcome.ERROR),
-        (100, borg.Outcome.WARNING),
-        (127, borg.Outcome.WARNING),
-        (128, borg.Outcome.ERROR),
-        (-9, borg.Outcome.ERROR),
-        (None, borg.Outcome.ERROR),
-    ],
-)
-def test_classify_exit(code: int | None, outcome: borg.Outcome) -> None:
-    assert borg.classify_exit(code) is outcome
 
 
 # Shape of `borg create --json` from borg 1.2.4 (captured from a real run, ids shortened).

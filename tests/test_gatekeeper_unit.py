@@ -108,6 +108,7 @@ def test_the_servers_run_command_becomes_a_checked_run_request() -> None:
         "--log-json",
         "--progress",
         "--json",
+        "--show-version",
         "--exclude=/home/*/.cache",
         "--compression=zstd,3",
     )
@@ -129,6 +130,7 @@ def test_borg_argv_is_built_from_the_policys_borg_not_the_servers_remote_borg() 
         "--log-json",
         "--progress",
         "--json",
+        "--show-version",
         "--exclude=/home/*/.cache",
         "--compression=zstd,3",
         "--",
@@ -529,6 +531,7 @@ def test_the_gatekeeper_reads_back_exactly_the_servers_values(
         "--log-json",
         "--progress",
         "--json",
+        "--show-version",
         *(f"--exclude={pattern}" for pattern in exclude),
     )
 

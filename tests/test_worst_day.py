@@ -323,6 +323,7 @@ def test_hostile_values_reach_the_remote_borg_exactly_and_run_nothing(
         "--log-json",
         "--progress",
         "--json",
+        "--show-version",
         *(f"--exclude={pattern}" for pattern in exclude),
         "--",
         f"ssh://borgtunnel{repo}::{archive}",

@@ -17,7 +17,7 @@ from enum import StrEnum
 
 import structlog
 
-from borgtunnel import borg
+from borgtunnel import borg, borgexit, clientborg
 from borgtunnel.client.remote import (
     GO,
     parse_pid_line,
@@ -48,10 +48,6 @@ from borgtunnel.ssh.tunnel import (
 from borgtunnel.text import printable
 
 log = structlog.get_logger("borgtunnel.runs.pull")
-
-# Remote borg exit codes from the shell, not from borg: command not found / not executable.
-SHELL_NOT_FOUND = 127
-SHELL_NOT_EXECUTABLE = 126
 
 # EX_SOFTWARE: borgtunnel itself failed. Distinct from 2 so a bug is never mistaken for a
 # client problem, and never 1, which the units accept as "warnings only".
@@ -166,6 +162,11 @@ class _Run:
         self.errors: list[str] = []
         self.remote_pid: int | None = None
         self.remote_finished = False
+        # Which borg the client runs: what earlier pulls learned (decides whether we ask for
+        # borg 1.4's specific exit codes), and what this pull's --show-version line says.
+        self.known_borg = clientborg.known_version(config.server.state_dir, client.name)
+        self.modern_exit_codes = self.known_borg is not None and self.known_borg.modern_exit_codes
+        self.seen_borg: clientborg.BorgVersion | None = None
         # The exception line of a traceback borg logged (e.g. "OSError: [Errno 28] No space left
         # on device"): borg logs its system info after it, which says nothing about the cause.
         self.exception: str | None = None
@@ -192,6 +193,8 @@ class _Run:
         if parsed is None:
             return
         fields = dict(parsed.fields)
+        if self.seen_borg is None:
+            self.seen_borg = clientborg.version_from_log(parsed.message, fields.get("name"))
         if parsed.level == "warning":
             self.outcome.warning_count += 1
             self._keep(self.outcome.warnings, parsed.message)
@@ -251,8 +254,24 @@ async def pull(
         run.outcome.result = RunResult.FAILED
         run.outcome.error = "; ".join(filter(None, [run.outcome.tampering, run.outcome.error]))
     run.outcome.duration = time.monotonic() - started
+    _learn_client_borg(run)
     _log_outcome(run)
     return run.outcome
+
+
+def _learn_client_borg(run: _Run) -> None:
+    """Keep the client's borg version for the next pull; re-learn it after a failure."""
+    try:
+        clientborg.update_after_pull(
+            run.config.server.state_dir,
+            run.client.name,
+            run.seen_borg,
+            # Only a run whose remote command ended says anything about the client's borg: an
+            # offline client or a dropped link keeps what was known.
+            failed=run.outcome.result is RunResult.FAILED and run.remote_finished,
+        )
+    except OSError as exc:  # a hint for the next pull, not worth failing this one
+        run.log.warning("client_borg_not_recorded", error=str(exc))
 
 
 def _log_outcome(run: _Run) -> None:
@@ -261,6 +280,8 @@ def _log_outcome(run: _Run) -> None:
         "result": str(o.result),
         "duration": round(o.duration, 3),
         "borg_status": o.borg_status,
+        "client_borg": str(run.seen_borg) if run.seen_borg else None,
+        "modern_exit_codes": run.modern_exit_codes,
     }
     if o.stats is not None:
         fields.update(
@@ -383,7 +404,9 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         client.remote_socket_path,
         borg.RSH_BY_TOOL["nc"],
         borg.RSH_BY_TOOL["socat"],
-        borg.with_env(argv, borg.client_env(encrypted=encrypted)),
+        borg.with_env(
+            argv, borg.client_env(encrypted=encrypted, modern_exit_codes=run.modern_exit_codes)
+        ),
     )
 
 
@@ -397,23 +420,34 @@ async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) 
     run.stdout = stdout
     outcome = run.outcome
     outcome.borg_status = status
-    verdict = borg.classify_exit(status)
+    verdict = borgexit.classify_exit(status, modern=run.modern_exit_codes)
     if verdict is borg.Outcome.OK:
         outcome.result = RunResult.OK
     elif verdict is borg.Outcome.WARNING:
         outcome.result = RunResult.WARNING
+        run.log.info("borg_warning_status", status=status, meaning=_explain(run, status))
     else:
         outcome.result = RunResult.FAILED
         outcome.error = _failure_text(run, status, listener)
 
 
+def _explain(run: _Run, status: int | None) -> str:
+    return borgexit.explain_exit(
+        status,
+        modern=run.modern_exit_codes,
+        remote_borg=run.client.remote_borg,
+        borg_ran=run.seen_borg is not None,
+    )
+
+
 def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) -> str:
-    client = run.client
-    if status == SHELL_NOT_FOUND:
-        return f"remote_borg {client.remote_borg!r} not found on the client (status 127)"
-    if status == SHELL_NOT_EXECUTABLE:
-        return f"remote_borg {client.remote_borg!r} is not executable on the client (status 126)"
-    parts = []
+    meaning = _explain(run, status)
+    if run.seen_borg is None and status in (
+        borgexit.SHELL_NOT_FOUND,
+        borgexit.SHELL_NOT_EXECUTABLE,
+    ):
+        return meaning  # the shell's word: borg never started, there is nothing else to say
+    parts = [meaning]
     if run.exception:
         parts.append(run.exception)
     elif run.errors:
@@ -422,7 +456,4 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
         parts.append(run.outcome.warnings[-1])
     if listener.stats.last_error:
         parts.append(f"server side: {listener.stats.last_error}")
-    if status is None:
-        parts.append("borg create was killed or the connection dropped")
-    detail = "; ".join(parts) or "no error message"
-    return f"borg create failed (status {status}): {detail}"
+    return f"borg create failed (status {status}): {'; '.join(parts)}"

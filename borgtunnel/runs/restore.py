@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from borgtunnel import borg
+from borgtunnel import borg, borgexit
 from borgtunnel.client.remote import (
     GO,
     REQUEST_RESTORE,
@@ -277,7 +277,8 @@ async def _finish(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None
     run.remote_finished = status is not None
     outcome = run.outcome
     outcome.borg_status = status
-    verdict = borg.classify_exit(status)
+    # No BORG_EXIT_CODES=modern is sent for a restore: 0/1/2, anything else (the shell's 127) fails.
+    verdict = borgexit.classify_exit(status, modern=False)
     if run.refusal is not None:
         outcome.result = RunResult.FAILED
         outcome.error = f"refused on the client: {run.refusal}"

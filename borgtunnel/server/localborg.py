@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from borgtunnel import borg
+from borgtunnel import borg, borgexit
 from borgtunnel.server.privatedir import ensure_private_dir
 
 LineCallback = Callable[[borg.LogLine], None]
@@ -37,7 +37,8 @@ class LocalResult:
 
     @property
     def outcome(self) -> borg.Outcome:
-        return borg.classify_exit(self.status)
+        # The server's own borg is never asked for modern codes: 0/1/2, anything else a failure.
+        return borgexit.classify_exit(self.status, modern=False)
 
     def error_text(self) -> str:
         # Without --log-json borg's error is a plain line, which parse_log_line files as a

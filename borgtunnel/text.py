@@ -1,4 +1,4 @@
-"""Text from clients made safe for a terminal."""
+"""Text for people: client text made safe for a terminal, sizes for tables."""
 
 from __future__ import annotations
 
@@ -9,3 +9,15 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def format_size(n: int | None) -> str:
+    """``"1.4MB"`` (decimal units, as borg prints them); ``"-"`` for unknown."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1000
+    return f"{value:.1f}TB"

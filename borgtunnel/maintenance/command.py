@@ -14,6 +14,7 @@ from borgtunnel.maintenance.retention import Archive, Plan
 from borgtunnel.maintenance.run import maintain
 from borgtunnel.passphrase import PassphraseError, read_passphrase
 from borgtunnel.server.localborg import run_local_borg
+from borgtunnel.text import format_size
 
 EXIT_OK = 0
 EXIT_FAILURE = 2
@@ -98,8 +99,8 @@ def archives_table(archives: Sequence[Archive]) -> str:
             a.time[:19].replace("T", " "),
             a.id[:16],
             "-" if a.nfiles is None else str(a.nfiles),
-            _size(a.original_size),
-            _size(a.deduplicated_size),
+            format_size(a.original_size),
+            format_size(a.deduplicated_size),
         )
         for a in archives
     ]
@@ -108,14 +109,3 @@ def archives_table(archives: Sequence[Archive]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in (header, *rows)
     )
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return f"{value:.1f}TB"

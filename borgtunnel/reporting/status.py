@@ -30,6 +30,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any, TypeVar
 
 from borgtunnel.config import ClientConfig, Config
+from borgtunnel.durations import format_duration
 from borgtunnel.history import (
     KIND_MAINTAIN,
     KIND_PULL,
@@ -42,6 +43,7 @@ from borgtunnel.history import (
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.reporting.staleness import is_stale
 from borgtunnel.scheduling.planning import next_client_run
+from borgtunnel.text import format_size
 
 T = TypeVar("T")
 
@@ -234,7 +236,7 @@ def history_table(runs: Sequence[RunRecord], zone: tzinfo) -> str:
             run.trigger,
             run.archive or "-",
             "-" if run.stats.nfiles is None else str(run.stats.nfiles),
-            _size(run.stats.deduplicated_size),
+            format_size(run.stats.deduplicated_size),
             run.error or "",
         )
         for run in runs
@@ -270,16 +272,7 @@ def _when(when: datetime, *, seconds: bool = False) -> str:
 
 
 def _age(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m" if minutes else f"{seconds}s"
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _took(run: RunRecord) -> str:
@@ -287,17 +280,6 @@ def _took(run: RunRecord) -> str:
         return "-"
     seconds = (run.finished - run.started).total_seconds()
     return f"{seconds:.1f}s" if seconds < 600 else _age(int(seconds))
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return f"{value:.1f}TB"
 
 
 def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:

@@ -65,3 +65,37 @@ def server_info(tmp_path: Path, repo: Path, archive: str, **env: str) -> dict[st
     )
     info: dict[str, Any] = json.loads(out)["archives"][0]
     return info
+
+
+PASSPHRASE = "right horse battery"
+
+
+def encrypted_setup(
+    tmp_path: Path, sshd: SshdServer
+) -> tuple[Path, Path, Path, dict[str, Any], dict[str, Any]]:
+    """An encrypted (repokey) client c1 with a 0600 passphrase file, not yet initialised:
+    (data, repo, config, config sections, c1's table) so a test can rewrite the file."""
+    secret = tmp_path / "pass"
+    secret.write_text(PASSPHRASE)
+    secret.chmod(0o600)
+    data = pullkit.make_client_data(tmp_path / "client-data")
+    repo = tmp_path / "repos" / "enc"
+    conf = pullkit.base_config(tmp_path, sshd)
+    table = pullkit.client_table(
+        sshd, "c1", repo, [data], encryption="repokey", passphrase_file=str(secret)
+    )
+    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+    return data, repo, config, conf, table
+
+
+def rekey_script(tmp_path: Path, repo: Path) -> Path:
+    """A compromised client: re-wraps the repository key with its own passphrase through its
+    tunnel (append-only serve allows it), then backs up normally with that passphrase."""
+    body = (
+        "pw=$(cat)\n"  # the passphrase arrives on stdin (BORG_PASSPHRASE_FD=0)
+        "unset BORG_PASSPHRASE_FD\n"
+        f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase'
+        f" ssh://borgtunnel{repo} >/dev/null 2>&1 || exit 99\n"
+        'BORG_PASSPHRASE=evil exec borg "$@"\n'
+    )
+    return script(tmp_path, "rekey", body)

@@ -19,7 +19,7 @@ import pytest
 
 from borgtunnel.config import load_config
 from borgtunnel.history import History, RunResult
-from tests import pullkit
+from tests import hostile, pullkit
 from tests.daemon_support import daemon_process, has_event, wait_until
 from tests.reporting_kit import (
     Receiver,
@@ -209,29 +209,11 @@ def test_a_key_change_through_the_tunnel_is_notified_as_tampering(
 ) -> None:
     """The key guard's finding (issue 8) reaches the administrator as a tampering message, not
     as a plain failure, and the next honest pull as a recovery."""
-    secret = tmp_path / "pass"
-    secret.write_text("right horse battery")
-    secret.chmod(0o600)
-    data = pullkit.make_client_data(tmp_path / "client-data")
-    repo = tmp_path / "repos" / "enc"
-    conf = pullkit.base_config(tmp_path, sshd)
-    table = pullkit.client_table(
-        sshd, "c1", repo, [data], encryption="repokey", passphrase_file=str(secret)
-    )
-    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+    _, repo, config, conf, table = hostile.encrypted_setup(tmp_path, sshd)
     notify = {"notify": {"urls": [receiver.json_url], "timeout": 10}}
     append_tables(config, notify)
     assert pullkit.run_cli(config, "init", "c1").returncode == 0
-    rekey = tmp_path / "hostile-borg-rekey"
-    rekey.write_text(
-        "#!/bin/sh\n"
-        "pw=$(cat)\n"
-        "unset BORG_PASSPHRASE_FD\n"
-        f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase'
-        f" ssh://borgtunnel{repo} >/dev/null 2>&1 || exit 99\n"
-        'BORG_PASSPHRASE=evil exec borg "$@"\n'
-    )
-    rekey.chmod(0o755)
+    rekey = hostile.rekey_script(tmp_path, repo)
     pullkit.write_config(config, clients={"c1": {**table, "remote_borg": str(rekey)}}, **conf)
     append_tables(config, notify)
 

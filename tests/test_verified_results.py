@@ -154,28 +154,11 @@ def test_key_change_through_the_tunnel_is_undone_and_reported(
     """A compromised client re-wraps the repository key with its own passphrase (append-only
     serve allows it) and then backs up normally: the run is failed as tampering, the server's
     copy of the key is put back, and the next honest pull works with the server's passphrase."""
-    secret = tmp_path / "pass"
-    secret.write_text("right horse battery")
-    secret.chmod(0o600)
-    data = pullkit.make_client_data(tmp_path / "client-data")
-    repo = tmp_path / "repos" / "enc"
-    conf = pullkit.base_config(tmp_path, sshd)
-    table = pullkit.client_table(
-        sshd, "c1", repo, [data], encryption="repokey", passphrase_file=str(secret)
-    )
-    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+    data, repo, config, conf, table = hostile.encrypted_setup(tmp_path, sshd)
     assert pullkit.run_cli(config, "init", "c1").returncode == 0
     saved = tmp_path / "state" / "keys" / "c1.key"
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
-    url = f"ssh://borgtunnel{repo}"
-    body = (
-        "pw=$(cat)\n"  # the passphrase arrives on stdin (BORG_PASSPHRASE_FD=0)
-        "unset BORG_PASSPHRASE_FD\n"
-        f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase {url}'
-        " >/dev/null 2>&1 || exit 99\n"
-        'BORG_PASSPHRASE=evil exec borg "$@"\n'
-    )
-    table["remote_borg"] = str(hostile.script(tmp_path, "rekey", body))
+    table["remote_borg"] = str(hostile.rekey_script(tmp_path, repo))
     pullkit.write_config(config, clients={"c1": table}, **conf)
 
     result = pullkit.run_cli(config, "pull", "c1")

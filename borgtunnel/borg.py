@@ -172,8 +172,9 @@ class ArchiveStats:
     archive: str
     archive_id: str
     original_size: int
-    compressed_size: int
-    deduplicated_size: int
+    # None where the server's borg does not say (borg 2's info has neither).
+    compressed_size: int | None
+    deduplicated_size: int | None
     nfiles: int
     duration: float
 
@@ -204,6 +205,11 @@ def _count(value: object) -> int:
     return value
 
 
+def _optional_count(stats: Mapping[str, object], key: str) -> int | None:
+    """Absent is unknown (borg 2); present must be a real count."""
+    return _count(stats[key]) if key in stats else None
+
+
 def parse_create_claim(text: str) -> ArchiveClaim | None:
     """The archive name and id in the client's ``--json``; None when it is not exactly that."""
     try:
@@ -217,7 +223,7 @@ def parse_create_claim(text: str) -> ArchiveClaim | None:
 
 
 def parse_info_json(text: str) -> ArchiveStats | None:
-    """The single archive of the server's ``borg info --json REPO::ARCHIVE``."""
+    """The single archive of the server's ``borg info --json`` of one archive (1.x or 2)."""
     try:
         (archive,) = strict_json(text)["archives"]
         stats = archive["stats"]
@@ -231,8 +237,8 @@ def parse_info_json(text: str) -> ArchiveStats | None:
             archive=_name(archive["name"]),
             archive_id=archive_id,
             original_size=_count(stats["original_size"]),
-            compressed_size=_count(stats["compressed_size"]),
-            deduplicated_size=_count(stats["deduplicated_size"]),
+            compressed_size=_optional_count(stats, "compressed_size"),
+            deduplicated_size=_optional_count(stats, "deduplicated_size"),
             nfiles=_count(stats["nfiles"]),
             duration=duration,
         )

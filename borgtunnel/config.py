@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -57,6 +58,24 @@ MIN_QUOTA = 10 * 1000**2  # borg serve refuses less
 # default caps a 40 ms RTT link at ~23 MB/s; 16 MiB reaches ~150 MB/s, see BENCHMARKS.md).
 DEFAULT_WINDOW = 16 * 1024 * 1024
 
+# borg 1.x's modes (`borg init --encryption`) and borg 2's (`borg repo-create --encryption`: the
+# key always in the repository; b25 has no "none"). Which family a client may use follows from
+# its borg_version, checked below.
+BORG1_ENCRYPTIONS = (
+    "none",
+    "authenticated",
+    "authenticated-blake2",
+    "repokey",
+    "repokey-blake2",
+    "keyfile",
+    "keyfile-blake2",
+)
+BORG2_ENCRYPTIONS = (
+    "aes256-ocb",
+    "chacha20-poly1305",
+    "authenticated-sha256",
+    "authenticated-blake3",
+)
 Encryption = Literal[
     "none",
     "authenticated",
@@ -65,16 +84,26 @@ Encryption = Literal[
     "repokey-blake2",
     "keyfile",
     "keyfile-blake2",
+    "aes256-ocb",
+    "chacha20-poly1305",
+    "authenticated-sha256",
+    "authenticated-blake3",
 ]
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
-# Why a borg 2 client is refused at load time rather than pulled with weaker guarantees.
-BORG2_REFUSED = (
-    "borg 2 pull mode is not implemented yet: the server-side verification and key guard read "
-    "borg 1.x repositories, and borg 2.0.0b25 (a beta that needs OpenSSL >= 3.2, which Debian 12 "
-    "lacks) is not in the test matrix; keep this client on borg 1.4 (see README: borg versions)"
-)
+# borg 2 (`borg serve --rest --permissions P`): what each permission lets a client do through its
+# tunnel, measured with 2.0.0b25 (README "borg versions"). Only those a pull works with and that
+# keep the client from deleting are allowed.
+BORG2_PERMISSIONS = ("write-only", "no-delete")
+BORG2_DEFAULT_PERMISSIONS = "write-only"
+_PERMISSIONS_REFUSED = {
+    "all": "lets the client delete archives, the repository and the key through its tunnel",
+    "read-only": "no archive can be written with it (borgtunnel uses it for restores only)",
+}
+# A borg 2 archive name is a series: every pull of the client writes one more archive of the same
+# name, told apart by id and time (borg 2's prune groups by it).
+BORG2_DEFAULT_ARCHIVE = "{hostname}"
 
 
 _NAME_KEY = "__borgtunnel_client_name__"
@@ -90,6 +119,9 @@ class ServerSettings(_Model):
     socket_dir: Path = Path("/run/borgtunnel")
     state_dir: Path = Path("/var/lib/borgtunnel")
     borg: str = "borg"
+    # The server's borg 2 executable, for clients with borg_version = 2 (their repositories are
+    # borg 2's: served, created, verified and maintained by it). Debian ships none: a venv's borg.
+    borg2: str | None = None
     # How long a `borg serve` child gets after SIGTERM before SIGKILL. borg closes the repository
     # and releases its lock on SIGTERM; SIGKILL leaves a stale lock that the next serve clears.
     serve_stop_timeout: PositiveSeconds = 10.0
@@ -224,6 +256,12 @@ class ClientConfig(_Model):
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     user: str = Field(default="root", min_length=1)
     repository: Path
+    # The client's borg major version: 1 (1.2 and 1.4: the ssh:// RPC, served --append-only) or 2
+    # (borg 2's repositories, served --rest with `permissions`). Declared before the settings
+    # whose meaning depends on it, so their validators see it.
+    borg_version: Literal[1, 2] = 1
+    # borg 2 only: `borg serve --permissions` for the client's tunnel (README "borg versions").
+    permissions: str | None = None
     paths: tuple[str, ...] = Field(min_length=1)
     exclude: tuple[str, ...] = ()
     archive: str = "{hostname}-{now}"
@@ -249,17 +287,6 @@ class ClientConfig(_Model):
     # Passed to `borg serve --storage-quota`: one client cannot fill the disk every repository
     # shares. borg's size syntax: a number with an optional K, M, G, T or P suffix.
     storage_quota: str | None = None
-    # The client's borg major version: 1 (1.2 and 1.4, the ssh:// RPC served append-only) or 2
-    # (refused for now: see BORG2_REFUSED and README "borg versions").
-    borg_version: Literal[1, 2] = 1
-
-    @field_validator("borg_version")
-    @classmethod
-    def _borg_version_supported(cls, value: int) -> int:
-        if value == 2:
-            raise ValueError(BORG2_REFUSED)
-        return value
-
     # Maintenance on the server (borgtunnel/maintenance/); none of it runs without these tables.
     retention: RetentionSettings | None = None
     check: CheckSettings | None = None
@@ -274,6 +301,51 @@ class ClientConfig(_Model):
     after: Hooks | None = None
     on_failure: Hooks | None = None
     hook_timeout: PositiveSeconds | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _borg2_defaults(cls, data: Any) -> Any:  # noqa: ANN401 - raw input, checked next
+        """borg 2's own defaults for what is unset: its encryption mode and a series name."""
+        if isinstance(data, Mapping) and data.get("borg_version") == 2:
+            data = {"encryption": "aes256-ocb", "archive": BORG2_DEFAULT_ARCHIVE, **data}
+        return data
+
+    @field_validator("permissions")
+    @classmethod
+    def _permissions_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if info.data.get("borg_version") != 2:
+            raise ValueError(
+                "only for borg_version = 2: borg 1.x clients are always served --append-only"
+            )
+        if value in _PERMISSIONS_REFUSED:
+            raise ValueError(f"{value!r} is refused: it {_PERMISSIONS_REFUSED[value]}")
+        if value not in BORG2_PERMISSIONS:
+            raise ValueError(f"must be one of {', '.join(BORG2_PERMISSIONS)}, not {value!r}")
+        return value
+
+    @field_validator("encryption")
+    @classmethod
+    def _encryption_matches_version(cls, value: str, info: ValidationInfo) -> str:
+        version = info.data.get("borg_version")
+        allowed = BORG2_ENCRYPTIONS if version == 2 else BORG1_ENCRYPTIONS
+        if value not in allowed:
+            raise ValueError(
+                f"{value!r} is not a borg {version} mode; borg_version = {version} takes "
+                f"{', '.join(allowed)}"
+            )
+        return value
+
+    @property
+    def borg2(self) -> bool:
+        """The client runs borg 2 and its repository is a borg 2 one."""
+        return self.borg_version == 2
+
+    @property
+    def serve_permissions(self) -> str:
+        """What the client's `borg serve --rest` may do (borg 2 clients only)."""
+        return self.permissions or BORG2_DEFAULT_PERMISSIONS
 
     @field_validator("notify")
     @classmethod
@@ -307,9 +379,14 @@ class ClientConfig(_Model):
 
     @field_validator("storage_quota")
     @classmethod
-    def _quota_valid(cls, value: str | None) -> str | None:
+    def _quota_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
+        if info.data.get("borg_version") == 2:
+            raise ValueError(
+                "borg 2's serve has no --storage-quota (2.0.0b25), so it cannot be enforced: "
+                "remove it, or put the repository on its own filesystem or quota"
+            )
         match = QUOTA_RE.match(value)
         if not match:
             raise ValueError(
@@ -478,6 +555,12 @@ class Config(_Model):
             known = ", ".join(sorted(self.clients)) or "none"
             raise UnknownClientError(name, known) from None
 
+    def borg_for(self, client: ClientConfig) -> str:
+        """The server's borg for this client's repository: borg 2's for a borg 2 client."""
+        if client.borg2 and self.server.borg2 is not None:
+            return self.server.borg2
+        return self.server.borg
+
     def ssh_for(self, client: ClientConfig) -> SSHSettings:
         return _merge_ssh(DEFAULT_SSH, self.ssh, client.ssh)
 
@@ -585,11 +668,28 @@ def problems_from(error: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
+def cross_problems(config: Config) -> list[tuple[str, str]]:
+    """What only the whole file can tell, each named by the key to change."""
+    return [
+        (
+            f"clients.{name}.borg_version",
+            (
+                "borg_version = 2 needs [server] borg2: the server's borg 2 executable (it "
+                "serves, creates, verifies and maintains the client's borg 2 repository)"
+            ),
+        )
+        for name, client in config.clients.items()
+        if client.borg2 and config.server.borg2 is None
+    ]
+
+
 def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, problems_from(exc)) from None
+    if problems := cross_problems(config):
+        raise ConfigError(source, problems)
     return config.model_copy(update={"source": source})
 
 

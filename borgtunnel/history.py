@@ -694,14 +694,17 @@ class History:
         ).fetchone()
         return _from_utc_text(row["at"]) if row is not None and row["at"] else None
 
-    def expected_archives(self, client: str) -> set[str]:
+    def expected_archives(self, client: str, *, by_id: bool = False) -> set[str]:
         """Archives that should be in *client*'s repository: those successful pulls created,
         minus those removed with our knowledge since (a name created again later counts again).
+        ``by_id``: archive ids rather than names (borg 2, whose names are series); removals
+        are then recorded by id too.
         """
+        column = "archive_id" if by_id else "archive"
         created: dict[str, str] = {}
         for row in self._conn.execute(
-            "SELECT archive, COALESCE(finished, started) AS at FROM runs"
-            " WHERE client = ? AND kind = ? AND archive IS NOT NULL AND result IN (?, ?)",
+            f"SELECT {column} AS archive, COALESCE(finished, started) AS at FROM runs"  # noqa: S608 - one of two fixed names
+            f" WHERE client = ? AND kind = ? AND {column} IS NOT NULL AND result IN (?, ?)",
             (client, KIND_PULL, *(result.value for result in _SUCCESSES)),
         ):
             created[row["archive"]] = max(created.get(row["archive"], ""), row["at"])

@@ -1,6 +1,7 @@
 """The borg executables of the end-to-end matrix: Debian's 1.2 and the PyPI builds in .borg/.
 
-``scripts/setup`` builds each version of ``tests/borg-versions.txt`` into ``.borg/VERSION``. A
+``scripts/setup`` builds each version of ``tests/borg-versions.txt`` into ``.borg/VERSION``, and
+borg 2 (``tests/borg2-version.txt``) the same way. A
 matrix leg whose borg is missing or reports another version FAILS (it never skips): CI must
 prove every supported version, and a silently skipped leg would prove nothing.
 """
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_BORG = "/usr/bin/borg"
 DEBIAN_VERSION = "1.2.4"
 BUILT = tuple((ROOT / "tests" / "borg-versions.txt").read_text().split())
+# borg 2 (a beta): its own leg, built by scripts/build-borg2 (with a static libcrypto >= 3.2).
+BORG2 = (ROOT / "tests" / "borg2-version.txt").read_text().strip()
 
 
 def executable(version: str) -> str:

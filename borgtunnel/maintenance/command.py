@@ -56,7 +56,7 @@ async def list_archives(config: Config, client: ClientConfig, *, as_json: bool) 
         print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     result = await run_local_borg(
-        retention.info_argv(config.server.borg, client.repository),
+        retention.info_argv(config.borg_for(client), client.repository, borg2=client.borg2),
         state_dir=config.server.state_dir,
         passphrase=passphrase,
         stop_timeout=config.server.serve_stop_timeout,

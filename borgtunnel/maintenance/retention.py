@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from borgtunnel import borg2 as borg2_argv
 from borgtunnel.config import CheckSettings, ClientConfig, RetentionSettings
 from borgtunnel.durations import parse_borg_interval
 
@@ -23,16 +24,25 @@ WOULD_PRUNE = "Would prune:"
 
 
 def prune_argv(
-    borg: str, repository: Path, retention: RetentionSettings, *, dry_run: bool
+    borg: str,
+    repository: Path,
+    retention: RetentionSettings,
+    *,
+    dry_run: bool,
+    borg2: bool = False,
 ) -> list[str]:
     """``borg prune`` with the configured rules; counts of 0 are left out (borg: rule unused)."""
+    counts = [
+        (name, getattr(retention, f"keep_{name}"))
+        for name in ("hourly", "daily", "weekly", "monthly", "yearly")
+    ]
+    if borg2:
+        spelled = borg2_argv.prune_rules(keep_within=retention.keep_within, counts=counts)
+        return borg2_argv.prune_argv(borg, repository, spelled, dry_run=dry_run)
     rules: list[str] = []
     if retention.keep_within is not None:
         rules.append(f"--keep-within={retention.keep_within}")
-    for name in ("hourly", "daily", "weekly", "monthly", "yearly"):
-        count = getattr(retention, f"keep_{name}")
-        if count:
-            rules.append(f"--keep-{name}={count}")
+    rules += [f"--keep-{name}={count}" for name, count in counts if count]
     return [
         borg,
         "prune",
@@ -45,23 +55,45 @@ def prune_argv(
     ]
 
 
-def compact_argv(borg: str, repository: Path) -> list[str]:
+def compact_argv(borg: str, repository: Path, *, borg2: bool = False) -> list[str]:
+    if borg2:
+        return borg2_argv.compact_argv(borg, repository)
     return [borg, "compact", "--log-json", "--", str(repository)]
 
 
-def check_argv(borg: str, repository: Path, check: CheckSettings | None) -> list[str]:
-    verify = ["--verify-data"] if check is not None and check.verify_data else []
+def check_argv(
+    borg: str, repository: Path, check: CheckSettings | None, *, borg2: bool = False
+) -> list[str]:
+    verify_data = check is not None and check.verify_data
+    if borg2:
+        return borg2_argv.check_argv(borg, repository, verify_data=verify_data)
+    verify = ["--verify-data"] if verify_data else []
     return [borg, "check", "--log-json", *verify, "--", str(repository)]
 
 
-def list_argv(borg: str, repository: Path) -> list[str]:
-    """Name, id and time of every archive (cheap: reads only the manifest)."""
+def list_argv(borg: str, repository: Path, *, borg2: bool = False) -> list[str]:
+    """Name, id and time of every archive (cheap: reads only the manifest / archives/)."""
+    if borg2:
+        return borg2_argv.list_argv(borg, repository)
     return [borg, "list", "--json", "--", str(repository)]
 
 
-def info_argv(borg: str, repository: Path) -> list[str]:
+def info_argv(borg: str, repository: Path, *, borg2: bool = False) -> list[str]:
     """Per-archive stats (files, original and deduplicated size) of every archive."""
+    if borg2:
+        return borg2_argv.archives_info_argv(borg, repository)
     return [borg, "info", "--json", "--glob-archives=*", "--", str(repository)]
+
+
+def data_dir(repository: Path, *, borg2: bool = False) -> Path:
+    """Where the repository keeps its chunks: what compact frees."""
+    return repository / ("packs" if borg2 else "data")
+
+
+def identity(archive: Archive, *, borg2: bool = False) -> str:
+    """How the history tells archives apart: 1.x names are unique in a repository; borg 2
+    names are series (every pull of a client writes one more of the same name), its ids are."""
+    return archive.id if borg2 else archive.name
 
 
 @dataclass(frozen=True)
@@ -102,9 +134,12 @@ def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def would_prune(messages: Sequence[str], archives: Sequence[Archive]) -> list[str]:
-    """Names a ``prune --dry-run --list`` would remove, from its list lines and the listing."""
-    by_id = {archive.id: archive.name for archive in archives}
+def would_prune(
+    messages: Sequence[str], archives: Sequence[Archive], *, borg2: bool = False
+) -> list[str]:
+    """What a ``prune --dry-run --list`` would remove (names; borg 2: ids, see identity), from
+    its list lines and the listing."""
+    by_id = {archive.id: identity(archive, borg2=borg2) for archive in archives}
     names = []
     for message in messages:
         if not message.startswith(WOULD_PRUNE):

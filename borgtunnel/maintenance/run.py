@@ -18,6 +18,7 @@ per step. Order and rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -197,6 +198,8 @@ class _Maintenance:
         self.outcome = MaintainOutcome(client=client.name, dry_run=dry_run)
         self.log = log.bind(client=client.name)
         self.passphrase: bytes | None = None
+        self.server_borg = config.borg_for(client)
+        self.borg2 = client.borg2
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -261,15 +264,15 @@ class _Maintenance:
         if archives is None:
             return
         name = self.client.name
-        present = {a.name: a.id for a in archives}
+        present = {retention.identity(a, borg2=self.borg2): a.id for a in archives}
         if accept_missing:
             self.accept(present)
         plan = requested if requested is not None else self.due_plan()
-        expected = self.history.expected_archives(name)
+        expected = self.history.expected_archives(name, by_id=self.borg2)
         report = tamper_report(
-            name, self.client.repository, expected, present, self.history.archive_ids(name)
+            name, self.client.repository, expected, present, self.known_ids(), borg2=self.borg2
         )
-        if not self.dry_run:
+        if not self.dry_run and not self.borg2:
             # First sight of an archive of ours: remember its id (known ones are kept as they
             # were, so a replacement keeps being reported).
             ours = {n: i for n, i in present.items() if n in expected}
@@ -300,6 +303,11 @@ class _Maintenance:
         if plan.check:
             await self.check()
 
+    def known_ids(self) -> dict[str, str]:
+        """Name -> the id first seen with it: how a 1.x replacement (deleted, made again under
+        the same name) shows. borg 2's archives are told apart by id, so nothing to replace."""
+        return {} if self.borg2 else self.history.archive_ids(self.client.name)
+
     def due_plan(self) -> Plan:
         name = self.client.name
         last_check = self.history.last_operation(name, "check")
@@ -313,7 +321,7 @@ class _Maintenance:
         )
 
     async def list_archives(self) -> list[Archive] | None:
-        argv = retention.list_argv(self.config.server.borg, self.client.repository)
+        argv = retention.list_argv(self.server_borg, self.client.repository, borg2=self.borg2)
         result = await self.borg(argv)
         if result.outcome is borg.Outcome.ERROR:
             self.outcome.error = f"cannot list the repository: borg list {result.error_text()}"
@@ -331,9 +339,10 @@ class _Maintenance:
         report = tamper_report(
             name,
             self.client.repository,
-            self.history.expected_archives(name),
+            self.history.expected_archives(name, by_id=self.borg2),
             present,
-            self.history.archive_ids(name),
+            self.known_ids(),
+            borg2=self.borg2,
         )
         if report is None:
             self.add(Step("accept", RunResult.OK, "no archive is missing or replaced"))
@@ -363,12 +372,16 @@ class _Maintenance:
             self.add(step)
             return []
         argv = retention.prune_argv(
-            self.config.server.borg, self.client.repository, rules, dry_run=self.dry_run
+            self.server_borg,
+            self.client.repository,
+            rules,
+            dry_run=self.dry_run,
+            borg2=self.borg2,
         )
         result = await self.borg(argv)
         step.exit_code = result.status
         if self.dry_run:
-            names = sorted(retention.would_prune(result.messages, before))
+            names = sorted(retention.would_prune(result.messages, before, borg2=self.borg2))
             step.result = _result(result)
             step.detail = (
                 f"would remove {len(names)}: {_names(names)}; keep {len(before) - len(names)}"
@@ -383,7 +396,8 @@ class _Maintenance:
             step.detail = f"borg prune {result.error_text()}; listing afterwards failed"
             self.add(step)
             return []
-        removed = sorted({a.name for a in before} - {a.name for a in after})
+        key = functools.partial(retention.identity, borg2=self.borg2)
+        removed = sorted({key(a) for a in before} - {key(a) for a in after})
         if removed:
             self.history.record_removals(self.client.name, removed, PRUNED, self.run_id)
         self.outcome.pruned = tuple(removed)
@@ -400,11 +414,12 @@ class _Maintenance:
             step.result, step.detail = RunResult.OK, "would compact"
             self.add(step)
             return
-        size_before = _size(self.client.repository / "data")
+        chunks = retention.data_dir(self.client.repository, borg2=self.borg2)
+        size_before = _size(chunks)
         result = await self.borg(
-            retention.compact_argv(self.config.server.borg, self.client.repository)
+            retention.compact_argv(self.server_borg, self.client.repository, borg2=self.borg2)
         )
-        freed = size_before - _size(self.client.repository / "data")
+        freed = size_before - _size(chunks)
         step.exit_code = result.status
         step.result = _result(result)
         step.detail = (
@@ -421,7 +436,7 @@ class _Maintenance:
             self.add(step)
             return
         argv = retention.check_argv(
-            self.config.server.borg, self.client.repository, self.client.check
+            self.server_borg, self.client.repository, self.client.check, borg2=self.borg2
         )
         result = await self.borg(argv)
         step.exit_code = result.status

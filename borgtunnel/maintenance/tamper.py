@@ -25,8 +25,12 @@ class TamperReport:
     repository: Path
     missing: tuple[str, ...]
     replaced: tuple[str, ...] = ()
+    # A borg 2 repository: ``missing`` holds archive ids, and the way back differs.
+    borg2: bool = False
 
     def message(self) -> str:
+        if self.borg2:
+            return self._borg2_message()
         repo = self.repository
         found = []
         if self.missing:
@@ -55,6 +59,18 @@ class TamperReport:
             f"the removal was intended: `borgtunnel maintain {self.client} --accept-missing`."
         )
 
+    def _borg2_message(self) -> str:
+        ids = ", ".join(archive_id[:16] for archive_id in self.missing)
+        return (
+            f"tampering suspected: {len(self.missing)} archive(s) vanished from "
+            f"{self.repository} without a prune by borgtunnel (ids {ids}…). Compact and prune "
+            "refused: compact would make the deletion permanent. The client's serve refuses "
+            "deletes (--permissions), so look at who else can write the repository. borg 2 "
+            "deletes softly: until a compact, the server's `borg undelete --repo="
+            f"{self.repository} --list` brings them back. If the removal was intended: "
+            f"`borgtunnel maintain {self.client} --accept-missing`."
+        )
+
 
 def missing_archives(expected: Iterable[str], present: Iterable[str]) -> tuple[str, ...]:
     """Expected names not present, sorted (new archives the client made are not a problem)."""
@@ -74,8 +90,13 @@ def tamper_report(
     expected: Iterable[str],
     present: Mapping[str, str],
     known_ids: Mapping[str, str] | None = None,
+    *,
+    borg2: bool = False,
 ) -> TamperReport | None:
-    """``present``: name -> id in the repository now; ``known_ids``: name -> id seen before."""
+    """``present``: name (borg 2: id) -> id in the repository now; ``known_ids``: name -> id
+    seen before."""
     missing = missing_archives(expected, present)
     replaced = replaced_archives(known_ids or {}, present)
-    return TamperReport(client, repository, missing, replaced) if missing or replaced else None
+    if not (missing or replaced):
+        return None
+    return TamperReport(client, repository, missing, replaced, borg2=borg2)

@@ -7,6 +7,9 @@ holds the same master key, so the copy exported at ``init`` (or at the first ver
 existing repository) still decrypts everything: comparing it with the repository's ``config``
 after every pull is a file read, and putting it back is one ``borg key import``.
 
+borg 2's ``--permissions`` keep the ``keys/`` namespace read-only for every permission a pull
+may use, so there the guard is a second line: the same comparison, on the ``keys/`` files.
+
 The copy is ``state_dir/keys/NAME.key``, mode 0600 (it is wrapped with the passphrase, as in the
 repository). After a deliberate key change on the server, delete that file: the next verified
 pull saves the new key.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from borgtunnel import borg
+from borgtunnel import borg2 as borg2_argv
 from borgtunnel.server.localborg import run_local_borg
 from borgtunnel.server.privatedir import ensure_private_dir
 
@@ -54,7 +58,9 @@ def key_path(state_dir: Path, client: str) -> Path:
 
 
 def repository_key_blob(repository: Path) -> str | None:
-    """The key stored in a borg 1.x repository's ``config`` (None: no key kept there)."""
+    """The key stored in a borg 1.x repository's ``config`` or borg 2's ``keys/`` (None: none)."""
+    if (repository / "keys").is_dir():
+        return _borg2_key_blob(repository / "keys")
     parser = configparser.ConfigParser(interpolation=None)
     try:
         text = (repository / "config").read_text(encoding="utf-8")
@@ -65,15 +71,31 @@ def repository_key_blob(repository: Path) -> str | None:
     return "".join(blob.split()) or None
 
 
-def _saved_blob(path: Path) -> str | None:
+def _borg2_key_blob(keys: Path) -> str | None:
+    """borg 2 keeps each key as a file ``BORG_KEY REPO_ID`` + base64 lines, the format of
+    ``borg key export``: the bodies, in name order (a second key is a difference too)."""
     try:
-        _header, _, body = path.read_text(encoding="ascii").partition("\n")
+        files = sorted(entry for entry in keys.iterdir() if entry.is_file())
+        bodies = [_body(entry.read_text(encoding="ascii")) for entry in files]
     except (OSError, UnicodeError):
         return None
-    return "".join(body.split()) or None
+    return ",".join(bodies) or None
 
 
-async def save_key_copy(borg_cmd: str, repository: Path, state_dir: Path, client: str) -> bool:
+def _body(text: str) -> str:
+    return "".join(text.partition("\n")[2].split())
+
+
+def _saved_blob(path: Path) -> str | None:
+    try:
+        return _body(path.read_text(encoding="ascii")) or None
+    except (OSError, UnicodeError):
+        return None
+
+
+async def save_key_copy(
+    borg_cmd: str, repository: Path, state_dir: Path, client: str, *, borg2: bool = False
+) -> bool:
     """Export the key once; later calls keep the first copy. False when there is no key."""
     target = key_path(state_dir, client)
     if target.exists() or repository_key_blob(repository) is None:
@@ -82,8 +104,9 @@ async def save_key_copy(borg_cmd: str, repository: Path, state_dir: Path, client
     partial = target.with_suffix(".partial")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
+    export = borg2_argv.key_export_argv if borg2 else borg.key_export_argv
     result = await run_local_borg(
-        borg.key_export_argv(borg_cmd, repository, partial), state_dir=state_dir, passphrase=None
+        export(borg_cmd, repository, partial), state_dir=state_dir, passphrase=None
     )
     if result.status != 0 or _saved_blob(partial) is None:
         with contextlib.suppress(FileNotFoundError):
@@ -95,7 +118,7 @@ async def save_key_copy(borg_cmd: str, repository: Path, state_dir: Path, client
 
 
 async def check_key(
-    borg_cmd: str, repository: Path, state_dir: Path, client: str
+    borg_cmd: str, repository: Path, state_dir: Path, client: str, *, borg2: bool = False
 ) -> KeyTampering | None:
     """Compare the repository's key with the server's copy; put the copy back if they differ."""
     saved = key_path(state_dir, client)
@@ -104,8 +127,9 @@ async def check_key(
         return None  # no copy yet: the caller saves one after a verified pull
     if repository_key_blob(repository) == expected:
         return None
+    restore = borg2_argv.key_import_argv if borg2 else borg.key_import_argv
     result = await run_local_borg(
-        borg.key_import_argv(borg_cmd, repository, saved), state_dir=state_dir, passphrase=None
+        restore(borg_cmd, repository, saved), state_dir=state_dir, passphrase=None
     )
     restored = result.status == 0 and repository_key_blob(repository) == expected
     return KeyTampering(saved, restored, "" if restored else result.error_text())

@@ -17,7 +17,7 @@ from enum import StrEnum
 
 import structlog
 
-from borgtunnel import borg, borgexit, clientborg
+from borgtunnel import borg, borg2, borgexit, clientborg
 from borgtunnel.client.remote import (
     GO,
     parse_pid_line,
@@ -36,7 +36,13 @@ from borgtunnel.runs.remoterun import (
     forward_retrying,
     stop_serve,
 )
-from borgtunnel.runs.verify import VerifyError, repository_transaction, verify_archive
+from borgtunnel.runs.verify import (
+    RepositoryState,
+    VerifyError,
+    repository_state,
+    verify_archive,
+)
+from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.serve import BorgServeListener, pull_socket
 from borgtunnel.ssh.tunnel import (
     ConnectError,
@@ -131,7 +137,9 @@ class PullOutcome:
         )
 
 
-def _size(n: int) -> str:
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"  # borg 2 does not report it
     value = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if value < 1000 or unit == "TB":
@@ -165,7 +173,12 @@ class _Run:
         # Which borg the client runs: what earlier pulls learned (decides whether we ask for
         # borg 1.4's specific exit codes), and what this pull's --show-version line says.
         self.known_borg = clientborg.known_version(config.server.state_dir, client.name)
-        self.modern_exit_codes = self.known_borg is not None and self.known_borg.modern_exit_codes
+        # borg 2 always returns its specific codes; 1.4 only when asked (and then is asked).
+        self.borg2 = client.borg2
+        self.modern_exit_codes = self.borg2 or (
+            self.known_borg is not None and self.known_borg.modern_exit_codes
+        )
+        self.server_borg = config.borg_for(client)
         self.seen_borg: clientborg.BorgVersion | None = None
         # The exception line of a traceback borg logged (e.g. "OSError: [Errno 28] No space left
         # on device"): borg logs its system info after it, which says nothing about the cause.
@@ -308,10 +321,8 @@ async def _pull(run: _Run) -> None:
     config, client = run.config, run.client
     passphrase = await read_passphrase(client)
     target = Target(client.host, client.port, client.user, config.ssh_for(client))
-    argv = borg.serve_argv(
-        config.server.borg, client.repository, storage_quota=client.storage_quota
-    )
-    transaction_before = repository_transaction(client.repository)
+    argv = serve_argv(config, client)
+    before = repository_state(client.repository, borg2=run.borg2)
 
     async with pull_socket(
         config.server.socket_dir,
@@ -341,7 +352,7 @@ async def _pull(run: _Run) -> None:
     await _guard_key(run)
     if run.outcome.result in (RunResult.OK, RunResult.WARNING):
         run.enter(State.VERIFYING)
-        await _verify(run, listener, passphrase, transaction_before)
+        await _verify(run, listener, passphrase, before)
     run.enter(State.DONE)
 
 
@@ -349,7 +360,7 @@ async def _guard_key(run: _Run) -> None:
     """After every run, whatever its result: a client that changed the key is tampering."""
     client, server = run.client, run.config.server
     tampering = await keyguard.check_key(
-        server.borg, client.repository, server.state_dir, client.name
+        run.server_borg, client.repository, server.state_dir, client.name, borg2=run.borg2
     )
     if tampering is not None:
         run.outcome.tampering = tampering.message()
@@ -362,7 +373,7 @@ async def _guard_key(run: _Run) -> None:
 
 
 async def _verify(
-    run: _Run, listener: BorgServeListener, passphrase: bytes | None, before: int | None
+    run: _Run, listener: BorgServeListener, passphrase: bytes | None, before: RepositoryState
 ) -> None:
     """ok/warning only for an archive the server itself reads back; see verify.py."""
     client, server = run.client, run.config.server
@@ -375,23 +386,27 @@ async def _verify(
     claim = borg.parse_create_claim(run.stdout)
     started = time.monotonic()
     run.outcome.stats = await verify_archive(
-        borg_cmd=server.borg,
+        borg_cmd=run.server_borg,
         repository=client.repository,
         state_dir=server.state_dir,
         passphrase=passphrase,
         claim=claim,
         known_ids=run.known_ids,
-        transaction_before=before,
+        before=before,
+        borg2=run.borg2,
     )
     run.log.info("archive_verified", seconds=round(time.monotonic() - started, 3))
     # The first verified pull of a repository made elsewhere saves the key the server now
     # knows opens it; later pulls compare against that copy.
-    await keyguard.save_key_copy(server.borg, client.repository, server.state_dir, client.name)
+    await keyguard.save_key_copy(
+        run.server_borg, client.repository, server.state_dir, client.name, borg2=run.borg2
+    )
 
 
 def _remote_command(run: _Run, *, encrypted: bool) -> str:
     client = run.client
-    argv = borg.create_argv(
+    build = borg2.create_argv if run.borg2 else borg.create_argv
+    argv = build(
         remote_borg=client.remote_borg,
         repository=client.repository,
         archive=client.archive,
@@ -448,6 +463,20 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
     ):
         return meaning  # the shell's word: borg never started, there is nothing else to say
     parts = [meaning]
+    name, version = run.client.name, run.client.borg_version
+    if run.seen_borg is not None and (run.seen_borg.major >= 2) != run.borg2:
+        parts.append(
+            f"the client runs borg {run.seen_borg}, but clients.{name}.borg_version "
+            f"is {version}: set it to {min(run.seen_borg.major, 2)}"
+        )
+    elif run.seen_borg is None and any(
+        ": error: " in line for line in (*run.errors, *run.outcome.warnings)
+    ):
+        # argparse refused our command line before borg could log its version.
+        parts.append(
+            f"the client's borg did not understand a borg {version} command line: does it run "
+            f"borg {version} (clients.{name}.borg_version)?"
+        )
     if run.exception:
         parts.append(run.exception)
     elif run.errors:

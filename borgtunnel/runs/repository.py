@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 
-from borgtunnel import borg
+from borgtunnel import borg, borg2
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.passphrase import read_passphrase
 from borgtunnel.runs import keyguard
@@ -14,7 +14,8 @@ log = structlog.get_logger("borgtunnel.runs.repository")
 
 
 async def init_repository(config: Config, client: ClientConfig) -> int:
-    """Create ``client.repository`` with its configured encryption. Returns borg's exit status.
+    """Create ``client.repository`` with its configured encryption (borg 2: ``repo-create``).
+    Returns borg's exit status.
 
     borg refuses on its own if a repository already exists there: nothing that is backed up can
     be overwritten by this command. The new key is exported to the server's key copy at once,
@@ -22,7 +23,12 @@ async def init_repository(config: Config, client: ClientConfig) -> int:
     """
     passphrase = await read_passphrase(client)
     server = config.server
-    argv = borg.init_argv(server.borg, client.repository, client.encryption)
+    server_borg = config.borg_for(client)
+    borg2_repo = client.borg2
+    if borg2_repo:
+        argv = borg2.repo_create_argv(server_borg, client.repository, client.encryption)
+    else:
+        argv = borg.init_argv(server_borg, client.repository, client.encryption)
     result = await run_local_borg(argv, state_dir=server.state_dir, passphrase=passphrase)
     bound = log.bind(client=client.name, repository=str(client.repository))
     if result.status != 0:
@@ -30,7 +36,7 @@ async def init_repository(config: Config, client: ClientConfig) -> int:
         return result.status if result.status is not None else 2
     bound.info("repository_initialised", encryption=client.encryption)
     saved = await keyguard.save_key_copy(
-        server.borg, client.repository, server.state_dir, client.name
+        server_borg, client.repository, server.state_dir, client.name, borg2=borg2_repo
     )
     if saved:
         bound.info(

@@ -43,6 +43,7 @@ from borgtunnel.runs.remoterun import (
     forward_retrying,
     stop_serve,
 )
+from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.serve import BorgServeListener, pull_socket
 from borgtunnel.ssh.tunnel import (
     ConnectError,
@@ -92,17 +93,20 @@ def extract_argv(
     archive: str,
     paths: Sequence[str],
     dry_run: bool,
+    borg2: bool = False,
 ) -> list[str]:
     """``borg extract`` for the client. ``pp:`` makes each PATH a literal path prefix (no
-    pattern syntax); borg stores paths without the leading '/'."""
+    pattern syntax); borg stores paths without the leading '/'. borg 2 takes the repository as
+    ``--repo`` and the archive as its own word: a name, or ``aid:ID`` for one of a series."""
+    url = borg.repository_url(repository)
+    where = [f"--repo={url}", "--", archive] if borg2 else ["--", f"{url}::{archive}"]
     return [
         *shlex.split(remote_borg),
         "extract",
         "--log-json",
         "--list",
         *(["--dry-run"] if dry_run else []),
-        "--",
-        f"{borg.repository_url(repository)}::{archive}",
+        *where,
         *(f"pp:{path.lstrip('/')}" for path in paths),
     ]
 
@@ -117,6 +121,7 @@ def restore_command(
         archive=archive,
         paths=paths,
         dry_run=mode == "dry-run",
+        borg2=client.borg2,
     )
     env = borg.client_env(encrypted=client.encryption != "none")
     wrapped = ["sh", "-c", TARGET_SCRIPT, "borgtunnel-restore", target, mode, *argv]
@@ -248,7 +253,7 @@ async def _restore(run: _Run, command: str) -> None:
     config, client = run.config, run.client
     passphrase = await read_passphrase(client)
     target = Target(client.host, client.port, client.user, config.ssh_for(client))
-    argv = borg.serve_argv(config.server.borg, client.repository)
+    argv = serve_argv(config, client, restore=True)
     async with (
         pull_socket(
             config.server.socket_dir,
@@ -277,8 +282,9 @@ async def _finish(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None
     run.remote_finished = status is not None
     outcome = run.outcome
     outcome.borg_status = status
-    # No BORG_EXIT_CODES=modern is sent for a restore: 0/1/2, anything else (the shell's 127) fails.
-    verdict = borgexit.classify_exit(status, modern=False)
+    # No BORG_EXIT_CODES=modern is sent for a restore: 0/1/2, anything else (the shell's 127)
+    # fails. borg 2 always uses its specific codes.
+    verdict = borgexit.classify_exit(status, modern=run.client.borg2)
     if run.refusal is not None:
         outcome.result = RunResult.FAILED
         outcome.error = f"refused on the client: {run.refusal}"

@@ -3,9 +3,11 @@
 The client's word is never the result. A compromised or broken client can print a well-formed
 ``--json`` and exit 0 without sending a byte; so a pull only counts when
 
-* the repository committed a new transaction during the pull (a cheap directory listing),
+* the repository changed during the pull, seen on the server's disk: borg 1.x committed a new
+  transaction; borg 2 holds a new object named by the claimed id in its ``archives/`` namespace,
 * the archive the client named is not one an earlier run already recorded,
-* the server's own ``borg info --json REPO::ARCHIVE`` finds it with the id the client reported.
+* the server's own ``borg info --json`` finds it with the name and id the client reported
+  (1.x: ``REPO::NAME``; borg 2, whose names are series: the archive with that id).
 
 ``borg info`` reads the manifest and the archive's item metadata through the server's cache, not
 the file data; its numbers are the ones recorded (never the client's).
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from borgtunnel import borg
+from borgtunnel import borg2 as borg2_argv
 from borgtunnel.server.localborg import run_local_borg
 
 _TRANSACTION_FILE = re.compile(r"^(?:index|hints|integrity)\.(\d+)$")
@@ -27,18 +31,65 @@ class VerifyError(Exception):
     """The server could not confirm the archive; ``str()`` says what it found instead."""
 
 
-def repository_transaction(repository: Path) -> int | None:
-    """The newest committed transaction of a borg 1.x repository (``index.N``/``hints.N``).
+@dataclass(frozen=True)
+class RepositoryState:
+    """What the server's disk says before a pull, to compare with afterwards.
 
-    None when the directory does not look like one (missing, or another layout): the caller
-    then relies on the other checks alone.
+    ``transaction``: borg 1.x's newest committed transaction; ``archives``: the object names in
+    borg 2's ``archives/`` namespace. None where the directory does not look like one (missing,
+    another layout): the other checks then stand alone.
     """
+
+    transaction: int | None = None
+    archives: frozenset[str] | None = None
+
+
+def repository_transaction(repository: Path) -> int | None:
+    """The newest committed transaction of a borg 1.x repository (``index.N``/``hints.N``)."""
     try:
         names = [entry.name for entry in repository.iterdir()]
     except OSError:
         return None
     numbers = [int(m.group(1)) for name in names if (m := _TRANSACTION_FILE.match(name))]
     return max(numbers) if numbers else None
+
+
+def repository_archives(repository: Path) -> frozenset[str] | None:
+    """The archive objects of a borg 2 repository: one file per archive, named by its id."""
+    try:
+        return frozenset(entry.name for entry in (repository / "archives").iterdir())
+    except OSError:
+        return None
+
+
+def repository_state(repository: Path, *, borg2: bool) -> RepositoryState:
+    if borg2:
+        return RepositoryState(archives=repository_archives(repository))
+    return RepositoryState(transaction=repository_transaction(repository))
+
+
+def _check_changed(
+    repository: Path, claim: borg.ArchiveClaim, before: RepositoryState, *, borg2: bool
+) -> None:
+    after = repository_state(repository, borg2=borg2)
+    if borg2:
+        if before.archives is None or after.archives is None:
+            return
+        if claim.id not in after.archives or claim.id in before.archives:
+            raise VerifyError(
+                f"unverified: the client reported archive {claim.name!r} ({claim.id[:16]}…), but "
+                "no archive object of that id was written to the repository during this run"
+            )
+        return
+    if (
+        before.transaction is not None
+        and after.transaction is not None
+        and after.transaction <= before.transaction
+    ):
+        raise VerifyError(
+            f"unverified: the client reported archive {claim.name!r}, but the repository "
+            f"committed nothing during this run (transaction {after.transaction})"
+        )
 
 
 async def verify_archive(
@@ -49,7 +100,8 @@ async def verify_archive(
     passphrase: bytes | None,
     claim: borg.ArchiveClaim | None,
     known_ids: Collection[str],
-    transaction_before: int | None,
+    before: RepositoryState,
+    borg2: bool = False,
 ) -> borg.ArchiveStats:
     """The server's own reading of the archive the client claims; raises VerifyError."""
     if claim is None:
@@ -62,14 +114,14 @@ async def verify_archive(
             f"unverified: the client named archive {claim.name!r} ({claim.id[:16]}…), which an "
             "earlier run already recorded: this run wrote no new archive"
         )
-    after = repository_transaction(repository)
-    if transaction_before is not None and after is not None and after <= transaction_before:
-        raise VerifyError(
-            f"unverified: the client reported archive {claim.name!r}, but the repository "
-            f"committed nothing during this run (transaction {after})"
-        )
+    _check_changed(repository, claim, before, borg2=borg2)
+    argv = (
+        borg2_argv.info_argv(borg_cmd, repository, claim.id)
+        if borg2
+        else borg.info_argv(borg_cmd, repository, claim.name)
+    )
     result = await run_local_borg(
-        borg.info_argv(borg_cmd, repository, claim.name),
+        argv,
         state_dir=state_dir,
         passphrase=passphrase,
     )

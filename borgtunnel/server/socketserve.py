@@ -27,8 +27,9 @@ from typing import Final, NoReturn
 
 import structlog
 
-from borgtunnel import borg, systemd
+from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config
+from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.serve import BorgServeListener, SocketInUseError, bind_unix_socket
 
 EXIT_OK: Final = 0
@@ -249,11 +250,7 @@ async def _serve(
     listeners = [
         BorgServeListener(
             endpoint.sock,
-            borg.serve_argv(
-                config.server.borg,
-                endpoint.client.repository,
-                storage_quota=endpoint.client.storage_quota,
-            ),
+            serve_argv(config, endpoint.client),
             client=endpoint.client.name,
             stop_timeout=config.server.serve_stop_timeout,
             max_connections=max_connections,

@@ -10,7 +10,6 @@ would through its tunnel (``--permissions write-only``).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,7 @@ class Borg2:
         self.secret.write_text(SECRET + "\n")
         self.secret.chmod(0o600)
         self.spy_log = tmp_path / "spy.env"
-        self.spy = hostile.script(
-            tmp_path, "spy", f'env > {self.spy_log}\nexec {self.exe} "$@"\n'
-        )
+        self.spy = hostile.script(tmp_path, "spy", f'env > {self.spy_log}\nexec {self.exe} "$@"\n')
 
     def write(self, **client: Any) -> None:
         conf = pullkit.base_config(self.tmp, self.sshd)
@@ -180,7 +177,7 @@ def _attack_script(b2: Borg2, first_id: str) -> Path:
     lines = [
         "pw=$(cat)",  # the passphrase, on stdin as for the real borg
         "unset BORG_PASSPHRASE_FD",
-        "export BORG_PASSPHRASE=\"$pw\" BORG_NEW_PASSPHRASE=evil",
+        'export BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil',
         "export BORG_DELETE_I_KNOW_WHAT_I_AM_DOING=YES BORG_CHECK_I_KNOW_WHAT_I_AM_DOING=YES",
     ]
     url = f"--repo=ssh://borgtunnel{b2.repo}"
@@ -337,4 +334,4 @@ def test_a_dropped_serve_leaves_no_process_or_socket(b2: Borg2) -> None:
     assert result.returncode == 2, result.stderr
     assert pullkit.processes_mentioning(f"--backend=FILE:{b2.repo}") == []
     assert list((b2.tmp / "run").glob("*.sock")) == []
-    assert os.listdir(b2.repo / "archives") == []
+    assert list((b2.repo / "archives").iterdir()) == []

@@ -10,6 +10,7 @@ refusal's log line can be checked. The sshd allows only remote (-R) unix forward
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import shutil
@@ -27,7 +28,7 @@ from borgtunnel.runs.pull import pull
 from borgtunnel.runs.restore import restore_command
 from borgtunnel.server.serve import pull_socket
 from borgtunnel.ssh.tunnel import Target, Tunnel
-from tests import pullkit
+from tests import borgs, pullkit
 from tests.sshd import SshdFactory, SshdServer, install_authorized_key
 
 pytestmark = pytest.mark.sshd
@@ -154,6 +155,48 @@ def test_pull_through_the_gatekeeper_works_and_is_verified(client: Client) -> No
     assert "run: borg create" in client.logged()
     assert list((client.sshd.workdir / "rsock").iterdir()) == []  # socket and pid file removed
     assert pullkit.processes_mentioning(f"--restrict-to-repository {client.repo}") == []
+
+
+def test_a_borg2_pull_through_the_gatekeeper_runs_the_policys_borg2(client: Client) -> None:
+    borg2 = borgs.executable(borgs.BORG2)
+    client.policy.write_text(
+        client.policy.read_text().replace(f"borg = {shutil.which('borg')}", f"borg = {borg2}")
+    )
+    secret = client.tmp / "pass"
+    secret.write_text("gate passphrase 2")
+    secret.chmod(0o600)
+    client.conf["server"]["borg2"] = borg2  # type: ignore[index]
+    client.write(
+        borg_version=2,
+        encryption="aes256-ocb",
+        passphrase_file=str(secret),
+        remote_borg="/nonexistent/the-policy-decides",
+    )
+    assert pullkit.run_cli(client.config, "init", "c1").returncode == 0
+
+    result = pullkit.run_cli(client.config, "pull", "c1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = pullkit.borg_env(client.tmp, BORG_PASSPHRASE="gate passphrase 2")
+    listed = subprocess.run(
+        [borg2, "repo-list", "--json", f"--repo={client.repo}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [archive] = json.loads(listed.stdout)["archives"]
+    restored = client.tmp / "restored"
+    restored.mkdir()
+    subprocess.run(
+        [borg2, "extract", f"--repo={client.repo}", f"aid:{archive['id']}"],
+        env=env,
+        cwd=restored,
+        capture_output=True,
+        check=True,
+    )
+    pullkit.assert_same_tree(client.data, restored)
+    assert "run: borg create" in client.logged()
 
 
 async def test_the_locked_down_key_cannot_reach_the_clients_own_sockets(client: Client) -> None:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from borgtunnel import borg
+from borgtunnel import borg, borg2
 from borgtunnel.client import gatekeeper as gk
 from borgtunnel.client.remote import (
     REQUEST_RESTORE,
@@ -39,9 +39,11 @@ def server_run_command(
     archive: str = "{hostname}-{now}",
     remote_borg: str = "borg",
     env: dict[str, str] | None = None,
+    borg_major: int = 1,
 ) -> str:
     """Exactly what pull.py sends (pull._remote_command)."""
-    argv = borg.create_argv(
+    build = borg2.create_argv if borg_major == 2 else borg.create_argv
+    argv = build(
         remote_borg=remote_borg,
         repository=Path("/srv/borg/web1"),
         archive=archive,
@@ -94,6 +96,40 @@ def refusal(command: str, pol: gk.Policy | None = None) -> str:
 
 
 # --- the server's real commands are understood ---------------------------------------------
+
+
+def test_a_borg2_run_command_is_understood_and_rebuilt_in_borg2s_form() -> None:
+    request = gk.parse_request(server_run_command(archive="{hostname}", borg_major=2))
+    assert isinstance(request, gk.RunRequest)
+    call = request.call
+    assert call.borg2
+    assert call.repository == "/srv/borg/web1"
+    assert call.archive == "{hostname}"
+    assert call.paths == ("/etc", "/home/u/data")
+    assert "--repo=ssh://borgtunnel/srv/borg/web1" not in call.options  # kept apart, rebuilt
+    gk.check_run(request, policy(), HOME)
+
+    argv = gk.borg_argv(policy(borg="/opt/borg2/bin/borg"), "create", call, call.paths)
+
+    end = argv.index("--")
+    assert argv[:2] == ["/opt/borg2/bin/borg", "create"]
+    assert argv[end - 1] == "--repo=ssh://borgtunnel/srv/borg/web1"
+    assert argv[end + 1 :] == ["{hostname}", "/etc", "/home/u/data"]
+
+
+@pytest.mark.parametrize(
+    ("repo_words", "reason"),
+    [
+        (["--repo=ssh://borgtunnel/a", "--repo=ssh://borgtunnel/b"], "more than one --repo"),
+        (["--repo=/srv/borg/web1"], "repository must be ssh://borgtunnel/PATH"),
+        (["--repo=ssh://borgtunnel/srv/r::x"], "repository must be ssh://borgtunnel/PATH"),
+        (["--repo", "ssh://borgtunnel/srv/r"], "not allowed"),
+    ],
+)
+def test_a_borg2_repository_other_than_ours_is_refused(repo_words: list[str], reason: str) -> None:
+    argv = ["borg", "create", "--log-json", *repo_words, "--", "web1", "/etc"]
+    command = run_command("~/.cache/borgtunnel/web1.sock", "nc-rsh", "socat-rsh", argv)
+    assert reason in refusal(command)
 
 
 def test_the_servers_run_command_becomes_a_checked_run_request() -> None:

@@ -109,6 +109,9 @@ class BorgCall:
     paths: tuple[str, ...]
     pattern_files: tuple[str, ...] = ()
     pattern_roots: tuple[str, ...] = ()
+    # borg 2's form: ``--repo=URL`` among the options, the archive as the first word after
+    # ``--`` (borg 2 has no REPO::ARCHIVE).
+    borg2: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,7 +384,9 @@ def parse_request(command: str) -> Request:
 
     Kinds and ARGS (borgtunnel/client/remote.py builds them; only this data is used):
 
-    - ``borgtunnel-run``: SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS
+    - ``borgtunnel-run``: SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS, where ARGS end
+      in ``-- ssh://borgtunnel/REPO::ARCHIVE PATH…`` (borg 1.x) or, for borg 2, carry
+      ``--repo=ssh://borgtunnel/REPO`` and end in ``-- ARCHIVE PATH…``
     - ``borgtunnel-restore``: SOCKET RSH_NC RSH_SOCAT [env K=V…] sh -c SCRIPT
       borgtunnel-restore TARGET MODE BORG… extract ARGS
     - ``borgtunnel-cleanup``: PID-or-empty SOCKET SOCKET.pid
@@ -440,13 +445,26 @@ def _parse_borg(words: Sequence[str], subcommand: str, allowed: Mapping[str, str
         raise RefusedError("borg arguments without '--' before the repository")
     at = rest.index("--")
     options, positional = rest[:at], rest[at + 1 :]
+    repo_options = [word for word in options if word.startswith("--repo=")]
+    options = [word for word in options if not word.startswith("--repo=")]
     normalised, pattern_files, roots = _parse_options(options, allowed)
+    if len(repo_options) > 1:
+        raise RefusedError("more than one --repo")
     if not positional:
-        raise RefusedError("no repository given")
-    location, *paths = positional
-    if not location.startswith(URL_PREFIX) or "::" not in location:
-        raise RefusedError(f"repository must be {URL_PREFIX}PATH::ARCHIVE, got {_show(location)}")
-    repository, _, archive = location[len(URL_PREFIX) - 1 :].partition("::")
+        raise RefusedError("no repository given" if not repo_options else "no archive given")
+    if repo_options:  # borg 2: --repo=ssh://borgtunnel/REPO -- ARCHIVE PATH…
+        location = repo_options[0].removeprefix("--repo=")
+        archive, *paths = positional
+        if not location.startswith(URL_PREFIX) or "::" in location:
+            raise RefusedError(f"repository must be {URL_PREFIX}PATH, got {_show(location)}")
+        repository = location[len(URL_PREFIX) - 1 :]
+    else:
+        location, *paths = positional
+        if not location.startswith(URL_PREFIX) or "::" not in location:
+            raise RefusedError(
+                f"repository must be {URL_PREFIX}PATH::ARCHIVE, got {_show(location)}"
+            )
+        repository, _, archive = location[len(URL_PREFIX) - 1 :].partition("::")
     if not archive or "/" in archive:
         raise RefusedError(f"bad archive name {_show(archive)}")
     return BorgCall(
@@ -458,6 +476,7 @@ def _parse_borg(words: Sequence[str], subcommand: str, allowed: Mapping[str, str
         paths=tuple(paths),
         pattern_files=tuple(pattern_files),
         pattern_roots=tuple(roots),
+        borg2=bool(repo_options),
     )
 
 
@@ -845,8 +864,10 @@ def _remove_if_ours(socket: str, pid_file: str) -> None:
 
 def borg_argv(policy: Policy, subcommand: str, call: BorgCall, paths: Sequence[str]) -> list[str]:
     """borg's argv, built here from checked data: the server's program words are not used."""
-    location = f"{URL_PREFIX}{call.repository.lstrip('/')}::{call.archive}"
-    return [policy.borg, subcommand, *call.options, "--", location, *paths]
+    url = f"{URL_PREFIX}{call.repository.lstrip('/')}"
+    if call.borg2:
+        return [policy.borg, subcommand, *call.options, f"--repo={url}", "--", call.archive, *paths]
+    return [policy.borg, subcommand, *call.options, "--", f"{url}::{call.archive}", *paths]
 
 
 def run_cleanup(request: CleanupRequest, pid: int | None) -> int:

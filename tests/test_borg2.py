@@ -10,13 +10,16 @@ would through its tunnel (``--permissions write-only``).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests import borgs, hostile, pullkit
+from borgtunnel.runs import keyguard
+from tests import borgs, hostile, pullkit, socketserve_kit
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.sshd
@@ -335,3 +338,101 @@ def test_a_dropped_serve_leaves_no_process_or_socket(b2: Borg2) -> None:
     assert pullkit.processes_mentioning(f"--backend=FILE:{b2.repo}") == []
     assert list((b2.tmp / "run").glob("*.sock")) == []
     assert list((b2.repo / "archives").iterdir()) == []
+    # The killed borg's lock (borg 2 keeps it in the repository's locks/): the next pull and the
+    # server's own maintenance get through it.
+    b2.write()
+    again = b2.cli("pull", "c1")
+    assert again.returncode == 0, again.stderr
+    maintained = b2.cli("maintain", "c1", "--check")
+    assert maintained.returncode == 0, maintained.stderr + maintained.stdout
+
+
+def test_no_delete_permissions_pull_and_still_refuse_deletes(b2: Borg2) -> None:
+    b2.write(permissions="no-delete")
+    assert b2.cli("init", "c1").returncode == 0
+    assert b2.cli("pull", "c1").returncode == 0
+    [first] = b2.archives()
+    deleter = hostile.script(
+        b2.tmp,
+        "deleter",
+        'pw=$(cat)\nunset BORG_PASSPHRASE_FD\nexport BORG_PASSPHRASE="$pw"\n'
+        f"{b2.exe} delete -a 'sh:*' --repo=ssh://borgtunnel{b2.repo} </dev/null >/dev/null 2>&1\n"
+        f'echo "delete $?" > {b2.tmp / "deleter.log"}\nexit 2\n',
+    )
+    b2.write(permissions="no-delete", remote_borg=deleter)
+
+    assert b2.cli("pull", "c1").returncode == 2
+    assert (b2.tmp / "deleter.log").read_text().split() != ["delete", "0"]
+    assert [a["id"] for a in b2.archives()] == [first["id"]]
+
+
+def test_a_key_changed_on_the_server_is_put_back_and_reported(b2: Borg2) -> None:
+    """keys/ is read-only for every permission a pull uses, so only someone on the server can
+    change it; the guard still compares after every run and puts the saved copy back."""
+    b2.write()
+    assert b2.cli("init", "c1").returncode == 0
+    original = keyguard.repository_key_blob(b2.repo)
+    assert original is not None
+    env = pullkit.borg_env(b2.tmp, BORG_PASSPHRASE=SECRET, BORG_NEW_PASSPHRASE="changed")
+    subprocess.run(
+        [b2.exe, "key", "change-passphrase", f"--repo={b2.repo}"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert keyguard.repository_key_blob(b2.repo) != original
+
+    result = b2.cli("pull", "c1")
+
+    assert result.returncode == 2, result.stderr
+    assert "tampering: the repository key (keys/) differs" in result.stdout
+    [event] = _events(result.stderr, "key_tampering")
+    assert event["restored"] is True, event
+    assert keyguard.repository_key_blob(b2.repo) == original  # the same key text, re-wrapped
+    assert b2.cli("pull", "c1").returncode == 0  # the server's passphrase opens it again
+    changed = subprocess.run(
+        [b2.exe, "repo-list", f"--repo={b2.repo}"],
+        env=pullkit.borg_env(b2.tmp, BORG_PASSPHRASE="changed"),
+        capture_output=True,
+        check=False,
+    )
+    assert changed.returncode != 0  # and the changed key is gone, not kept next to it
+
+
+def test_socket_activated_serve_serves_a_borg2_client_write_only(b2: Borg2) -> None:
+    """``borgtunnel serve`` (the socket unit's way) with a borg 2 client: a create through the
+    activated socket lands and reads back; a delete through it is refused."""
+    b2.write()
+    assert b2.cli("init", "c1").returncode == 0
+    socks = Path(tempfile.mkdtemp(prefix="bt2-", dir="/tmp"))  # short: unix socket path limit
+    sock = socks / "c1.sock"
+    serve = socketserve_kit.start_serve(config=b2.config, workdir=b2.tmp, activate=[(sock, "c1")])
+    try:
+        socketserve_kit.wait_for_socket(sock)
+        env = socketserve_kit.client_env(sock, b2.tmp / "client-base")
+        env.update(BORG_PASSPHRASE=SECRET)
+        url = f"--repo=ssh://borgtunnel{b2.repo}"
+        created = subprocess.run(
+            [b2.exe, "create", url, "--", "web1", str(b2.data)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert created.returncode == 0, created.stderr
+        deleted = subprocess.run(
+            [b2.exe, "delete", url, "-a", "sh:*"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert deleted.returncode != 0
+        assert "PermissionDenied" in deleted.stderr
+    finally:
+        socketserve_kit.stop_serve(serve)
+        shutil.rmtree(socks, ignore_errors=True)
+    [archive] = b2.archives()
+    b2.assert_restores(archive["id"], "served")

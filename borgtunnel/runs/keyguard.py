@@ -39,12 +39,20 @@ class KeyTampering:
     saved: Path
     restored: bool
     detail: str = ""
+    borg2: bool = False
 
     def message(self) -> str:
         if self.restored:
             done = f"the server's copy from {self.saved} was put back"
         else:
             done = f"putting back the server's copy from {self.saved} FAILED ({self.detail})"
+        if self.borg2:
+            # keys/ is read-only through every borg 2 tunnel a pull uses: not the client.
+            return (
+                "tampering: the repository key (keys/) differs from the server's copy, and no "
+                f"borg 2 client tunnel can write keys/; {done}. Find out who changed it on the "
+                "server; archives are intact if the master key is unchanged"
+            )
         return (
             "tampering: the repository key was changed through the client's tunnel (borg key "
             f"change-passphrase or key import run by the client); {done}. Archives are intact "
@@ -80,6 +88,19 @@ def _borg2_key_blob(keys: Path) -> str | None:
     except (OSError, UnicodeError):
         return None
     return ",".join(bodies) or None
+
+
+def _drop_other_borg2_keys(keys: Path, expected: str) -> None:
+    """borg 2 names each key file by its content: an import adds the saved key next to the
+    changed one, which would still open the repository with the other passphrase. Once the
+    saved key is back, the others go."""
+    files = [entry for entry in keys.iterdir() if entry.is_file()]
+    bodies = {entry: _body(entry.read_text(encoding="ascii")) for entry in files}
+    if expected not in bodies.values():
+        return
+    for entry, body in bodies.items():
+        if body != expected:
+            entry.unlink()
 
 
 def _body(text: str) -> str:
@@ -131,5 +152,7 @@ async def check_key(
     result = await run_local_borg(
         restore(borg_cmd, repository, saved), state_dir=state_dir, passphrase=None
     )
+    if borg2 and result.status == 0:
+        _drop_other_borg2_keys(repository / "keys", expected)
     restored = result.status == 0 and repository_key_blob(repository) == expected
-    return KeyTampering(saved, restored, "" if restored else result.error_text())
+    return KeyTampering(saved, restored, "" if restored else result.error_text(), borg2=borg2)

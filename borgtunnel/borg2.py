@@ -78,6 +78,11 @@ def create_argv(
     ]
 
 
+def break_lock_argv(borg: str, repository: Path) -> list[str]:
+    """Removes every lock in ``locks/`` (borg 2 encrypts them: needs the passphrase)."""
+    return [borg, "break-lock", f"--repo={repository}"]
+
+
 # --- server-side maintenance -------------------------------------------------------------------
 
 

@@ -670,7 +670,18 @@ def problems_from(error: ValidationError) -> list[tuple[str, str]]:
 
 def cross_problems(config: Config) -> list[tuple[str, str]]:
     """What only the whole file can tell, each named by the key to change."""
-    return [
+    problems = []
+    # Locks, prune, tamper checks and borg 2's lock release are per client: a repository two
+    # clients share would be pruned for one by the other and raced by both.
+    owner: dict[Path, str] = {}
+    for name, client in config.clients.items():
+        first = owner.setdefault(client.repository, name)
+        if first != name:
+            shared = f"{client.repository} is also clients.{first}.repository"
+            problems.append(
+                (f"clients.{name}.repository", f"{shared}: each client needs its own repository")
+            )
+    return problems + [
         (
             f"clients.{name}.borg_version",
             (

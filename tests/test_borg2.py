@@ -10,6 +10,7 @@ would through its tunnel (``--permissions write-only``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -326,25 +327,44 @@ def test_restore_through_a_read_only_tunnel(b2: Borg2) -> None:
     pullkit.assert_same_tree(b2.data, target)
 
 
-def test_a_dropped_serve_leaves_no_process_or_socket(b2: Borg2) -> None:
-    """A client whose borg dies mid-run (killed): the run fails, and nothing of it is left."""
-    dying = hostile.script(b2.tmp, "dying", f'{b2.exe} "$@" &\nsleep 1\nkill -9 $!\nexit 137\n')
+def test_a_killed_client_borg_leaves_no_process_socket_or_lock(b2: Borg2) -> None:
+    """A client whose borg dies mid-run (SIGKILL) on another host: borg 2 keeps the lock in the
+    repository under the client's host and pid, where the server's own borg would time out on
+    it. The run fails, and nothing of it is left: no serve, no socket, no lock."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the client's borg runs under another hostname (unshare --uts)")
+    big = b2.data / "big.bin"
+    big.write_bytes(os.urandom(64 * 1024 * 1024))
+    seen = b2.tmp / "lock-seen"
+    dying = hostile.script(
+        b2.tmp,
+        "dying",
+        # A background job's stdin is /dev/null before its own redirections: keep the
+        # passphrase on fd 3 and hand that over.
+        "exec 3<&0\n"
+        f'unshare --uts sh -c \'hostname elsewhere; exec "$0" "$@"\' {b2.exe} "$@" <&3 &\n'
+        f'while kill -0 $! && [ -z "$(ls {b2.repo / "locks"})" ]; do sleep 0.05; done\n'
+        f"touch {seen}\nkill -9 $!\nexit 137\n",
+    )
     b2.write(remote_borg=dying)
     assert b2.cli("init", "c1").returncode == 0
 
     result = b2.cli("pull", "c1")
 
     assert result.returncode == 2, result.stderr
+    assert seen.exists()  # the client's borg held the lock when it was killed
+    assert _events(result.stderr, "client_lock_removed"), result.stdout + result.stderr[-2500:]
+    assert list((b2.repo / "locks").iterdir()) == []
     assert pullkit.processes_mentioning(f"--backend=FILE:{b2.repo}") == []
     assert list((b2.tmp / "run").glob("*.sock")) == []
     assert list((b2.repo / "archives").iterdir()) == []
-    # The killed borg's lock (borg 2 keeps it in the repository's locks/): the next pull and the
-    # server's own maintenance get through it.
+    # The server's own borg gets in at once (it timed out on the lock before), and so does
+    # the client's next pull.
+    maintained = b2.cli("maintain", "c1", "--check")
+    assert maintained.returncode == 0, maintained.stderr + maintained.stdout
     b2.write()
     again = b2.cli("pull", "c1")
     assert again.returncode == 0, again.stderr
-    maintained = b2.cli("maintain", "c1", "--check")
-    assert maintained.returncode == 0, maintained.stderr + maintained.stdout
 
 
 def test_no_delete_permissions_pull_and_still_refuse_deletes(b2: Borg2) -> None:

@@ -99,3 +99,11 @@ def test_encryption_must_be_of_the_version(version: int, encryption: str) -> Non
 def test_other_values_are_errors(value: object) -> None:
     problems = _problems(_config(borg_version=value))
     assert problems[0][0].startswith("clients.web1.borg_version")
+
+
+def test_two_clients_cannot_share_a_repository() -> None:
+    data = _config()
+    data["clients"]["web2"] = dict(data["clients"]["web1"])
+    [(key, message)] = _problems(data)
+    assert key == "clients.web2.repository"
+    assert "also clients.web1.repository" in message

@@ -6,6 +6,7 @@ name its key as a dotted path; the CLI tests check the same through ``borgtunnel
 
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 from pathlib import Path
@@ -60,9 +61,18 @@ remote_socket = "~/.cache/borgtunnel/web1.sock"
 SECRET_COMMAND = "pass show borg/web1 --token=s3cr3t-T0KEN"
 
 
+_REPOSITORIES = itertools.count()
+
+
 def minimal_client(**overrides: Any) -> dict[str, Any]:
-    """The fewest keys a client needs; unencrypted so no passphrase option is required."""
-    base = {"host": "h.example", "repository": "/srv/r", "paths": ["/etc"], "encryption": "none"}
+    """The fewest keys a client needs; unencrypted so no passphrase option is required. Each
+    gets a repository of its own (two clients may not share one)."""
+    base = {
+        "host": "h.example",
+        "repository": f"/srv/r{next(_REPOSITORIES)}",
+        "paths": ["/etc"],
+        "encryption": "none",
+    }
     return base | overrides
 
 

@@ -34,6 +34,7 @@ from borgtunnel.runs.remoterun import (
     await_ready,
     finish_watched,
     forward_retrying,
+    release_client_locks,
     stop_serve,
 )
 from borgtunnel.runs.verify import (
@@ -324,6 +325,26 @@ async def _pull(run: _Run) -> None:
     argv = serve_argv(config, client)
     before = repository_state(client.repository, borg2=run.borg2)
 
+    try:
+        listener = await _run_remote(run, target, argv, passphrase)
+    except (TunnelError, StalledError, OSError):
+        await release_client_locks(run.config, run.client, passphrase, run.log)
+        raise
+    if run.outcome.result is RunResult.FAILED:
+        await release_client_locks(run.config, run.client, passphrase, run.log)
+    await _guard_key(run)
+    if run.outcome.result in (RunResult.OK, RunResult.WARNING):
+        run.enter(State.VERIFYING)
+        await _verify(run, listener, passphrase, before)
+    run.enter(State.DONE)
+
+
+async def _run_remote(
+    run: _Run, target: Target, argv: list[str], passphrase: bytes | None
+) -> BorgServeListener:
+    """Socket, tunnel, remote ``borg create``, then the fixed cleanup order; the listener's
+    stats (serve exit codes, traffic) are what verification reads."""
+    config, client = run.config, run.client
     async with pull_socket(
         config.server.socket_dir,
         client.name,
@@ -349,11 +370,7 @@ async def _pull(run: _Run) -> None:
                     if not run.remote_finished:  # a finished run removed its socket itself
                         await abandon_remote(tunnel, run.remote_pid, remote.path, run.log)
                     run.outcome.state = reached  # a failure reports where it happened
-    await _guard_key(run)
-    if run.outcome.result in (RunResult.OK, RunResult.WARNING):
-        run.enter(State.VERIFYING)
-        await _verify(run, listener, passphrase, before)
-    run.enter(State.DONE)
+    return listener
 
 
 async def _guard_key(run: _Run) -> None:

@@ -16,13 +16,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from borgtunnel import borg
+from borgtunnel import borg, borg2
 from borgtunnel.client.remote import (
     RemoteSocket,
     cleanup_command,
     parse_ready_line,
     ready_path_matches,
 )
+from borgtunnel.config import ClientConfig, Config
+from borgtunnel.server.localborg import run_local_borg
 from borgtunnel.server.serve import BorgServeListener
 from borgtunnel.ssh.tunnel import (
     SHORT_COMMAND_TIMEOUT,
@@ -40,6 +42,42 @@ SERVE_EXIT_GRACE = 2.0
 KEEP_MESSAGES = 10
 # Lines of login noise or refusal kept while waiting for the ready line.
 MAX_PREPARE_LINES = 20
+
+
+async def release_client_locks(
+    config: Config,
+    client: ClientConfig,
+    passphrase: bytes | None,
+    log: Any,  # noqa: ANN401 - a structlog bound logger
+) -> None:
+    """After a run that did not end well: remove the lock a borg 2 client left.
+
+    borg 2 keeps locks in the repository (``locks/``), owned by the client's host and pid, not by
+    the server's ``borg serve`` as 1.x does (a stale 1.x lock is serve's own, removed by the next
+    serve on this host). A client borg killed mid-run (or cut off by a dropped link) leaves its
+    lock, and the server's own borg (list, prune, check) then times out on it until borg
+    considers it stale. At this point it belongs to nobody: the run's serve children are stopped
+    and its tunnel is closed, so no client borg can reach the repository, and the client lock
+    we hold keeps every other borgtunnel run of this repository out.
+    """
+    if not client.borg2:
+        return
+    repository = client.repository
+    try:
+        held = any((repository / "locks").iterdir())
+    except OSError:
+        return
+    if not held:
+        return
+    result = await run_local_borg(
+        borg2.break_lock_argv(config.borg_for(client), repository),
+        state_dir=config.server.state_dir,
+        passphrase=passphrase,
+    )
+    if result.status == 0:
+        log.warning("client_lock_removed", repository=str(repository))
+    else:
+        log.error("client_lock_not_removed", error=result.error_text())
 
 
 class StalledError(Exception):

@@ -41,6 +41,7 @@ from borgtunnel.runs.remoterun import (
     await_ready,
     finish_watched,
     forward_retrying,
+    release_client_locks,
     stop_serve,
 )
 from borgtunnel.server.policy import serve_argv
@@ -250,8 +251,18 @@ async def restore(
 
 
 async def _restore(run: _Run, command: str) -> None:
+    passphrase = await read_passphrase(run.client)
+    try:
+        await _extract_remotely(run, command, passphrase)
+    except (TunnelError, StalledError, OSError):
+        await release_client_locks(run.config, run.client, passphrase, run.log)
+        raise
+    if run.outcome.result is RunResult.FAILED:
+        await release_client_locks(run.config, run.client, passphrase, run.log)
+
+
+async def _extract_remotely(run: _Run, command: str, passphrase: bytes | None) -> None:
     config, client = run.config, run.client
-    passphrase = await read_passphrase(client)
     target = Target(client.host, client.port, client.user, config.ssh_for(client))
     argv = serve_argv(config, client, restore=True)
     async with (

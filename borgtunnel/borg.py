@@ -92,12 +92,16 @@ def create_argv(
     paths: Sequence[str],
     exclude: Sequence[str] = (),
     extra: Sequence[str] = (),
+    borg2: bool = False,
 ) -> list[str]:
     """``borg create`` for the client, as an argv (quoted later, in one place).
 
     ``--exclude=PATTERN`` keeps a pattern starting with '-' a value; ``--`` keeps paths and the
-    archive name from being read as options.
+    archive name from being read as options. borg 2 has no ``REPO::ARCHIVE``: the repository is
+    ``--repo=URL`` and the archive (a series name) the first word after ``--``.
     """
+    url = repository_url(repository)
+    where = [f"--repo={url}", "--", archive] if borg2 else ["--", f"{url}::{archive}"]
     return [
         *shlex.split(remote_borg),
         "create",
@@ -111,8 +115,7 @@ def create_argv(
         "--show-version",
         *(f"--exclude={pattern}" for pattern in exclude),
         *extra,
-        "--",
-        f"{repository_url(repository)}::{archive}",
+        *where,
         *paths,
     ]
 

@@ -6,16 +6,14 @@ has no ``--append-only``: the server's policy is ``borg serve --rest`` on the on
 The client still reaches it through ``BORG_RSH`` (borg copies it into ``BORGSTORE_RSH``) ending
 in ``sh -c '…'``, which drops the words borg appends: the client cannot pick the backend, the
 path or the permissions. Repository and archive are options and a positional of their own
-(``--repo=URL`` and ``-- NAME``); borg 2 has no ``REPO::ARCHIVE``.
+(``--repo=URL`` and ``-- NAME``); borg 2 has no ``REPO::ARCHIVE``. The client's ``borg create``
+is borg.create_argv's (``borg2=True``): one place decides its options.
 """
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
-
-from borgtunnel.borg import repository_url
 
 # What a restore's tunnel may do: read, never write.
 RESTORE_PERMISSIONS = "read-only"
@@ -50,32 +48,6 @@ def key_export_argv(borg: str, repository: Path, destination: Path) -> list[str]
 
 def key_import_argv(borg: str, repository: Path, source: Path) -> list[str]:
     return [borg, "key", "import", f"--repo={repository}", "--", str(source)]
-
-
-def create_argv(
-    *,
-    remote_borg: str,
-    repository: Path,
-    archive: str,
-    paths: Sequence[str],
-    exclude: Sequence[str] = (),
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The client's ``borg create``: the same machine output as 1.x (borg.create_argv)."""
-    return [
-        *shlex.split(remote_borg),
-        "create",
-        "--log-json",
-        "--progress",
-        "--json",
-        "--show-version",
-        *(f"--exclude={pattern}" for pattern in exclude),
-        *extra,
-        f"--repo={repository_url(repository)}",
-        "--",
-        archive,
-        *paths,
-    ]
 
 
 def break_lock_argv(borg: str, repository: Path) -> list[str]:

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, tzinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -61,7 +61,7 @@ DEFAULT_WINDOW = 16 * 1024 * 1024
 # borg 1.x's modes (`borg init --encryption`) and borg 2's (`borg repo-create --encryption`: the
 # key always in the repository; b25 has no "none"). Which family a client may use follows from
 # its borg_version, checked below.
-BORG1_ENCRYPTIONS = (
+Borg1Encryption = Literal[
     "none",
     "authenticated",
     "authenticated-blake2",
@@ -69,26 +69,16 @@ BORG1_ENCRYPTIONS = (
     "repokey-blake2",
     "keyfile",
     "keyfile-blake2",
-)
-BORG2_ENCRYPTIONS = (
-    "aes256-ocb",
-    "chacha20-poly1305",
-    "authenticated-sha256",
-    "authenticated-blake3",
-)
-Encryption = Literal[
-    "none",
-    "authenticated",
-    "authenticated-blake2",
-    "repokey",
-    "repokey-blake2",
-    "keyfile",
-    "keyfile-blake2",
+]
+Borg2Encryption = Literal[
     "aes256-ocb",
     "chacha20-poly1305",
     "authenticated-sha256",
     "authenticated-blake3",
 ]
+Encryption = Literal[Borg1Encryption, Borg2Encryption]
+BORG1_ENCRYPTIONS: tuple[str, ...] = get_args(Borg1Encryption)
+BORG2_ENCRYPTIONS: tuple[str, ...] = get_args(Borg2Encryption)
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 

@@ -52,7 +52,8 @@ def test_serve_policy_is_rest_on_one_backend_with_the_permissions() -> None:
 def test_create_argv_puts_the_repository_in_an_option_and_the_name_after_the_end_of_options() -> (
     None
 ):
-    argv = borg2.create_argv(
+    argv = borg.create_argv(
+        borg2=True,
         remote_borg="/opt/borg2/bin/borg --lock-wait 5",
         repository=REPO,
         archive="-looks-like-an-option",

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from borgtunnel import borg, borg2
+from borgtunnel import borg
 from borgtunnel.client import gatekeeper as gk
 from borgtunnel.client.remote import (
     REQUEST_RESTORE,
@@ -42,8 +42,8 @@ def server_run_command(
     borg_major: int = 1,
 ) -> str:
     """Exactly what pull.py sends (pull._remote_command)."""
-    build = borg2.create_argv if borg_major == 2 else borg.create_argv
-    argv = build(
+    argv = borg.create_argv(
+        borg2=borg_major == 2,
         remote_borg=remote_borg,
         repository=Path("/srv/borg/web1"),
         archive=archive,

@@ -17,7 +17,7 @@ from enum import StrEnum
 
 import structlog
 
-from borgtunnel import borg, borg2, borgexit, clientborg
+from borgtunnel import borg, borgexit, clientborg
 from borgtunnel.client.remote import (
     GO,
     parse_pid_line,
@@ -422,8 +422,8 @@ async def _verify(
 
 def _remote_command(run: _Run, *, encrypted: bool) -> str:
     client = run.client
-    build = borg2.create_argv if run.borg2 else borg.create_argv
-    argv = build(
+    argv = borg.create_argv(
+        borg2=run.borg2,
         remote_borg=client.remote_borg,
         repository=client.repository,
         archive=client.archive,

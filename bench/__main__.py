@@ -26,6 +26,8 @@ SECTIONS = ("startup", "lan", "wan", "raw", "probe", "concurrent")
 # recipe (a), pull (b: the CLI), warm (b': inside a running process, like the daemon),
 # proto (b with bench/prototype.py's proposed change), local (c: the floor).
 METHODS = ("recipe", "pull", "warm", "proto", "local")
+# Opt-in (--methods): the same backup with borg 2 on both ends, through borgtunnel and locally.
+BORG2_METHODS = ("pull2", "local2")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +46,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help=f"comma-separated subset of {METHODS} for the backup experiments",
+        help=f"comma-separated subset of {METHODS + BORG2_METHODS} for the backup experiments",
     )
     parser.add_argument(
         "--proto",
@@ -56,7 +58,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     args.methods = [s.strip() for s in args.methods.split(",") if s.strip()]
-    if unknown := set(args.methods) - set(METHODS):
+    if unknown := set(args.methods) - set(METHODS) - set(BORG2_METHODS):
         parser.error(f"unknown methods {sorted(unknown)}")
     if unknown := set(args.only) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}")
@@ -117,6 +119,7 @@ def _run(args: argparse.Namespace, ws: Workspace, results: Results) -> None:
                 for site in (lan, wan)
                 for variant in ("", "warm", "proto")
             },
+            **{f"{site.name}pull2": m.borg2_client(site.port) for site in (lan, wan)},
             "rawlan": {},
             "rawwan": {"port": wan.port},
             "rawproxy0": {"port": proxy0_port},
@@ -138,7 +141,7 @@ def _run(args: argparse.Namespace, ws: Workspace, results: Results) -> None:
             results,
             site=wan,
             runs=args.runs,
-            names=[name for name in args.methods if name != "local"],
+            names=[name for name in args.methods if not name.startswith("local")],
             prefix="wan",
         ),
         "raw": lambda: raw.raw_tunnel(

@@ -27,6 +27,14 @@ from tests.sshd import SshdServer, known_hosts_line, public_key, start_sshd, sto
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BORG = shutil.which("borg") or "/usr/bin/borg"
+# borg 2, built by scripts/setup (tests/borg2-version.txt), for the opt-in pull2/local2 methods.
+BORG2 = str(
+    REPO_ROOT
+    / ".borg"
+    / (REPO_ROOT / "tests" / "borg2-version.txt").read_text().strip()
+    / "bin"
+    / "borg"
+)
 BORGTUNNEL = str(Path(sys.executable).parent / "borgtunnel")
 
 # 16 clients connect at once in the concurrency test; sshd's default MaxStartups (10:30:100)

@@ -14,6 +14,10 @@ proposed change patched in (bench/prototype.py, bench/patches.py).
 
 All of them run the same ``borg create --log-json --json`` with borg's default compression (lz4)
 into an unencrypted repository (``borg init -e none``), with a unique archive name per run.
+
+Opt-in: ``pull2`` and ``local2`` are (b) and (c) with borg 2 on both ends (``.borg/VERSION``).
+borg 2.0.0b25 has no unencrypted mode: they use ``authenticated-sha256`` (HMAC-SHA256 chunk ids,
+no encryption), the nearest to 1.x's ``none`` (plain SHA256 ids).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.dataset import Dataset
-from bench.env import BORG, BORGTUNNEL, BenchError, Workspace, wait_for_path
+from bench.env import BORG, BORG2, BORGTUNNEL, BenchError, Workspace, wait_for_path
 
 # Microseconds: a full and the following incremental run can start within the same second.
 ARCHIVE = "{hostname}-{now:%Y-%m-%dT%H:%M:%S.%f}"
@@ -85,11 +89,29 @@ class Methods:
         return self.repos / name
 
     def fresh_repo(self, name: str) -> Path:
-        """An empty unencrypted repository (outside the clock)."""
+        """An empty unencrypted repository (outside the clock); borg 2's for a borg 2 method."""
         path = self.repo(name)
         shutil.rmtree(path, ignore_errors=True)
-        self.ws.run([BORG, "init", "--encryption=none", str(path)])
+        if name.endswith("2"):
+            argv = [BORG2, "repo-create", f"--repo={path}", f"--encryption={BORG2_MODE}"]
+            self.ws.run(argv, env=self.ws.env({"BORG_PASSPHRASE": BORG2_PASSPHRASE}))
+        else:
+            self.ws.run([BORG, "init", "--encryption=none", str(path)])
         return path
+
+    def borg2_client(self, port: int) -> dict[str, object]:
+        """The config of a borg 2 pull client (its passphrase file made here)."""
+        secret = self.ws.root / "borg2.passphrase"
+        secret.write_text(BORG2_PASSPHRASE)
+        secret.chmod(0o600)
+        return {
+            "port": port,
+            "borg_version": 2,
+            "encryption": BORG2_MODE,
+            "passphrase_file": str(secret),
+            "remote_borg": BORG2,
+            "archive": "bench",
+        }
 
     def start_fresh_repo(self, name: str) -> subprocess.Popen[bytes]:
         """Like fresh_repo, in the background: many repositories are initialised at once."""
@@ -107,9 +129,13 @@ class Methods:
             return repo, lambda: self.recipe(repo, site)
         if method == "local":
             return "local", lambda: self.local("local")
+        if method == "local2":
+            return "local2", lambda: self.local2("local2")
         # borgtunnel variants: one client each (own repository, own remote socket).
         client = site.name if method == "pull" else f"{site.name}{method}"
-        call = {"pull": self.pull, "warm": self.warm, "proto": self.proto}[method]
+        call = {"pull": self.pull, "pull2": self.pull, "warm": self.warm, "proto": self.proto}[
+            method
+        ]
         return client, lambda: call(client)
 
     # --- borgtunnel config --------------------------------------------------------------
@@ -124,6 +150,7 @@ class Methods:
             socket_dir = "{self.ws.root / "sockets"}"
             state_dir = "{self.state}"
             borg = "{BORG}"
+            borg2 = "{BORG2}"
 
             [ssh]
             identity = "{sshd.client_key}"
@@ -249,6 +276,26 @@ class Methods:
             [BORG, "create", *CREATE_OPTIONS, f"{repo}::{ARCHIVE}", str(self.dataset.path)]
         )
         return Timed(done.seconds, *_stats_from_json(done.stdout))
+
+    def local2(self, repo_name: str) -> Timed:
+        repo = self.repo(repo_name)
+        done = self.ws.run(
+            [
+                BORG2,
+                "create",
+                *CREATE_OPTIONS,
+                f"--repo={repo}",
+                "--",
+                "bench",
+                str(self.dataset.path),
+            ],
+            env=self.ws.env({"BORG_PASSPHRASE": BORG2_PASSPHRASE}),
+        )
+        return Timed(done.seconds, *_stats_from_json(done.stdout))
+
+
+BORG2_MODE = "authenticated-sha256"
+BORG2_PASSPHRASE = "bench"  # noqa: S105 - a throwaway repository of the bench
 
 
 _SUMMARY = re.compile(

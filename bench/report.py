@@ -67,9 +67,26 @@ COLUMNS = (
     ("warm", "(b') pull in a running process"),
     ("proto", "(b*) pull, prototype change"),
     ("local", "(c) local borg"),
+    ("pull2", "(b2) pull, borg 2"),
+    ("local2", "(c2) local borg 2"),
 )
-RATIOS = (("pull", "recipe"), ("warm", "recipe"), ("proto", "recipe"), ("pull", "local"))
-_SHORT = {"recipe": "a", "pull": "b", "warm": "b'", "proto": "b*", "local": "c"}
+RATIOS = (
+    ("pull", "recipe"),
+    ("warm", "recipe"),
+    ("proto", "recipe"),
+    ("pull", "local"),
+    ("pull2", "pull"),
+    ("pull2", "local2"),
+)
+_SHORT = {
+    "recipe": "a",
+    "pull": "b",
+    "warm": "b'",
+    "proto": "b*",
+    "local": "c",
+    "pull2": "b2",
+    "local2": "c2",
+}
 
 
 def backup_table(results: Results) -> str:

@@ -174,6 +174,11 @@ ATTACKS = {
     "repo-delete": ["repo-delete"],
     "change-passphrase": ["key", "change-passphrase"],
     "extract": ["extract", "--dry-run", "aid:{first}"],
+    # Rewriting what exists: metadata, content, chunks, a "repair".
+    "tag": ["tag", "--set", "evil", "aid:{first}"],
+    "recreate": ["recreate", "--exclude", "*", "-a", "aid:{first}"],
+    "repo-compress": ["repo-compress", "--compression", "zlib,1"],
+    "check-repair": ["check", "--repair"],
 }
 
 
@@ -195,6 +200,9 @@ def _attack_script(b2: Borg2, first_id: str) -> Path:
 
 
 def test_a_compromised_client_cannot_delete_rewrite_read_or_rekey(b2: Borg2) -> None:
+    """Each of ATTACKS through the client's own write-only tunnel fails, and afterwards the
+    server's borg 2 finds the earlier archive as it was (id, name, content), the same key and a
+    clean check."""
     b2.write()
     assert b2.cli("init", "c1").returncode == 0
     assert b2.cli("pull", "c1").returncode == 0

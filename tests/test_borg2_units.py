@@ -16,6 +16,7 @@ from borgtunnel.runs import keyguard
 from borgtunnel.runs.restore import extract_argv
 from borgtunnel.runs.verify import RepositoryState, VerifyError, _check_changed, repository_state
 from borgtunnel.server.policy import serve_argv
+from borgtunnel.ssh.doctor import borg_version_problem
 
 REPO = Path("/srv/borg2/web 1")
 ID = "cd" * 32
@@ -153,3 +154,36 @@ def test_key_blob_of_a_borg2_repository(tmp_path: Path) -> None:
     assert keyguard.repository_key_blob(repo) == "AAAABBBB"
     (repo / "keys" / "k2").write_text("BORG_KEY 00ff\nCCCC\n")
     assert keyguard.repository_key_blob(repo) == "AAAABBBB,CCCC"  # a second key differs
+
+
+@pytest.mark.parametrize(
+    ("borg_version", "said", "problem"),
+    [
+        (2, "borg 2.0.0b25", None),
+        (1, "borg 1.4.5", None),
+        (
+            2,
+            "borg 1.2.4",
+            "the client runs borg 1.2.4, but clients.web1.borg_version is 2: set it to 1",
+        ),
+        (1, "borg 2.0.0b25", "set it to 2"),
+        (2, "something else", None),
+    ],
+)
+def test_doctor_names_a_borg_major_that_does_not_match(
+    borg_version: int, said: str, problem: str | None
+) -> None:
+    table: dict[str, object] = {
+        "host": "h",
+        "repository": "/r",
+        "paths": ["/etc"],
+        "passphrase_file": "/p",
+    }
+    table |= {"borg_version": 2} if borg_version == 2 else {"encryption": "repokey"}
+    client = parse_config({"server": {"borg2": "b"}, "clients": {"web1": table}}).client("web1")
+    found = borg_version_problem(client, said)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found

@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from borgtunnel.client.remote import GO, REQUEST_DOCTOR, encoded_command
+from borgtunnel.clientborg import BorgVersion
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.ssh.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelError
 
@@ -127,6 +128,19 @@ class DoctorReport:
         return out
 
 
+def borg_version_problem(client: ClientConfig, said: str) -> str | None:
+    """``borg --version`` on the client (``borg 2.0.0b25``) against ``borg_version``: a pull
+    builds its command line for the configured major, so a mismatch fails every pull."""
+    version = BorgVersion.parse(said.removeprefix("borg").strip())
+    if version is None or (version.major >= 2) == client.borg2:
+        return None
+    wanted = min(version.major, 2)
+    return (
+        f"the client runs borg {version}, but clients.{client.name}.borg_version is "
+        f"{client.borg_version}: set it to {wanted}"
+    )
+
+
 async def doctor(config: Config, client: ClientConfig) -> DoctorReport:
     target = Target(client.host, client.port, client.user, config.ssh_for(client))
     report = DoctorReport(client.name, f"{target.user}@{target.host}:{target.port}")
@@ -137,6 +151,8 @@ async def doctor(config: Config, client: ClientConfig) -> DoctorReport:
         return report
     if report.facts.get("borg", "missing") == "missing":
         report.problems.append(f"remote_borg {client.remote_borg!r} does not run on the client")
+    elif (mismatch := borg_version_problem(client, report.facts.get("borg", ""))) is not None:
+        report.problems.append(mismatch)
     if report.facts.get("nc") != "yes" and report.facts.get("socat", "missing") == "missing":
         report.problems.append("neither nc (netcat-openbsd) nor socat is installed")
     if not report.forwarding.startswith("allowed"):

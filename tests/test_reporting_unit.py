@@ -5,6 +5,7 @@ hanging notifier never raises into (or holds up) the caller."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,8 +31,13 @@ from tests.reporting_kit import closed_port
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
+_REPOSITORIES = itertools.count()
+
+
 def client_table(**extra: Any) -> dict[str, Any]:
-    return {"host": "h", "repository": "/r", "paths": ["/x"], "encryption": "none", **extra}
+    """A client of its own repository (two may not share one)."""
+    repository = f"/r{next(_REPOSITORIES)}"
+    return {"host": "h", "repository": repository, "paths": ["/x"], "encryption": "none", **extra}
 
 
 def config_for(tmp_path: Path, **tables: Any) -> Config:

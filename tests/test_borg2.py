@@ -19,8 +19,14 @@ from typing import Any
 
 import pytest
 
+from borgtunnel.config import load_config
+from borgtunnel.history import RunResult
 from borgtunnel.runs import keyguard
+from borgtunnel.scheduling.daemon import Daemon
+from borgtunnel.systemd import Notifier
 from tests import borgs, hostile, pullkit, socketserve_kit
+from tests.daemon_support import FIRE_AT, clock_offset, eventually, serving, shifted_now
+from tests.daemon_support import runs as daemon_runs
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.sshd
@@ -464,3 +470,34 @@ def test_socket_activated_serve_serves_a_borg2_client_write_only(b2: Borg2) -> N
         shutil.rmtree(socks, ignore_errors=True)
     [archive] = b2.archives()
     b2.assert_restores(archive["id"], "served")
+
+
+async def test_the_daemon_pulls_and_maintains_a_borg2_client(b2: Borg2) -> None:
+    """The scheduled path: the daemon pulls a borg 2 client at its time, then prunes by the
+    retention (series and ids) and checks, under the client lock."""
+    b2.write(schedule="0 2 * * *")
+    b2.config.write_text(
+        b2.config.read_text()
+        + '\n[clients.c1.retention]\nkeep_daily = 1\n\n[clients.c1.check]\nevery = "30d"\n'
+    )
+    assert b2.cli("init", "c1").returncode == 0
+    assert b2.cli("pull", "c1").returncode == 0  # an earlier archive of today, pruned later
+    config = load_config(b2.config)
+    daemon = Daemon(config, now=shifted_now(clock_offset(FIRE_AT, 1.0)), notifier=Notifier(""))
+    state = config.server.state_dir
+
+    async with serving(daemon):
+        await eventually(
+            lambda: (
+                [(r.kind, r.result) for r in daemon_runs(state, "c1")[1:]]
+                == [("pull", RunResult.OK), ("maintain", RunResult.OK)]
+            ),
+            within=120,
+            what="a scheduled borg 2 pull and its maintenance",
+        )
+
+    pull, maintain = daemon_runs(state, "c1")[1:]
+    assert pull.trigger == maintain.trigger == "daemon"
+    [kept] = b2.archives()
+    assert kept["id"] == hostile.runs(b2.tmp)[1]["archive_id"]  # the daemon's pull is kept
+    b2.assert_restores(kept["id"], "scheduled")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from borgtunnel import borg
 from borgtunnel.config import load_config
 from borgtunnel.history import RunResult
 from borgtunnel.runs import keyguard
@@ -138,6 +139,8 @@ def test_init_pull_twice_read_back_and_list(b2: Borg2) -> None:
 
     seen = b2.spy_log.read_text()
     assert "BORG_PASSPHRASE_FD=0" in seen
+    rsh = [line for line in seen.splitlines() if line.startswith(("BORG_RSH=", "BORGSTORE_RSH="))]
+    assert sorted(line.partition("=")[2] for line in rsh) == [borg.RSH_BY_TOOL["nc"]] * 2
     for text in (init.stdout, init.stderr, first.stdout, first.stderr, second.stderr, seen):
         assert SECRET not in text
     assert pullkit.processes_mentioning(f"--backend=FILE:{b2.repo}") == []

@@ -809,7 +809,8 @@ def _read_go() -> bool:
 def _borg_env(call: BorgCall, tool: str, socket: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
     env.update(call.env)
-    env["BORG_RSH"] = RSH_BY_TOOL[tool]
+    # borg 2 prefers BORGSTORE_RSH (an inherited one would win over ours): both are ours.
+    env["BORG_RSH"] = env["BORGSTORE_RSH"] = RSH_BY_TOOL[tool]
     env["BORGTUNNEL_SOCKET"] = socket
     return env
 

@@ -176,7 +176,10 @@ then
   while [ $i -lt 100 ] && kill -0 "$old" 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
 fi
 BORGTUNNEL_SOCKET=$p
-export BORG_RSH BORGTUNNEL_SOCKET
+# borg 2 reads BORGSTORE_RSH and copies BORG_RSH into it only when it is unset: one set by the
+# client's profile would otherwise take borg elsewhere. borg 1.x ignores it.
+BORGSTORE_RSH=$BORG_RSH
+export BORG_RSH BORGSTORE_RSH BORGTUNNEL_SOCKET
 printf 'borgtunnel-ready %s %s\n' "$t" "$p" >&2
 IFS= read -r go || exit 72
 [ "$go" = go ] || exit 72

@@ -93,6 +93,9 @@ class Methods:
         path = self.repo(name)
         shutil.rmtree(path, ignore_errors=True)
         if name.endswith("2"):
+            # A new repository made by hand: the key copy of the previous one must go (the
+            # key guard would rightly report another repository at this path).
+            (self.state / "keys" / f"{name}.key").unlink(missing_ok=True)
             argv = [BORG2, "repo-create", f"--repo={path}", f"--encryption={BORG2_MODE}"]
             self.ws.run(argv, env=self.ws.env({"BORG_PASSPHRASE": BORG2_PASSPHRASE}))
         else:

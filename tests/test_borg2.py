@@ -504,3 +504,29 @@ async def test_the_daemon_pulls_and_maintains_a_borg2_client(b2: Borg2) -> None:
     [kept] = b2.archives()
     assert kept["id"] == hostile.runs(b2.tmp)[1]["archive_id"]  # the daemon's pull is kept
     b2.assert_restores(kept["id"], "scheduled")
+
+
+def test_a_repository_created_again_by_hand_is_named_not_overwritten(b2: Borg2) -> None:
+    """The saved key belongs to the repository that was there: a new one at the same path is
+    reported (nothing imported into it); `borgtunnel init` of a new repository replaces it."""
+    b2.write()
+    assert b2.cli("init", "c1").returncode == 0
+    assert b2.cli("pull", "c1").returncode == 0
+    shutil.rmtree(b2.repo)
+    subprocess.run(
+        [b2.exe, "repo-create", f"--repo={b2.repo}", "--encryption=aes256-ocb"],
+        env=pullkit.borg_env(b2.tmp, BORG_PASSPHRASE=SECRET),
+        check=True,
+        capture_output=True,
+    )
+    keys_before = sorted(p.read_bytes() for p in (b2.repo / "keys").iterdir())
+
+    result = b2.cli("pull", "c1")
+
+    assert result.returncode == 2, result.stderr
+    assert "created again outside `borgtunnel init`" in result.stdout
+    assert sorted(p.read_bytes() for p in (b2.repo / "keys").iterdir()) == keys_before
+    shutil.rmtree(b2.repo)
+    assert b2.cli("init", "c1").returncode == 0  # the administrator's way: a new saved key
+    again = b2.cli("pull", "c1")
+    assert again.returncode == 0, again.stdout + again.stderr

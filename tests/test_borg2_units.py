@@ -187,3 +187,34 @@ def test_doctor_names_a_borg_major_that_does_not_match(
     else:
         assert found is not None
         assert problem in found
+
+
+def test_repository_ids_of_both_layouts(tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "config").write_text("[repository]\nversion = 1\nid = 00aa\nkey = AAAA\n")
+    assert keyguard.repository_id(one) == "00aa"
+    two = tmp_path / "two"
+    (two / "keys").mkdir(parents=True)
+    (two / "keys" / "k1").write_text("BORG_KEY 11bb\nAAAA\n")
+    assert keyguard.repository_id(two) == "11bb"
+    (two / "keys" / "k2").write_text("BORG_KEY 22cc\nBBBB\n")
+    assert keyguard.repository_id(two) is None  # two repositories' keys: unknown
+
+
+async def test_a_key_copy_of_another_repository_is_reported_not_imported(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    (repo / "keys").mkdir(parents=True)
+    (repo / "keys" / "k").write_text("BORG_KEY 22cc\nNEWKEY\n")
+    saved = keyguard.key_path(tmp_path / "state", "web1")
+    saved.parent.mkdir(parents=True)
+    saved.write_text("BORG_KEY 11bb\nOLDKEY\n")
+    # A borg that would fail loudly if it were run: nothing may be imported here.
+    found = await keyguard.check_key(
+        "/nonexistent/borg", repo, tmp_path / "state", "web1", borg2=True
+    )
+    assert found is not None
+    assert found.other_repository == "22cc"
+    assert not found.restored
+    assert "created again outside `borgtunnel init`" in found.message()
+    assert (repo / "keys" / "k").read_text() == "BORG_KEY 22cc\nNEWKEY\n"

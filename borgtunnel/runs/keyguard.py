@@ -40,8 +40,17 @@ class KeyTampering:
     restored: bool
     detail: str = ""
     borg2: bool = False
+    # The repository's id differs from the saved copy's: another repository stands at the path.
+    other_repository: str | None = None
 
     def message(self) -> str:
+        if self.other_repository is not None:
+            return (
+                f"key guard: the repository here (id {self.other_repository[:16]}…) is not the "
+                f"one whose key the server saved in {self.saved}: it was created again outside "
+                "`borgtunnel init`. Nothing was changed. If that was intended, delete the saved "
+                "copy (the next verified pull saves the new key); otherwise find out who did it"
+            )
         if self.restored:
             done = f"the server's copy from {self.saved} was put back"
         else:
@@ -107,6 +116,34 @@ def _body(text: str) -> str:
     return "".join(text.partition("\n")[2].split())
 
 
+def _header_id(text: str) -> str | None:
+    """The repository id in a key file's or export's first line, ``BORG_KEY <id>``."""
+    words = text.partition("\n")[0].split()
+    return words[1] if len(words) == 2 and words[0] == "BORG_KEY" else None
+
+
+def repository_id(repository: Path) -> str | None:
+    """borg 1.x: ``config``'s id; borg 2: the id its key files name (``keys/`` is read-only
+    through every client tunnel, unlike ``config/``). None when unknown."""
+    try:
+        if (repository / "keys").is_dir():
+            files = sorted(entry for entry in (repository / "keys").iterdir() if entry.is_file())
+            ids = {_header_id(entry.read_text(encoding="ascii")) for entry in files}
+            return ids.pop() if len(ids) == 1 else None
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string((repository / "config").read_text(encoding="utf-8"))
+        return parser.get("repository", "id", fallback=None) or None
+    except (OSError, UnicodeError, configparser.Error):
+        return None
+
+
+def _saved_id(path: Path) -> str | None:
+    try:
+        return _header_id(path.read_text(encoding="ascii"))
+    except (OSError, UnicodeError):
+        return None
+
+
 def _saved_blob(path: Path) -> str | None:
     try:
         return _body(path.read_text(encoding="ascii")) or None
@@ -115,11 +152,19 @@ def _saved_blob(path: Path) -> str | None:
 
 
 async def save_key_copy(
-    borg_cmd: str, repository: Path, state_dir: Path, client: str, *, borg2: bool = False
+    borg_cmd: str,
+    repository: Path,
+    state_dir: Path,
+    client: str,
+    *,
+    borg2: bool = False,
+    replace: bool = False,
 ) -> bool:
-    """Export the key once; later calls keep the first copy. False when there is no key."""
+    """Export the key once; later calls keep the first copy (``replace``: a repository just
+    created by ``borgtunnel init``, whose key replaces any older copy). False when there is no
+    key."""
     target = key_path(state_dir, client)
-    if target.exists() or repository_key_blob(repository) is None:
+    if (target.exists() and not replace) or repository_key_blob(repository) is None:
         return target.exists()
     ensure_private_dir(target.parent)  # state_dir/keys: refused, never chmodded, if shared
     partial = target.with_suffix(".partial")
@@ -148,6 +193,9 @@ async def check_key(
         return None  # no copy yet: the caller saves one after a verified pull
     if repository_key_blob(repository) == expected:
         return None
+    current, saved_for = repository_id(repository), _saved_id(saved)
+    if current is not None and saved_for is not None and current != saved_for:
+        return KeyTampering(saved, restored=False, borg2=borg2, other_repository=current)
     restore = borg2_argv.key_import_argv if borg2 else borg.key_import_argv
     result = await run_local_borg(
         restore(borg_cmd, repository, saved), state_dir=state_dir, passphrase=None

@@ -386,6 +386,7 @@ async def _guard_key(run: _Run) -> None:
             restored=tampering.restored,
             saved_copy=str(tampering.saved),
             detail=tampering.detail or None,
+            other_repository=tampering.other_repository,
         )
 
 

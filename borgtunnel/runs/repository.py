@@ -36,7 +36,12 @@ async def init_repository(config: Config, client: ClientConfig) -> int:
         return result.status if result.status is not None else 2
     bound.info("repository_initialised", encryption=client.encryption)
     saved = await keyguard.save_key_copy(
-        server_borg, client.repository, server.state_dir, client.name, borg2=borg2_repo
+        server_borg,
+        client.repository,
+        server.state_dir,
+        client.name,
+        borg2=borg2_repo,
+        replace=True,  # a new repository: a copy of an earlier one at this path is obsolete
     )
     if saved:
         bound.info(

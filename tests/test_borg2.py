@@ -51,7 +51,11 @@ class Borg2:
         self.secret.write_text(SECRET + "\n")
         self.secret.chmod(0o600)
         self.spy_log = tmp_path / "spy.env"
-        self.spy = hostile.script(tmp_path, "spy", f'env > {self.spy_log}\nexec {self.exe} "$@"\n')
+        self.spy_argv = tmp_path / "spy.argv"
+        body = (
+            f'env > {self.spy_log}\nprintf "%s\\n" "$@" > {self.spy_argv}\nexec {self.exe} "$@"\n'
+        )
+        self.spy = hostile.script(tmp_path, "spy", body)
 
     def write(self, **client: Any) -> None:
         conf = pullkit.base_config(self.tmp, self.sshd)
@@ -141,7 +145,9 @@ def test_init_pull_twice_read_back_and_list(b2: Borg2) -> None:
     assert "BORG_PASSPHRASE_FD=0" in seen
     rsh = [line for line in seen.splitlines() if line.startswith(("BORG_RSH=", "BORGSTORE_RSH="))]
     assert sorted(line.partition("=")[2] for line in rsh) == [borg.RSH_BY_TOOL["nc"]] * 2
-    for text in (init.stdout, init.stderr, first.stdout, first.stderr, second.stderr, seen):
+    argv = b2.spy_argv.read_text()
+    assert "create" in argv.splitlines()
+    for text in (init.stdout, init.stderr, first.stdout, first.stderr, second.stderr, seen, argv):
         assert SECRET not in text
     assert pullkit.processes_mentioning(f"--backend=FILE:{b2.repo}") == []
     assert list((b2.tmp / "run").glob("*.sock")) == []

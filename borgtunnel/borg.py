@@ -7,6 +7,7 @@ tested without a client, and there is exactly one place that decides which borg 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shlex
@@ -289,8 +290,19 @@ class LogLine:
     message: str
     fields: Mapping[str, Any]
 
+    @property
+    def severity(self) -> int:
+        """The ``logging`` level to log the line at (what structlog's ``log()`` takes)."""
+        return _SEVERITY[self.level]
+
 
 _LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning", "ERROR": "error"}
+_SEVERITY = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def parse_log_line(line: str) -> LogLine | None:

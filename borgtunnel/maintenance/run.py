@@ -242,7 +242,7 @@ class _Maintenance:
         self.log.debug("local_borg", argv=argv)
 
         def relay(line: borg.LogLine) -> None:
-            self.log.log(_LEVELS[line.level], line.message, source=argv[1], **dict(line.fields))
+            self.log.log(line.severity, line.message, source=argv[1], **dict(line.fields))
 
         return await run_local_borg(
             argv,
@@ -448,9 +448,6 @@ class _Maintenance:
         else:
             step.detail = f"problems found: borg check {result.error_text()}"
         self.add(step)
-
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 def _result(result: LocalResult) -> RunResult:

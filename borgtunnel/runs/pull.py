@@ -221,10 +221,7 @@ class _Run:
         if self.lines_seen == MAX_LOGGED_LINES:
             self.log.warning("remote_lines_not_logged", after=MAX_LOGGED_LINES)
         if self.lines_seen < MAX_LOGGED_LINES:
-            self.log.log(_LEVELS[parsed.level], parsed.message, source="borg create", **fields)
-
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+            self.log.log(parsed.severity, parsed.message, source="borg create", **fields)
 
 
 async def pull(

@@ -205,10 +205,7 @@ class _Run:
         elif parsed.level == "error":
             self.errors.append(parsed.message)
             del self.errors[:-KEEP_MESSAGES]
-        self.log.log(_LEVELS[parsed.level], parsed.message, source="borg extract")
-
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+        self.log.log(parsed.severity, parsed.message, source="borg extract")
 
 
 async def restore(

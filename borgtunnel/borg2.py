@@ -58,19 +58,9 @@ def break_lock_argv(borg: str, repository: Path) -> list[str]:
 # --- server-side maintenance -------------------------------------------------------------------
 
 
-def prune_rules(
-    *,
-    keep_within: str | None,
-    counts: Sequence[tuple[str, int]],
-) -> list[str]:
-    """borg 2 spells 1.x's ``--keep-within=I`` as ``--keep=I``; the counts keep their names."""
-    rules = [f"--keep={keep_within}"] if keep_within is not None else []
-    rules += [f"--keep-{name}={count}" for name, count in counts if count]
-    return rules
-
-
 def prune_argv(borg: str, repository: Path, rules: Sequence[str], *, dry_run: bool) -> list[str]:
-    """Every archive of the repository, grouped by series name and host (borg 2's default)."""
+    """Every archive of the repository, grouped by series name and host (borg 2's default);
+    ``rules`` in borg 2's spelling (maintenance/retention.py builds them for both majors)."""
     return [
         borg,
         "prune",

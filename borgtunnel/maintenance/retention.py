@@ -31,18 +31,20 @@ def prune_argv(
     dry_run: bool,
     borg2: bool = False,
 ) -> list[str]:
-    """``borg prune`` with the configured rules; counts of 0 are left out (borg: rule unused)."""
-    counts = [
-        (name, getattr(retention, f"keep_{name}"))
-        for name in ("hourly", "daily", "weekly", "monthly", "yearly")
-    ]
-    if borg2:
-        spelled = borg2_argv.prune_rules(keep_within=retention.keep_within, counts=counts)
-        return borg2_argv.prune_argv(borg, repository, spelled, dry_run=dry_run)
+    """``borg prune`` with the configured rules; counts of 0 are left out (borg: rule unused).
+
+    borg 2 spells 1.x's ``--keep-within=I`` as ``--keep=I``; the counts keep their names.
+    """
     rules: list[str] = []
     if retention.keep_within is not None:
-        rules.append(f"--keep-within={retention.keep_within}")
-    rules += [f"--keep-{name}={count}" for name, count in counts if count]
+        within = "--keep" if borg2 else "--keep-within"
+        rules.append(f"{within}={retention.keep_within}")
+    for name in ("hourly", "daily", "weekly", "monthly", "yearly"):
+        count = getattr(retention, f"keep_{name}")
+        if count:
+            rules.append(f"--keep-{name}={count}")
+    if borg2:
+        return borg2_argv.prune_argv(borg, repository, rules, dry_run=dry_run)
     return [
         borg,
         "prune",

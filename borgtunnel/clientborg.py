@@ -57,6 +57,17 @@ class BorgVersion:
         return (self.major, self.minor, self.patch) >= MODERN_EXIT_CODES_SINCE
 
 
+def major_mismatch(seen: BorgVersion, *, client: str, configured: int) -> str | None:
+    """What to change when the client's borg is not of the configured ``borg_version`` (1 for
+    1.x, 2 for 2): a pull builds its command line for that major. None when they match."""
+    if (seen.major >= 2) == (configured == 2):
+        return None
+    return (
+        f"the client runs borg {seen}, but clients.{client}.borg_version is {configured}: "
+        f"set it to {min(seen.major, 2)}"
+    )
+
+
 def version_from_log(message: str, logger: str | None) -> BorgVersion | None:
     """The version in borg's ``--show-version`` log line, or None for any other line."""
     if logger != VERSION_LOGGER:

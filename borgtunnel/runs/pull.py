@@ -479,14 +479,11 @@ def _failure_text(run: _Run, status: int | None, listener: BorgServeListener) ->
         return meaning  # the shell's word: borg never started, there is nothing else to say
     parts = [meaning]
     name, version = run.client.name, run.client.borg_version
-    if run.seen_borg is not None and (run.seen_borg.major >= 2) != run.borg2:
-        parts.append(
-            f"the client runs borg {run.seen_borg}, but clients.{name}.borg_version "
-            f"is {version}: set it to {min(run.seen_borg.major, 2)}"
-        )
-    elif run.seen_borg is None and any(
-        ": error: " in line for line in (*run.errors, *run.outcome.warnings)
-    ):
+    if run.seen_borg is not None:
+        mismatch = clientborg.major_mismatch(run.seen_borg, client=name, configured=version)
+        if mismatch is not None:
+            parts.append(mismatch)
+    elif any(": error: " in line for line in (*run.errors, *run.outcome.warnings)):
         # argparse refused our command line before borg could log its version.
         parts.append(
             f"the client's borg did not understand a borg {version} command line: does it run "

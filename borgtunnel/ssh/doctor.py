@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from borgtunnel.client.remote import GO, REQUEST_DOCTOR, encoded_command
-from borgtunnel.clientborg import BorgVersion
+from borgtunnel.clientborg import BorgVersion, major_mismatch
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.ssh.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelError
 
@@ -132,13 +132,9 @@ def borg_version_problem(client: ClientConfig, said: str) -> str | None:
     """``borg --version`` on the client (``borg 2.0.0b25``) against ``borg_version``: a pull
     builds its command line for the configured major, so a mismatch fails every pull."""
     version = BorgVersion.parse(said.removeprefix("borg").strip())
-    if version is None or (version.major >= 2) == client.borg2:
+    if version is None:
         return None
-    wanted = min(version.major, 2)
-    return (
-        f"the client runs borg {version}, but clients.{client.name}.borg_version is "
-        f"{client.borg_version}: set it to {wanted}"
-    )
+    return major_mismatch(version, client=client.name, configured=client.borg_version)
 
 
 async def doctor(config: Config, client: ClientConfig) -> DoctorReport:

@@ -88,23 +88,28 @@ def repository_key_blob(repository: Path) -> str | None:
     return "".join(blob.split()) or None
 
 
+def _borg2_keys(keys: Path) -> dict[Path, str]:
+    """Each key file in borg 2's ``keys/`` with its text, in name order. borg 2 keeps a key as
+    ``BORG_KEY REPO_ID`` + base64 lines, the format of ``borg key export``. Raises OSError,
+    UnicodeError."""
+    files = sorted(entry for entry in keys.iterdir() if entry.is_file())
+    return {entry: entry.read_text(encoding="ascii") for entry in files}
+
+
 def _borg2_key_blob(keys: Path) -> str | None:
-    """borg 2 keeps each key as a file ``BORG_KEY REPO_ID`` + base64 lines, the format of
-    ``borg key export``: the bodies, in name order (a second key is a difference too)."""
+    """The bodies of the key files, in name order (a second key is a difference too)."""
     try:
-        files = sorted(entry for entry in keys.iterdir() if entry.is_file())
-        bodies = [_body(entry.read_text(encoding="ascii")) for entry in files]
+        texts = _borg2_keys(keys)
     except (OSError, UnicodeError):
         return None
-    return ",".join(bodies) or None
+    return ",".join(_body(text) for text in texts.values()) or None
 
 
 def _drop_other_borg2_keys(keys: Path, expected: str) -> None:
     """borg 2 names each key file by its content: an import adds the saved key next to the
     changed one, which would still open the repository with the other passphrase. Once the
     saved key is back, the others go."""
-    files = [entry for entry in keys.iterdir() if entry.is_file()]
-    bodies = {entry: _body(entry.read_text(encoding="ascii")) for entry in files}
+    bodies = {entry: _body(text) for entry, text in _borg2_keys(keys).items()}
     if expected not in bodies.values():
         return
     for entry, body in bodies.items():
@@ -127,8 +132,7 @@ def repository_id(repository: Path) -> str | None:
     through every client tunnel, unlike ``config/``). None when unknown."""
     try:
         if (repository / "keys").is_dir():
-            files = sorted(entry for entry in (repository / "keys").iterdir() if entry.is_file())
-            ids = {_header_id(entry.read_text(encoding="ascii")) for entry in files}
+            ids = {_header_id(text) for text in _borg2_keys(repository / "keys").values()}
             return ids.pop() if len(ids) == 1 else None
         parser = configparser.ConfigParser(interpolation=None)
         parser.read_string((repository / "config").read_text(encoding="utf-8"))

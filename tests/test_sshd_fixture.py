@@ -355,7 +355,12 @@ def test_fixture_cleans_up_after_a_failing_test(tmp_path):
         """)
     )
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_inner.py"],
+        # --basetemp: the inner test fails on purpose, so pytest would keep its directory;
+        # inside ours it goes with ours instead of staying in /tmp/pytest-of-USER.
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+            *(f"--basetemp={tmp_path / 'inner-tmp'}", "test_inner.py"),
+        ],
         cwd=inner,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,

@@ -446,5 +446,5 @@ async def test_an_allowed_restore_works_into_the_allowed_target(client: Client) 
 
     assert status == 0, said
     assert pullkit.tree(target / str(client.data).lstrip("/")) == pullkit.tree(client.data)
-    assert "restore: borg extract" in client.logged()
+    assert "restore: borg export-tar" in client.logged()
     assert list((client.sshd.workdir / "rsock").iterdir()) == []

@@ -10,7 +10,9 @@ in ``authorized_keys``), the key can only do what a pull needs:
 - ``cleanup``: stop a borg create left by an abandoned run (only a pid recorded in one of our
   pid files) and remove our own socket and pid file;
 - ``doctor``: print versions and this policy, probe the reverse forward;
-- ``restore``: ``borg extract`` into an allowed directory, only if the policy says so.
+- ``restore``: only if the policy says so, into an allowed directory: ``borg export-tar`` streams
+  the archive and the gatekeeper writes the files itself, refusing any that would land outside
+  the target (see "restore" below).
 
 The server's command is NOT run. The gatekeeper reads ``SSH_ORIGINAL_COMMAND``: the server's
 fixed decoder around one base64 payload (borgtunnel/client/remote.py ``encoded_command``, which
@@ -38,6 +40,8 @@ Standalone: Python 3 standard library only, no borgtunnel import, installable as
     restore = no
     restore_targets =
         /var/restore
+    # device nodes, FIFOs, setuid/setgid files and file capabilities in a restore (else refused)
+    restore_special = no
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ import argparse
 import base64
 import configparser
 import contextlib
+import dataclasses
+import errno
 import json
 import os
 import re
@@ -55,9 +61,9 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import IO, Union
 
 VERSION = "1"
 DEFAULT_POLICY = "/etc/borgtunnel/gatekeeper.conf"
@@ -540,6 +546,8 @@ class Policy:
     borg: str = "borg"
     restore: bool = False
     restore_targets: tuple[str, ...] = ()
+    # device nodes, FIFOs, setuid/setgid files and file capabilities in a restore
+    restore_special: bool = False
     source: str = ""
 
     def summary(self) -> dict[str, object]:
@@ -550,10 +558,13 @@ class Policy:
             "borg": self.borg,
             "restore": self.restore,
             "restore_targets": list(self.restore_targets),
+            "restore_special": self.restore_special,
         }
 
 
-_POLICY_KEYS = frozenset({"paths", "socket_dir", "borg", "restore", "restore_targets"})
+_POLICY_KEYS = frozenset(
+    {"paths", "socket_dir", "borg", "restore", "restore_targets", "restore_special"}
+)
 
 
 def load_policy(path: str) -> Policy:
@@ -580,6 +591,12 @@ def load_policy(path: str) -> Policy:
         restore = section.getboolean("restore", fallback=False)
     except ValueError:
         raise RefusedError(f"policy {path}: restore: must be yes or no", EXIT_POLICY) from None
+    try:
+        restore_special = section.getboolean("restore_special", fallback=False)
+    except ValueError:
+        raise RefusedError(
+            f"policy {path}: restore_special: must be yes or no", EXIT_POLICY
+        ) from None
     socket_dir = section.get("socket_dir", "~/.cache/borgtunnel").strip().rstrip("/")
     if not socket_dir.startswith(("/", "~/")):
         raise RefusedError(f"policy {path}: socket_dir: must be absolute or ~/…", EXIT_POLICY)
@@ -589,6 +606,7 @@ def load_policy(path: str) -> Policy:
         borg=section.get("borg", "borg").strip() or "borg",
         restore=restore,
         restore_targets=_policy_paths(path, "restore_targets", section.get("restore_targets", "")),
+        restore_special=restore_special,
         source=path,
     )
 
@@ -829,8 +847,15 @@ def _owns(pid_file: str) -> bool:
     return bool(words) and words[0] == str(os.getpid())
 
 
-def serve_borg(socket: str, argv: Sequence[str], call: BorgCall, cwd: str | None = None) -> int:
-    """Prepare, ready, go, borg, pid, wait, clean up: the run script's protocol in Python."""
+def serve_borg(
+    socket: str,
+    argv: Sequence[str],
+    call: BorgCall,
+    consume: Callable[[IO[bytes]], bool] | None = None,
+) -> int:
+    """Prepare, ready, go, borg, pid, wait, clean up: the run script's protocol in Python.
+    With ``consume``, borg's stdout is read by it (a restore's tar stream); when it stops early
+    (returns False), borg is stopped too."""
     tool = prepare_socket(socket)
     pid_file = socket + ".pid"
     _stop_orphan(pid_file)
@@ -841,7 +866,9 @@ def serve_borg(socket: str, argv: Sequence[str], call: BorgCall, cwd: str | None
         raise RefusedError("no go from the server; borg not started", EXIT_NO_GO)
     env = _borg_env(call, tool, socket)
     try:
-        child = subprocess.Popen(argv, stdin=0, env=env, cwd=cwd)
+        child = subprocess.Popen(
+            argv, stdin=0, stdout=subprocess.PIPE if consume else None, env=env
+        )
     except OSError as exc:
         _remove_if_ours(socket, pid_file)
         raise RefusedError(f"cannot run {argv[0]}: {exc.strerror or exc}", 127) from None
@@ -850,8 +877,18 @@ def serve_borg(socket: str, argv: Sequence[str], call: BorgCall, cwd: str | None
         signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
     _write_pid_file(pid_file, f"{os.getpid()} {child.pid}")
     _say(f"borgtunnel-pid {child.pid}")
-    status = child.wait()
-    _remove_if_ours(socket, pid_file)
+    try:
+        if consume is not None and child.stdout is not None:
+            with child.stdout:
+                finished = consume(child.stdout)
+            if not finished:
+                child.terminate()
+    except BaseException:
+        child.terminate()
+        raise
+    finally:
+        status = child.wait()
+        _remove_if_ours(socket, pid_file)
     return status if status >= 0 else 128 - status
 
 
@@ -945,6 +982,669 @@ def pwd_name() -> str:
         return str(os.geteuid())
 
 
+# === restore: the gatekeeper extracts, borg only reads ======================================
+# borg <= 1.4's extract follows a symlink an earlier item of the same archive made (every 1.2.x;
+# upstream CVE-2026-62268): ``evil -> /victim`` and then ``evil/authorized_keys`` writes
+# /victim/authorized_keys. A compromised server holds the repository and the key, so it can make
+# such an archive, and it can serve other data on another connection (a "list first, then
+# extract" check is a TOCTOU). So borg writes nothing here: ``borg export-tar ... -`` streams the
+# archive through the same tunnel, and the code below extracts that one stream itself, checking
+# each member before writing it: relative names without '..', every directory on the way opened
+# with O_NOFOLLOW|O_DIRECTORY from the target's fd (a symlink is created, never followed), hard
+# links only to files this extraction wrote, device nodes, FIFOs, setuid/setgid files and file
+# capabilities only when the policy says ``restore_special = yes``. What it refuses is not
+# written; the restore then exits 77 with the reason (and logs it). Every read is bounded.
+#
+# Metadata: owner (by name, like borg extract, unless --numeric-ids; only as root), mode,
+# mtime/atime, hard links, symlinks. borg 1.2/1.4 export GNU tar: mtime in whole seconds, no
+# xattrs, no ACLs. borg 2 exports PAX: nanosecond-ish times and xattrs (user.* always, others
+# only with restore_special); ACLs and BSD flags are never restored through the gatekeeper.
+
+TAR_BLOCK = 512
+MAX_MEMBER_PATH = 4096  # bytes of a member's name or link target (Linux PATH_MAX)
+MAX_NAME_COMPONENT = 255  # bytes of one path component (NAME_MAX)
+MAX_PAX_HEADER = 1 << 20  # one member's PAX records (xattrs included)
+MAX_REPORTED = 20  # refusals reported one by one; the rest are counted
+EXIT_RESTORE_ERROR = 2  # borg's "error": the stream broke or a write failed
+RESTORE_REFUSED_PREFIX = "borgtunnel-restore-refused: "  # the server's restore.py reads it
+_COPY_CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(TAR_BLOCK)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SETID = stat.S_ISUID | stat.S_ISGID
+_REGULAR, _HARDLINK, _SYMLINK, _CHAR, _BLOCK, _DIRECTORY, _FIFO = (
+    b"0",
+    b"1",
+    b"2",
+    b"3",
+    b"4",
+    b"5",
+    b"6",
+)
+_SPECIAL_TYPES = {_CHAR: stat.S_IFCHR, _BLOCK: stat.S_IFBLK, _FIFO: stat.S_IFIFO}
+# Options of borg extract that export-tar does not have: the extractor below does what they mean.
+_EXTRACTOR_FLAGS = frozenset(
+    {
+        "--dry-run",
+        "-n",
+        "--numeric-ids",
+        "--numeric-owner",
+        "--noacls",
+        "--noxattrs",
+        "--noflags",
+        "--nobsdflags",
+        "--sparse",
+    }
+)
+
+
+class TarStreamError(Exception):
+    """The stream is not a tar this reader accepts (or it ended early): the restore stops."""
+
+
+class UnsafeMemberError(Exception):
+    """This member would write outside the target or needs an opt-in: it is not written."""
+
+
+@dataclass
+class TarMember:
+    """One member of the stream, as bytes where the file system takes bytes."""
+
+    name: bytes
+    kind: bytes
+    mode: int
+    uid: int
+    gid: int
+    uname: str
+    gname: str
+    size: int
+    mtime_ns: int
+    atime_ns: int | None
+    linkname: bytes
+    major: int
+    minor: int
+    xattrs: dict[bytes, bytes]
+    acls: int
+
+
+def _tar_number(field: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 (non-negative only)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":
+        raise TarStreamError("negative number in a tar header")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if not re.fullmatch(rb"[0-7]+", text):
+        raise TarStreamError(f"bad number {text[:20]!r} in a tar header")
+    return int(text, 8)
+
+
+def _pax_time_ns(value: bytes) -> int:
+    """PAX "seconds[.fraction]" as integer nanoseconds, without a float's rounding."""
+    match = re.fullmatch(rb"(-?)([0-9]{1,20})(?:\.([0-9]{1,30}))?", value)
+    if match is None:
+        raise TarStreamError(f"bad PAX time {value[:40]!r}")
+    sign, whole, fraction = match.groups()
+    nanoseconds = int(whole) * 1_000_000_000 + int((fraction or b"").ljust(9, b"0")[:9])
+    return -nanoseconds if sign else nanoseconds
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """``LENGTH KEY=VALUE\\n`` records; later ones win, as in every tar reader."""
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 12)
+        if space < 0 or not data[pos:space].isdigit():
+            raise TarStreamError("bad PAX record length")
+        end = pos + int(data[pos:space])
+        if end <= space + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise TarStreamError("bad PAX record")
+        key, equals, value = data[space + 1 : end - 1].partition(b"=")
+        if not equals or not key:
+            raise TarStreamError("bad PAX record")
+        records[key] = value
+        pos = end
+    return records
+
+
+def _padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+class TarReader:
+    """A streaming reader for what Python's tarfile writes (borg export-tar uses it): ustar/GNU
+    headers, GNU long names and PAX records. Anything else (sparse, multi-volume, global PAX
+    headers, unknown types) is an error, and every piece of metadata is read with a bound."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.remaining = 0  # data bytes of the current member not read yet
+        self.padding = 0
+
+    def _read(self, size: int) -> bytes:
+        data = self.stream.read(size)
+        while len(data) < size:
+            more = self.stream.read(size - len(data))
+            if not more:
+                raise TarStreamError("the tar stream ended early")
+            data += more
+        return data
+
+    def read_data(self) -> Iterator[bytes]:
+        """The current member's data, in chunks."""
+        while self.remaining:
+            chunk = self._read(min(self.remaining, _COPY_CHUNK))
+            self.remaining -= len(chunk)
+            yield chunk
+
+    def _skip_data(self) -> None:
+        for _ in self.read_data():
+            pass
+        if self.padding:
+            self._read(self.padding)
+            self.padding = 0
+
+    def next(self) -> TarMember | None:
+        """The next member (skipping the rest of the current one), or None at the end."""
+        self._skip_data()
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        pax: dict[bytes, bytes] = {}
+        while True:
+            block = self._read(TAR_BLOCK)
+            if block == _ZERO_BLOCK:
+                return None
+            self._check_sum(block)
+            kind = block[156:157]
+            size = _tar_number(block[124:136])
+            if kind in {b"L", b"K", b"x"}:
+                limit = MAX_PAX_HEADER if kind == b"x" else MAX_MEMBER_PATH + 1
+                if size > limit:
+                    raise TarStreamError(f"tar {kind!r} header of {size} bytes (limit {limit})")
+                data = self._read(_padded(size))[:size]
+                if kind == b"x":
+                    pax.update(_pax_records(data))
+                elif kind == b"L":
+                    long_name = data.split(b"\0", 1)[0]
+                else:
+                    long_link = data.split(b"\0", 1)[0]
+                continue
+            return self._member(
+                block, kind=kind, size=size, pax=pax, long_name=long_name, long_link=long_link
+            )
+
+    @staticmethod
+    def _check_sum(block: bytes) -> None:
+        unsigned = sum(block[:148]) + 256 + sum(block[156:])
+        signed = unsigned - 2 * sum(byte for byte in block[:148] + block[156:] if byte > 127)
+        if _tar_number(block[148:156]) not in {unsigned, signed}:
+            raise TarStreamError("bad tar header checksum")
+
+    def _member(
+        self,
+        block: bytes,
+        *,
+        kind: bytes,
+        size: int,
+        pax: Mapping[bytes, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> TarMember:
+        name = block[0:100].split(b"\0", 1)[0]
+        if block[257:265] == b"ustar\x0000":  # POSIX ustar: a name prefix (GNU has none)
+            prefix = block[345:500].split(b"\0", 1)[0]
+            name = prefix + b"/" + name if prefix else name
+        if kind == b"\0":
+            kind = _REGULAR  # the old spelling of a regular file
+        if kind not in {_REGULAR, _HARDLINK, _SYMLINK, _CHAR, _BLOCK, _DIRECTORY, _FIFO}:
+            raise TarStreamError(f"tar member type {kind!r} is not supported")
+        if any(key.startswith(b"GNU.sparse.") for key in pax):
+            raise TarStreamError("sparse tar members are not supported")
+        if b"size" in pax:
+            size = _pax_int(pax[b"size"])
+        if kind != _REGULAR and size:
+            raise TarStreamError(f"a tar member of type {kind!r} with data")
+        mtime_ns = _tar_number(block[136:148]) * 1_000_000_000
+        member = TarMember(
+            name=pax.get(b"path", long_name if long_name is not None else name),
+            kind=kind,
+            mode=_tar_number(block[100:108]) & 0o7777,
+            uid=_pax_int(pax[b"uid"]) if b"uid" in pax else _tar_number(block[108:116]),
+            gid=_pax_int(pax[b"gid"]) if b"gid" in pax else _tar_number(block[116:124]),
+            uname=pax.get(b"uname", block[265:297].split(b"\0", 1)[0]).decode("utf-8", "replace"),
+            gname=pax.get(b"gname", block[297:329].split(b"\0", 1)[0]).decode("utf-8", "replace"),
+            size=size,
+            mtime_ns=_pax_time_ns(pax[b"mtime"]) if b"mtime" in pax else mtime_ns,
+            atime_ns=_pax_time_ns(pax[b"atime"]) if b"atime" in pax else None,
+            linkname=pax.get(
+                b"linkpath", long_link if long_link is not None else block[157:257].split(b"\0")[0]
+            ),
+            major=_tar_number(block[329:337]),
+            minor=_tar_number(block[337:345]),
+            xattrs={
+                key[len(b"SCHILY.xattr.") :]: value
+                for key, value in pax.items()
+                if key.startswith(b"SCHILY.xattr.")
+            },
+            acls=sum(1 for key in pax if key.startswith(b"SCHILY.acl.")),
+        )
+        self.remaining = size
+        self.padding = _padded(size) - size
+        return member
+
+    def drain(self) -> None:
+        """Read what follows the end marker (tarfile pads to a 10 KiB record) until EOF."""
+        while self.stream.read(_COPY_CHUNK):
+            pass
+
+
+def _pax_int(value: bytes) -> int:
+    if not value.isdigit() or len(value) > 20:
+        raise TarStreamError(f"bad PAX number {value[:40]!r}")
+    return int(value)
+
+
+def member_parts(name: bytes, *, directory: bool = False) -> tuple[bytes, ...]:
+    """The components of a member name below the target; refuses what could leave it."""
+    if len(name) > MAX_MEMBER_PATH:
+        raise UnsafeMemberError(f"name longer than {MAX_MEMBER_PATH} bytes")
+    if b"\0" in name:
+        raise UnsafeMemberError("NUL in the name")
+    if name.startswith(b"/"):
+        raise UnsafeMemberError("absolute name")
+    if directory and name.endswith(b"/"):
+        name = name[:-1]
+    parts = tuple(part for part in name.split(b"/") if part != b".")
+    if b".." in parts:
+        raise UnsafeMemberError("'..' in the name")
+    if b"" in parts:
+        raise UnsafeMemberError("empty component in the name")
+    if any(len(part) > MAX_NAME_COMPONENT for part in parts):
+        raise UnsafeMemberError(f"a name component longer than {MAX_NAME_COMPONENT} bytes")
+    return parts
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    write: bool = True  # False: a dry run checks every member and writes nothing
+    special: bool = False  # the policy's restore_special
+    numeric: bool = False  # --numeric-ids: owners by number, not by name
+    xattrs: bool = True  # not --noxattrs
+    sparse: bool = False
+    chown: bool = False  # only root can give files away
+
+
+class Extractor:
+    """Writes the members of one tar stream below ``root`` (a directory fd), never outside it."""
+
+    def __init__(self, root: int | None, settings: ExtractSettings) -> None:
+        self.root = root
+        self.settings = settings
+        self.written: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the files written
+        self.dirs: list[tuple[tuple[bytes, ...], TarMember]] = []  # metadata set at the end
+        self.refused: list[str] = []  # the first MAX_REPORTED reasons
+        self.refused_count = 0
+        self.error: str | None = None
+        self.skipped_xattrs = 0
+        self.skipped_acls = 0
+        self.owner_failures = 0
+        # dry run: the symlinks and files the stream made so far (there is no file system)
+        self.links: set[tuple[bytes, ...]] = set()
+        self.files: set[tuple[bytes, ...]] = set()
+        self._owners: dict[tuple[str, str, int], int] = {}
+
+    # -- the stream --
+
+    def consume(self, stream: IO[bytes]) -> bool:
+        """Extract every member; False when it stopped early (the caller then stops borg)."""
+        reader = TarReader(stream)
+        old_umask = os.umask(0)  # modes are set exactly; new files start 0600, dirs 0700
+        try:
+            while (member := reader.next()) is not None:
+                self._one(member, reader)
+            self._finish_dirs()
+            reader.drain()
+        except TarStreamError as exc:
+            self.error = f"the archive's tar stream: {exc}"
+            return False
+        except OSError as exc:
+            self.error = f"writing the restore: {exc}"
+            return False
+        finally:
+            os.umask(old_umask)
+        return True
+
+    def _one(self, member: TarMember, reader: TarReader) -> None:
+        try:
+            parts = member_parts(member.name, directory=member.kind == _DIRECTORY)
+            self._check(member, parts)
+            if self.settings.write and self.root is not None:
+                self._write(member, parts, reader)
+            else:
+                self._pretend(member, parts)
+        except UnsafeMemberError as exc:
+            self._refuse(member.name, str(exc))
+
+    def _refuse(self, name: bytes, reason: str) -> None:
+        self.refused_count += 1
+        if self.refused_count > MAX_REPORTED:
+            return
+        text = f"{_show(name.decode('utf-8', 'surrogateescape'), 200)}: {reason}"
+        self.refused.append(text)
+        _say(f"{LOG_TAG}: refused restore item {text}")
+        log("warning", f"restore: refused item {text}")
+
+    def _check(self, member: TarMember, parts: tuple[bytes, ...]) -> None:
+        """What the member's header alone says: type, special bits, link target."""
+        special = self.settings.special
+        if not parts and member.kind != _DIRECTORY:
+            raise UnsafeMemberError("names the target directory itself")
+        if member.kind in _SPECIAL_TYPES and not special:
+            what = "FIFO" if member.kind == _FIFO else "device node"
+            raise UnsafeMemberError(f"a {what}; the policy has restore_special = no")
+        if member.kind == _REGULAR and member.mode & _SETID and not special:
+            raise UnsafeMemberError("setuid/setgid file; the policy has restore_special = no")
+        if b"security.capability" in member.xattrs and self.settings.xattrs and not special:
+            raise UnsafeMemberError("file capabilities; the policy has restore_special = no")
+        if member.kind == _SYMLINK and not 0 < len(member.linkname) <= MAX_MEMBER_PATH:
+            raise UnsafeMemberError("symlink target empty or too long")
+        if member.kind == _SYMLINK and b"\0" in member.linkname:
+            raise UnsafeMemberError("NUL in the symlink target")
+
+    # -- a dry run: the same refusals, from what the stream made so far --
+
+    def _pretend(self, member: TarMember, parts: tuple[bytes, ...]) -> None:
+        for depth in range(1, len(parts)):
+            if parts[:depth] in self.links:
+                raise UnsafeMemberError("below a symlink (it would not be followed)")
+        if member.kind == _HARDLINK and member_parts(member.linkname) not in self.files:
+            raise UnsafeMemberError("hard link to something this restore did not write")
+        self.links.discard(parts)
+        self.files.discard(parts)
+        if member.kind == _SYMLINK:
+            self.links.add(parts)
+        elif member.kind in {_REGULAR, _HARDLINK}:
+            self.files.add(parts)
+
+    # -- writing, always relative to a directory fd opened without following symlinks --
+
+    def _walk(self, parts: Sequence[bytes], *, create: bool) -> int:
+        """An fd of the directory ``parts`` below the root; no component may be a symlink."""
+        if self.root is None:
+            raise TarStreamError("a dry run has no target to write to")
+        current = os.dup(self.root)
+        try:
+            for part in parts:
+                try:
+                    following = os.open(part, _DIR_FLAGS, dir_fd=current)
+                except FileNotFoundError:
+                    if not create:
+                        raise UnsafeMemberError("a directory on its way is missing") from None
+                    os.mkdir(part, 0o700, dir_fd=current)
+                    following = os.open(part, _DIR_FLAGS, dir_fd=current)
+                except OSError as exc:
+                    if exc.errno in {errno.ELOOP, errno.ENOTDIR}:
+                        raise UnsafeMemberError(
+                            "below a symlink or non-directory (it would not be followed)"
+                        ) from None
+                    raise
+                os.close(current)
+                current = following
+        except BaseException:
+            os.close(current)
+            raise
+        return current
+
+    def _write(self, member: TarMember, parts: tuple[bytes, ...], reader: TarReader) -> None:
+        if not parts:
+            return  # the target itself: it keeps its own owner and mode
+        parent = self._walk(parts[:-1], create=True)
+        try:
+            name = parts[-1]
+            if member.kind == _DIRECTORY:
+                if not self._clear(parent, name, keep_dir=True):
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                self.dirs.append((parts, member))
+            elif member.kind == _REGULAR:
+                self._clear(parent, name)
+                self._write_file(parent, name, member, reader)
+            elif member.kind == _SYMLINK:
+                self._clear(parent, name)
+                os.symlink(member.linkname, name, dir_fd=parent)
+                self._set_by_name(parent, name, member)
+            elif member.kind == _HARDLINK:
+                self._link(parent, name, member)
+            else:
+                self._clear(parent, name)
+                device = os.makedev(member.major, member.minor)
+                os.mknod(name, member.mode | _SPECIAL_TYPES[member.kind], device, dir_fd=parent)
+                self._set_by_name(parent, name, member)
+        finally:
+            os.close(parent)
+
+    @staticmethod
+    def _clear(parent: int, name: bytes, *, keep_dir: bool = False) -> bool:
+        """Remove what is at ``name`` (a symlink itself, never what it points to); True when
+        it is a directory that stays (a directory member over an existing directory)."""
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(info.st_mode):
+            if keep_dir:
+                return True
+            os.rmdir(name, dir_fd=parent)
+        else:
+            os.unlink(name, dir_fd=parent)
+        return False
+
+    def _write_file(self, parent: int, name: bytes, member: TarMember, reader: TarReader) -> None:
+        fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=parent)
+        try:
+            for chunk in reader.read_data():
+                if self.settings.sparse and chunk.count(0) == len(chunk):
+                    os.lseek(fd, len(chunk), os.SEEK_CUR)
+                    continue
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if self.settings.sparse:
+                os.ftruncate(fd, member.size)
+            self._set_by_fd(fd, member)
+            info = os.fstat(fd)
+            self.written.add((info.st_dev, info.st_ino))
+        finally:
+            os.close(fd)
+
+    def _link(self, parent: int, name: bytes, member: TarMember) -> None:
+        source = member_parts(member.linkname)
+        if not source:
+            raise UnsafeMemberError("hard link to the target directory")
+        source_parent = self._walk(source[:-1], create=False)
+        try:
+            try:
+                info = os.stat(source[-1], dir_fd=source_parent, follow_symlinks=False)
+            except FileNotFoundError:
+                info = None
+            if info is None or (info.st_dev, info.st_ino) not in self.written:
+                raise UnsafeMemberError("hard link to something this restore did not write")
+            with contextlib.suppress(FileNotFoundError):
+                existing = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if (existing.st_dev, existing.st_ino) == (info.st_dev, info.st_ino):
+                    return
+            self._clear(parent, name)
+            os.link(
+                source[-1],
+                name,
+                src_dir_fd=source_parent,
+                dst_dir_fd=parent,
+                follow_symlinks=False,
+            )
+        finally:
+            os.close(source_parent)
+
+    def _owner(self, member: TarMember) -> tuple[int, int]:
+        """By name when the name exists here (borg extract's rule), else by number."""
+        if self.settings.numeric:
+            return member.uid, member.gid
+        import grp  # noqa: PLC0415 - only a restore needs them
+        import pwd  # noqa: PLC0415
+
+        def lookup(kind: str, name: str, number: int) -> int:
+            key = (kind, name, number)
+            if key not in self._owners and len(self._owners) < 10_000:
+                try:
+                    found = pwd.getpwnam(name).pw_uid if kind == "u" else grp.getgrnam(name).gr_gid
+                except (KeyError, ValueError):
+                    found = number
+                self._owners[key] = found
+            return self._owners.get(key, number)
+
+        uid = lookup("u", member.uname, member.uid) if member.uname else member.uid
+        gid = lookup("g", member.gname, member.gid) if member.gname else member.gid
+        return uid, gid
+
+    def _times(self, member: TarMember) -> tuple[int, int]:
+        atime = member.atime_ns if member.atime_ns is not None else member.mtime_ns
+        return atime, member.mtime_ns
+
+    def _set_by_fd(self, fd: int, member: TarMember) -> None:
+        """Owner, xattrs, mode (after the owner: chown clears setuid), times."""
+        if self.settings.chown:
+            try:
+                os.fchown(fd, *self._owner(member))
+            except OSError:
+                self.owner_failures += 1
+        self._set_xattrs(fd, member)
+        os.fchmod(fd, member.mode)
+        os.utime(fd, ns=self._times(member))
+
+    def _set_by_name(self, parent: int, name: bytes, member: TarMember) -> None:
+        """For symlinks and special files, which are not opened: never following a symlink."""
+        if self.settings.chown:
+            try:
+                os.chown(name, *self._owner(member), dir_fd=parent, follow_symlinks=False)
+            except OSError:
+                self.owner_failures += 1
+        if member.xattrs or member.acls:
+            self.skipped_xattrs += len(member.xattrs)
+            self.skipped_acls += member.acls
+        os.utime(name, ns=self._times(member), dir_fd=parent, follow_symlinks=False)
+
+    def _set_xattrs(self, fd: int, member: TarMember) -> None:
+        self.skipped_acls += member.acls
+        if not self.settings.xattrs:
+            return
+        for key, value in member.xattrs.items():
+            if not (key.startswith(b"user.") or self.settings.special):
+                self.skipped_xattrs += 1
+                continue
+            try:
+                os.setxattr(fd, key, value)
+            except OSError:
+                self.skipped_xattrs += 1
+
+    def _finish_dirs(self) -> None:
+        """Directories last, deepest first: their mode may forbid writing into them."""
+        for parts, member in reversed(self.dirs):
+            try:
+                fd = self._walk(parts, create=False)
+            except UnsafeMemberError:
+                continue  # a later member replaced it
+            try:
+                self._set_by_fd(fd, member)
+            finally:
+                os.close(fd)
+
+    # -- the outcome --
+
+    def status(self, borg_status: int, *, json_lines: bool) -> int:
+        """The restore's exit status: refusals first, then errors, then borg's own."""
+        for note in self._notes():
+            _say(f"{LOG_TAG}: {note}")
+        if self.refused_count:
+            first = "; ".join(self.refused[:3])
+            more = self.refused_count - min(len(self.refused), 3)
+            text = f"{self.refused_count} unsafe item(s) in the archive not restored: {first}"
+            if more > 0:
+                text += f" (and {more} more)"
+            _say(RESTORE_REFUSED_PREFIX + text)
+            log("warning", f"restore refused: {text}")
+            return EXIT_REFUSED
+        if self.error is not None:
+            if json_lines and not 1 < borg_status < 128:
+                record = {"type": "log_message", "levelname": "ERROR", "name": LOG_TAG}
+                _say(json.dumps({**record, "message": self.error}))
+            if 1 < borg_status < 128:
+                return borg_status  # borg failed first (and said why); the stream broke after
+            _say(f"{LOG_TAG}: restore failed: {self.error}")
+            log("err", f"restore failed: {self.error}")
+            return EXIT_RESTORE_ERROR
+        if borg_status == 0 and self._notes():
+            return 1  # borg's "warning"
+        return borg_status
+
+    def _notes(self) -> list[str]:
+        notes = []
+        if self.skipped_xattrs:
+            notes.append(
+                f"warning: {self.skipped_xattrs} xattr(s) not restored (only user.* "
+                "unless restore_special = yes; none on symlinks and special files)"
+            )
+        if self.skipped_acls:
+            notes.append(f"warning: {self.skipped_acls} ACL(s) not restored (not supported)")
+        if self.owner_failures:
+            notes.append(f"warning: the owner of {self.owner_failures} item(s) could not be set")
+        return notes
+
+
+def export_tar_argv(policy: Policy, call: BorgCall) -> list[str]:
+    """``borg export-tar ... -``: the archive as one tar stream on borg's stdout. The options
+    export-tar does not know (extract's writing options) are the extractor's business."""
+    options = [word for word in call.options if word not in _EXTRACTOR_FLAGS]
+    if call.borg2:
+        options.append("--tar-format=PAX")  # borg 2: times in ns, xattrs
+    exported = dataclasses.replace(call, options=tuple(options))
+    return borg_argv(policy, "export-tar", exported, ["-", *call.paths])
+
+
+def extract_settings(request: RestoreRequest, policy: Policy) -> ExtractSettings:
+    options = set(request.call.options)
+    return ExtractSettings(
+        write=request.mode != "dry-run" and not options & {"--dry-run", "-n"},
+        special=policy.restore_special,
+        numeric=bool(options & {"--numeric-ids", "--numeric-owner"}),
+        xattrs="--noxattrs" not in options,
+        sparse="--sparse" in options,
+        chown=os.geteuid() == 0,
+    )
+
+
+def run_restore(socket: str, request: RestoreRequest, policy: Policy) -> int:
+    """borg export-tar through the tunnel, extracted here into the (checked) target."""
+    settings = extract_settings(request, policy)
+    root = None
+    if settings.write:
+        try:
+            root = os.open(request.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise RefusedError(f"restore target {_show(request.target)}: {exc.strerror}") from None
+    extractor = Extractor(root, settings)
+    try:
+        argv = export_tar_argv(policy, request.call)
+        status = serve_borg(socket, argv, request.call, consume=extractor.consume)
+    finally:
+        if root is not None:
+            os.close(root)
+    return extractor.status(status, json_lines="--log-json" in request.call.options)
+
+
+# === end of the restore block ================================================================
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -975,9 +1675,12 @@ def handle(command: str, policy: Policy, home: str) -> int:
     if isinstance(request, RestoreRequest):
         socket = check_restore(request, policy, home)
         call = request.call
-        log("notice", f"restore: borg extract {call.archive!r} into {request.target}")
-        argv = borg_argv(policy, "extract", call, call.paths)
-        return serve_borg(socket, argv, call, cwd=request.target)
+        log(
+            "notice",
+            f"restore: borg export-tar {call.archive!r}, extracted by the gatekeeper into "
+            f"{request.target} ({request.mode})",
+        )
+        return run_restore(socket, request, policy)
     if isinstance(request, CleanupRequest):
         pid = check_cleanup(request, policy, home)
         signalled = f"pid {pid}" if pid is not None else f"pid {request.pid} not ours, no signal"

@@ -1178,8 +1178,8 @@ class TarReader:
 
     @staticmethod
     def _check_sum(block: bytes) -> None:
-        unsigned = sum(block[:148]) + 256 + sum(block[156:])
-        signed = unsigned - 2 * sum(byte for byte in block[:148] + block[156:] if byte > 127)
+        unsigned = sum(block[:148]) + 256 + sum(block[156:])  # the checksum field as blanks
+        signed = unsigned - 256 * sum(1 for byte in block[:148] + block[156:] if byte > 127)
         if _tar_number(block[148:156]) not in {unsigned, signed}:
             raise TarStreamError("bad tar header checksum")
 
@@ -1247,6 +1247,17 @@ def _pax_int(value: bytes) -> int:
     return int(value)
 
 
+def _link_source(member: TarMember) -> tuple[bytes, ...]:
+    """The components of a hard link's target, with the same rules as a member's name."""
+    try:
+        source = member_parts(member.linkname)
+    except UnsafeMemberError as exc:
+        raise UnsafeMemberError(f"hard link target: {exc}") from None
+    if not source:
+        raise UnsafeMemberError("hard link to the target directory")
+    return source
+
+
 def member_parts(name: bytes, *, directory: bool = False) -> tuple[bytes, ...]:
     """The components of a member name below the target; refuses what could leave it."""
     if len(name) > MAX_MEMBER_PATH:
@@ -1287,7 +1298,9 @@ class Extractor:
         self.dirs: list[tuple[tuple[bytes, ...], TarMember]] = []  # metadata set at the end
         self.refused: list[str] = []  # the first MAX_REPORTED reasons
         self.refused_count = 0
-        self.error: str | None = None
+        self.error: str | None = None  # the stream broke: the restore stopped
+        self.item_errors: list[str] = []  # the first MAX_REPORTED items that failed to write
+        self.item_error_count = 0
         self.skipped_xattrs = 0
         self.skipped_acls = 0
         self.owner_failures = 0
@@ -1327,6 +1340,15 @@ class Extractor:
                 self._pretend(member, parts)
         except UnsafeMemberError as exc:
             self._refuse(member.name, str(exc))
+        except OSError as exc:  # like borg extract: this item failed, the others go on
+            self._item_failed(member.name, exc)
+
+    def _item_failed(self, name: bytes, exc: OSError) -> None:
+        self.item_error_count += 1
+        if self.item_error_count <= MAX_REPORTED:
+            text = f"{_show(name.decode('utf-8', 'surrogateescape'), 200)}: {exc.strerror or exc}"
+            self.item_errors.append(text)
+            _say(f"{LOG_TAG}: warning: restore item {text}")
 
     def _refuse(self, name: bytes, reason: str) -> None:
         self.refused_count += 1
@@ -1360,7 +1382,7 @@ class Extractor:
         for depth in range(1, len(parts)):
             if parts[:depth] in self.links:
                 raise UnsafeMemberError("below a symlink (it would not be followed)")
-        if member.kind == _HARDLINK and member_parts(member.linkname) not in self.files:
+        if member.kind == _HARDLINK and _link_source(member) not in self.files:
             raise UnsafeMemberError("hard link to something this restore did not write")
         self.links.discard(parts)
         self.files.discard(parts)
@@ -1460,9 +1482,7 @@ class Extractor:
             os.close(fd)
 
     def _link(self, parent: int, name: bytes, member: TarMember) -> None:
-        source = member_parts(member.linkname)
-        if not source:
-            raise UnsafeMemberError("hard link to the target directory")
+        source = _link_source(member)
         source_parent = self._walk(source[:-1], create=False)
         try:
             try:
@@ -1554,8 +1574,13 @@ class Extractor:
                 fd = self._walk(parts, create=False)
             except UnsafeMemberError:
                 continue  # a later member replaced it
+            except OSError as exc:
+                self._item_failed(member.name, exc)
+                continue
             try:
                 self._set_by_fd(fd, member)
+            except OSError as exc:
+                self._item_failed(member.name, exc)
             finally:
                 os.close(fd)
 
@@ -1598,6 +1623,11 @@ class Extractor:
             notes.append(f"warning: {self.skipped_acls} ACL(s) not restored (not supported)")
         if self.owner_failures:
             notes.append(f"warning: the owner of {self.owner_failures} item(s) could not be set")
+        if self.item_error_count:
+            notes.append(
+                f"warning: {self.item_error_count} item(s) could not be written, first: "
+                + self.item_errors[0]
+            )
         return notes
 
 

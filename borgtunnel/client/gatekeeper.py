@@ -12,7 +12,7 @@ in ``authorized_keys``), the key can only do what a pull needs:
 - ``doctor``: print versions and this policy, probe the reverse forward;
 - ``restore``: only if the policy says so, into an allowed directory: ``borg export-tar`` streams
   the archive and the gatekeeper writes the files itself, refusing any that would land outside
-  the target (see "restore" below).
+  the target (see the restore block below).
 
 The server's command is NOT run. The gatekeeper reads ``SSH_ORIGINAL_COMMAND``: the server's
 fixed decoder around one base64 payload (borgtunnel/client/remote.py ``encoded_command``, which
@@ -997,8 +997,10 @@ def pwd_name() -> str:
 #
 # Metadata: owner (by name, like borg extract, unless --numeric-ids; only as root), mode,
 # mtime/atime, hard links, symlinks. borg 1.2/1.4 export GNU tar: mtime in whole seconds, no
-# xattrs, no ACLs. borg 2 exports PAX: nanosecond-ish times and xattrs (user.* always, others
-# only with restore_special); ACLs and BSD flags are never restored through the gatekeeper.
+# xattrs, no ACLs. borg 2 exports PAX: times to about a microsecond (it writes ns / 1e9) and
+# xattrs (user.* always, others only with restore_special); ACLs and BSD flags are never restored
+# through the gatekeeper. Memory: one (dev, inode) per file written (hard links may name any of
+# them) and one entry per directory (its metadata is set at the end), as borg extract keeps too.
 
 TAR_BLOCK = 512
 MAX_MEMBER_PATH = 4096  # bytes of a member's name or link target (Linux PATH_MAX)

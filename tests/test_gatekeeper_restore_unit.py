@@ -203,3 +203,20 @@ def test_a_symlink_or_file_already_in_a_forced_target_is_replaced_not_followed(
     assert not (target / "f").is_symlink()
     assert (target / "f").read_text() == "new\n"
     assert extractor.refused_count == 1
+
+
+def test_a_target_swapped_for_a_symlink_after_the_check_is_refused(tmp_path: Path) -> None:
+    """check_restore looked at the path; what run_restore opened must still be inside."""
+    allowed, elsewhere = tmp_path / "restores", tmp_path / "elsewhere"
+    allowed.mkdir()
+    elsewhere.mkdir()
+    (allowed / "today").symlink_to(elsewhere)  # as if swapped in between
+    policy = gk.Policy(paths=("/x",), restore=True, restore_targets=(str(allowed),))
+    inside = os.open(allowed, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        gk._check_opened_target(inside, str(allowed), policy)
+    finally:
+        os.close(inside)
+    swapped = os.open(allowed / "today", os.O_RDONLY | os.O_DIRECTORY)
+    with pytest.raises(gk.RefusedError, match="is now"):
+        gk._check_opened_target(swapped, str(allowed / "today"), policy)

@@ -1655,6 +1655,19 @@ def extract_settings(request: RestoreRequest, policy: Policy) -> ExtractSettings
     )
 
 
+def _check_opened_target(root: int, target: str, policy: Policy) -> None:
+    """What was opened is still in restore_targets (not swapped for a symlink since
+    check_restore looked). Without /proc there is nothing to ask; check_restore stands."""
+    try:
+        opened = os.readlink(f"/proc/self/fd/{root}")
+    except OSError:
+        return
+    allowed = [*policy.restore_targets, *(os.path.realpath(t) for t in policy.restore_targets)]
+    if not _within(opened, allowed):
+        os.close(root)
+        raise RefusedError(f"restore target {_show(target)} is now {_show(opened)}; refusing")
+
+
 def run_restore(socket: str, request: RestoreRequest, policy: Policy) -> int:
     """borg export-tar through the tunnel, extracted here into the (checked) target."""
     settings = extract_settings(request, policy)
@@ -1664,6 +1677,7 @@ def run_restore(socket: str, request: RestoreRequest, policy: Policy) -> int:
             root = os.open(request.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise RefusedError(f"restore target {_show(request.target)}: {exc.strerror}") from None
+        _check_opened_target(root, request.target, policy)
     extractor = Extractor(root, settings)
     try:
         argv = export_tar_argv(policy, request.call)

@@ -47,7 +47,9 @@ class Hostile:
     target: Path
     members: list[tuple[tarfile.TarInfo, bytes | None]] = field(default_factory=list)
 
-    def add(self, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs: object):
+    def add(
+        self, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs: object
+    ) -> None:
         info = tarfile.TarInfo(name)
         info.type = kind
         info.mtime = 1_700_000_000
@@ -58,7 +60,6 @@ class Hostile:
         if content is not None:
             info.size = len(content)
         self.members.append((info, content))
-        return self
 
     def archive(self, *, sanitised: bool = True) -> str:
         """The members as archive ``hostile``, made by the server's own borg 1.2.4."""

@@ -73,6 +73,7 @@ EXIT_NO_TOOL = 69
 EXIT_SHARED_DIR = 70
 EXIT_TOO_LONG = 71
 EXIT_NO_GO = 72
+EXIT_UNSAFE_ANCESTOR = 73
 EXIT_REFUSED = 77  # EX_NOPERM: the request is not allowed
 EXIT_POLICY = 78  # EX_CONFIG: the policy file is missing or broken
 
@@ -723,37 +724,102 @@ def prepare_socket(path: str) -> str:
 
 
 def prepare_socket_dir(path: str) -> None:
-    """0700 directory of ours (created if missing), no symlink, a stale socket removed."""
-    if len(path.encode()) > MAX_SOCKET_PATH:
+    """The run script's rules (borgtunnel/client/remote.py, "Directories"), step by step, with
+    its exit codes and messages; tests/socketdir_cases.py holds both to one table.
+
+    Never changes a mode. A missing directory (and missing parents) is created 0700, after the
+    existing part of the chain passed the ancestor rule; the socket directory must be a real
+    directory of ours not writable by group or others; every component above it, up to /, is
+    owned by root or us and, if writable by group or others, sticky (symlinks on the way are
+    owner-checked, and then the real path is checked the same way); a stale socket is removed.
+    """
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_SOCKET_PATH:
         raise _fail(f"socket path {path} is longer than 100 bytes (unix socket limit)", 71)
     directory = path.rpartition("/")[0] or "/"
+    _create_missing(directory)
     if os.path.islink(directory):
         raise _fail(f"socket directory {directory} is a symlink; refusing", EXIT_SYMLINK)
-    if not os.path.exists(directory):
-        old = os.umask(0o077)
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError:
-            raise _fail(f"cannot create {directory}", EXIT_MKDIR_FAILED) from None
-        finally:
-            os.umask(old)
+    if not os.path.isdir(directory):
+        raise _fail(f"{directory} is not a directory", EXIT_MKDIR_FAILED)
     info = os.lstat(directory)
     if info.st_uid != os.geteuid():
-        raise _fail(f"socket directory {directory} is not owned by us; refusing", EXIT_NOT_OWNER)
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        if info.st_mode & stat.S_ISVTX:
-            raise _fail(
-                f"socket directory {directory} is a shared sticky directory; use a private one",
-                EXIT_SHARED_DIR,
-            )
-        os.chmod(directory, 0o700)
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
+        raise _fail(
+            f"socket directory {directory} is not owned by {pwd_name()}; refusing", EXIT_NOT_OWNER
+        )
+    if info.st_mode & 0o022:
+        raise _fail(
+            f"socket directory {directory} is writable by group or others (a shared "
+            "directory); use a private one (0700 or 0755)",
+            EXIT_SHARED_DIR,
+        )
+    if _check_above(directory, directory):
+        _check_above(os.path.realpath(directory) + "/x", directory)
+    _remove_stale_socket(path)
+
+
+def _create_missing(directory: str) -> None:
+    """mkdir -p, 0700, once the part of the chain that exists passed the ancestor rule."""
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = existing.rpartition("/")[0] or "/"
+    if existing == directory:
         return
-    if not stat.S_ISSOCK(existing.st_mode):
+    symlinked = _check_above(existing + "/x", directory)
+    if symlinked and os.path.isdir(existing):
+        _check_above(os.path.realpath(existing) + "/x", directory)
+    old = os.umask(0o077)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError:
+        raise _fail(f"cannot create {directory}", EXIT_MKDIR_FAILED) from None
+    finally:
+        os.umask(old)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """sshd never unlinks a forwarded socket. The script's `[ -S ]` follows a symlink, and its
+    `rm -f` then removes the link itself; anything else there is refused."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+            return
+    if os.path.lexists(path):
         raise _fail(f"{path} exists and is not a socket; refusing to remove it", 68)
-    os.unlink(path)
+
+
+def _check_above(path: str, wanted: str) -> bool:
+    """Every component above ``path`` up to /: owned by root or us; writable by group or others
+    only if sticky (nobody else may then rename our or root's entry in it). True if one is a
+    symlink (its owner is checked, not its target's: the caller checks the real path too)."""
+    symlinked = False
+    component = path
+    while component != "/":
+        component = component.rpartition("/")[0] or "/"
+        try:
+            info = os.lstat(component)
+        except OSError:
+            raise _fail(
+                f"cannot inspect {component} (on the way to {wanted})", EXIT_UNSAFE_ANCESTOR
+            ) from None
+        if info.st_uid not in {0, os.geteuid()}:
+            raise _fail(
+                f"{component} (on the way to {wanted}) is owned by uid {info.st_uid}, "
+                f"neither root nor {pwd_name()}; refusing",
+                EXIT_UNSAFE_ANCESTOR,
+            )
+        if stat.S_ISLNK(info.st_mode):
+            symlinked = True
+        elif not stat.S_ISDIR(info.st_mode):
+            raise _fail(
+                f"{component} (on the way to {wanted}) is not a directory", EXIT_UNSAFE_ANCESTOR
+            )
+        elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise _fail(
+                f"{component} (on the way to {wanted}) is writable by group or others "
+                "and not sticky; refusing",
+                EXIT_UNSAFE_ANCESTOR,
+            )
+    return symlinked
 
 
 def _pick_tool(path: str) -> str:

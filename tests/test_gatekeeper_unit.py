@@ -236,7 +236,7 @@ def test_anything_but_a_request_is_refused(command: str, reason: str) -> None:
         (("--content-from-command",), "option '--content-from-command' is not allowed"),
         (("--paths-from-stdin",), "option '--paths-from-stdin' is not allowed"),
         (("--read-special",), "option '--read-special' is not allowed"),
-        (("--exclude-from", "/root/patterns"), "patterns file '/root/patterns' is outside"),
+        (("--exclude-from", "/root/patterns"), "exclude file '/root/patterns' is outside"),
         (("--patterns-from=/tmp/p",), "patterns file '/tmp/p' is outside"),
         (("--pattern=R /root",), "pattern root '/root' is outside"),
         (("--json=1",), "takes no value"),

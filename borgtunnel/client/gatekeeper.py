@@ -746,8 +746,10 @@ def check_socket(path: str, policy: Policy, home: str) -> str:
     resolved = expand_home(path, home)
     directory = os.path.normpath(expand_home(policy.socket_dir, home))
     parent, _, name = resolved.rpartition("/")
+    # normpath is lexical: "DIR/link/../x.sock" would pass it and land where the link points.
     if (
-        os.path.normpath(parent or "/") != directory
+        any(part in {".", ".."} for part in parent.split("/"))
+        or os.path.normpath(parent or "/") != directory
         or not name.endswith(".sock")
         or name.startswith(".")
     ):

@@ -16,8 +16,9 @@ import pytest
 
 from borgtunnel import borg
 from borgtunnel.client import gatekeeper as gk
-from borgtunnel.client.remote import GO, run_command
-from tests.socketdir_cases import CASES, Case
+from borgtunnel.client.remote import GO, REQUEST_DOCTOR, encoded_command, run_command
+from borgtunnel.ssh.doctor import DOCTOR_SCRIPT
+from tests.socketdir_cases import CASES, Case, mode
 
 
 def run_script(configured: str, home: Path) -> tuple[int, str]:
@@ -89,3 +90,42 @@ def test_both_say_the_same_line(case: Case, tmp_path: Path) -> None:
         code, line = run(case.socket, home)
         said.append((code, line.replace(str(home), "HOME")))
     assert said[0] == said[1]
+
+
+def _doctor_through_the_gatekeeper(home: Path, socket_dir: str) -> subprocess.CompletedProcess[str]:
+    """The server's own doctor request, to the gatekeeper program as sshd would run it."""
+    policy = home.parent / "gatekeeper.conf"
+    policy.write_text(f"[gatekeeper]\npaths = /nonexistent\nsocket_dir = {socket_dir}\n")
+    command = encoded_command(DOCTOR_SCRIPT, [f"{socket_dir}/c1.sock", "borg"], kind=REQUEST_DOCTOR)
+    return subprocess.run(
+        ["/usr/bin/python3", gk.__file__, "--policy", str(policy)],
+        input="go\n",
+        env={"HOME": str(home), "PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": command},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_doctor_request_with_the_home_as_socket_dir_leaves_the_home_alone(home: Path) -> None:
+    """The old gatekeeper chmodded the home to 0700 for this request (issue 16, item 3)."""
+    result = _doctor_through_the_gatekeeper(home, str(home))  # socket_dir = the home itself
+
+    assert result.returncode == 0, result.stderr
+    assert f"borgtunnel-doctor probe {home}/doctor-" in result.stderr
+    assert mode(home) == 0o755
+
+
+def test_a_doctor_request_below_a_shared_ancestor_is_refused_as_a_pull_would_be(
+    home: Path,
+) -> None:
+    (home / "shared").mkdir(mode=0o777)
+    (home / "shared").chmod(0o777)
+
+    result = _doctor_through_the_gatekeeper(home, f"{home}/shared/mine")
+
+    assert result.returncode == 0, result.stderr  # doctor reports, it does not fail
+    assert "borgtunnel-doctor probe-failed borgtunnel: " in result.stderr
+    assert "is writable by group or others and not sticky; refusing" in result.stderr
+    assert not (home / "shared" / "mine").exists()

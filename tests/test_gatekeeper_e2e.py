@@ -488,6 +488,33 @@ def test_a_pattern_root_outside_the_policy_is_refused(client: Client, spelling: 
     assert "refused: pattern root" in client.logged()
 
 
+@pytest.mark.parametrize("tag", ["absolute file", "relative ../dir"])
+def test_an_exclude_tag_outside_the_roots_is_refused(client: Client, tag: str) -> None:
+    """``--exclude-if-present=TAG --keep-exclude-tags``: borg backs up the tag it found, joined
+    to the directory: an absolute tag or one with ../ reads outside every root (on the old
+    gatekeeper these pulls archived the outside file or directory)."""
+    secret = _outside_secret(client)
+    if tag == "absolute file":
+        value = str(secret / "id_ed25519")
+    else:
+        value = os.path.relpath(secret, client.data)  # ../outside-secret, joined to the root
+    client.write(create_args=[f"--exclude-if-present={value}", "--keep-exclude-tags"])
+
+    pullkit.init_repo(client.tmp, client.repo)
+    result = pullkit.run_cli(client.config, "pull", "c1")
+
+    archived = [
+        path
+        for name in pullkit.archives(client.tmp, client.repo)
+        for path in pullkit.borg(client.tmp, "list", "--short", f"{client.repo}::{name}").split()
+    ]
+    assert [path for path in archived if "outside-secret" in path] == []
+    assert archived == []
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "must be a plain file name" in result.stdout
+    assert "refused: --exclude-if-present " in client.logged()
+
+
 def test_patterns_and_exclude_files_inside_the_policy_work(client: Client) -> None:
     """Roots and excludes from files the policy allows reach the real borg (as private copies
     of what the gatekeeper checked) and shape the archive as they say."""

@@ -310,6 +310,26 @@ def test_borgs_prefix_matching_never_applies(option: str) -> None:
     assert "is not allowed" in refusal(server_run_command(paths=("/etc",), extra=(option,)))
 
 
+@pytest.mark.parametrize(
+    "tag", ["/etc/shadow", "../../root", "sub/../../../root", "..", ".", "", "a/b", "//"]
+)
+@pytest.mark.parametrize("split", [False, True])
+def test_an_exclude_tag_that_is_not_a_plain_name_is_refused(tag: str, split: bool) -> None:
+    """borg joins the tag to each directory and, with --keep-exclude-tags, backs up what it
+    names: an absolute or ../ tag reads a file or tree outside every root."""
+    option = ("--exclude-if-present", tag) if split else (f"--exclude-if-present={tag}",)
+    command = server_run_command(paths=("/etc",), extra=(*option, "--keep-exclude-tags"))
+    assert "must be a plain file name" in refusal(command)
+
+
+def test_a_plain_exclude_tag_passes() -> None:
+    command = server_run_command(extra=("--exclude-if-present=.nobackup", "--keep-exclude-tags"))
+    request = gk.parse_request(command)
+    assert isinstance(request, gk.RunRequest)
+    gk.check_run(request, policy(), HOME)
+    assert "--exclude-if-present=.nobackup" in request.call.options
+
+
 def test_options_after_the_double_dash_are_paths(tmp_path: Path) -> None:
     reason = refusal(server_run_command(paths=("/etc", "--pattern=R/root")))
     assert "'--pattern=R/root' is not an absolute path" in reason

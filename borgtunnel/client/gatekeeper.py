@@ -281,8 +281,11 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # borg create/extract options a pull may use. "flag" takes no value, "value" one, "exclude" an
 # exclude pattern, "pattern" a pattern line (parsed as borg does: an R root is a path to check),
 # "patterns-file"/"exclude-file" a file of those (in the policy's paths, read and checked here,
-# handed to borg as a private copy). Names must match exactly: the gatekeeper writes each option
-# back as --NAME=VALUE, so borg's own prefix matching (--pat, --patterns-fr) never applies.
+# handed to borg as a private copy), "tag-name" a plain file name (borg joins it to each
+# directory and, with --keep-exclude-tags, backs up what it names: "/etc/shadow" or
+# "../../root" would be read from outside every root). Names must match exactly: the
+# gatekeeper writes each option back as --NAME=VALUE, so borg's own prefix matching (--pat,
+# --patterns-fr) never applies.
 # Everything else is refused — --rsh, --remote-path, --paths-from-command,
 # --content-from-command, --paths-from-stdin, --read-special (reads devices and FIFOs),
 # --timestamp (its reference-file form stats any path), ...
@@ -340,11 +343,11 @@ _CREATE_OPTIONS: Mapping[str, str] = {
             "--upload-ratelimit",
             "--upload-buffer",
             "--filter",
-            "--exclude-if-present",
             "--debug-topic",
         ],
         "value",
     ),
+    "--exclude-if-present": "tag-name",
     **dict.fromkeys(["--exclude", "-e"], "exclude"),
     "--pattern": "pattern",
     "--patterns-from": "patterns-file",
@@ -519,6 +522,8 @@ def _parse_options(words: Sequence[str], allowed: Mapping[str, str]) -> _Options
             if not todo:
                 raise RefusedError(f"borg option {name} needs a value")
             value = todo.pop(0)
+        if kind == "tag-name" and (value in {"", ".", ".."} or "/" in value):
+            raise RefusedError(f"{name} {_show(value)} must be a plain file name")
         if kind == "exclude":
             check_selection_pattern(value, "fm", f"--exclude {_show(value)}")
         elif kind == "pattern":

@@ -448,3 +448,100 @@ async def test_an_allowed_restore_works_into_the_allowed_target(client: Client) 
     assert pullkit.tree(target / str(client.data).lstrip("/")) == pullkit.tree(client.data)
     assert "restore: borg export-tar" in client.logged()
     assert list((client.sshd.workdir / "rsock").iterdir()) == []
+
+
+def _outside_secret(client: Client) -> Path:
+    """A directory outside the policy's paths that a compromised server wants backed up."""
+    secret = client.tmp / "outside-secret"
+    secret.mkdir()
+    (secret / "id_ed25519").write_text("PRIVATE KEY\n")
+    return secret
+
+
+@pytest.mark.parametrize("spelling", ["R/PATH", "split r/PATH", "patterns file R\\vPATH"])
+def test_a_pattern_root_outside_the_policy_is_refused(client: Client, spelling: str) -> None:
+    """borg reads ``--pattern=R/PATH`` (no blank), ``r``, ``R\\v/PATH`` as a backup root: the
+    server's own builders send them, the gatekeeper must refuse them all (on the old gatekeeper
+    each of these pulls succeeded, with the outside directory in the archive)."""
+    secret = _outside_secret(client)
+    if spelling == "R/PATH":
+        client.write(create_args=[f"--pattern=R{secret}"])
+    elif spelling == "split r/PATH":
+        client.write(create_args=["--pattern", f"r{secret}"])
+    else:
+        patterns = client.data / "patterns.lst"  # inside the policy's paths
+        patterns.write_text(f"- *.tmp\nR\v{secret}\n")
+        client.write(create_args=[f"--patterns-from={patterns}"])
+
+    pullkit.init_repo(client.tmp, client.repo)
+    result = pullkit.run_cli(client.config, "pull", "c1")
+
+    archived = [
+        path
+        for name in pullkit.archives(client.tmp, client.repo)
+        for path in pullkit.borg(client.tmp, "list", "--short", f"{client.repo}::{name}").split()
+    ]
+    assert [path for path in archived if "outside-secret" in path] == []
+    assert archived == []
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"'{secret}' is outside the policy's paths" in result.stdout
+    assert "refused: pattern root" in client.logged()
+
+
+@pytest.mark.parametrize("tag", ["absolute file", "relative ../dir"])
+def test_an_exclude_tag_outside_the_roots_is_refused(client: Client, tag: str) -> None:
+    """``--exclude-if-present=TAG --keep-exclude-tags``: borg backs up the tag it found, joined
+    to the directory: an absolute tag or one with ../ reads outside every root (on the old
+    gatekeeper these pulls archived the outside file or directory)."""
+    secret = _outside_secret(client)
+    if tag == "absolute file":
+        value = str(secret / "id_ed25519")
+    else:
+        value = os.path.relpath(secret, client.data)  # ../outside-secret, joined to the root
+    client.write(create_args=[f"--exclude-if-present={value}", "--keep-exclude-tags"])
+
+    pullkit.init_repo(client.tmp, client.repo)
+    result = pullkit.run_cli(client.config, "pull", "c1")
+
+    archived = [
+        path
+        for name in pullkit.archives(client.tmp, client.repo)
+        for path in pullkit.borg(client.tmp, "list", "--short", f"{client.repo}::{name}").split()
+    ]
+    assert [path for path in archived if "outside-secret" in path] == []
+    assert archived == []
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "must be a plain file name" in result.stdout
+    assert "refused: --exclude-if-present " in client.logged()
+
+
+def test_patterns_and_exclude_files_inside_the_policy_work(client: Client) -> None:
+    """Roots and excludes from files the policy allows reach the real borg (as private copies
+    of what the gatekeeper checked) and shape the archive as they say."""
+    first, second = client.data / "first", client.data / "second"
+    for part in (first, second):
+        part.mkdir()
+        (part / "keep.txt").write_text(f"keep {part.name}\n")
+        (part / "junk.tmp").write_text("junk\n")
+        (part / "junk.bak").write_text("junk\n")
+    patterns = client.data / "patterns.lst"
+    patterns.write_text(f"# roots and excludes\nR {second}\n- **/*.tmp\n")
+    excludes = client.data / "excludes.lst"
+    excludes.write_text("*.bak\n")
+    client.write(
+        paths=[str(first)],
+        create_args=[f"--patterns-from={patterns}", "--exclude-from", str(excludes)],
+    )
+    pullkit.init_repo(client.tmp, client.repo)
+
+    result = pullkit.run_cli(client.config, "pull", "c1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (archive,) = pullkit.archives(client.tmp, client.repo)
+    restored = client.tmp / "restored"
+    pullkit.extract(client.tmp, client.repo, archive, restored)
+    inside = restored / str(client.data).lstrip("/")
+    assert sorted(p.relative_to(inside).as_posix() for p in inside.rglob("*.*")) == [
+        "first/keep.txt",
+        "second/keep.txt",
+    ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -237,7 +236,7 @@ def test_anything_but_a_request_is_refused(command: str, reason: str) -> None:
         (("--content-from-command",), "option '--content-from-command' is not allowed"),
         (("--paths-from-stdin",), "option '--paths-from-stdin' is not allowed"),
         (("--read-special",), "option '--read-special' is not allowed"),
-        (("--exclude-from", "/root/patterns"), "patterns file '/root/patterns' is outside"),
+        (("--exclude-from", "/root/patterns"), "exclude file '/root/patterns' is outside"),
         (("--patterns-from=/tmp/p",), "patterns file '/tmp/p' is outside"),
         (("--pattern=R /root",), "pattern root '/root' is outside"),
         (("--json=1",), "takes no value"),
@@ -317,6 +316,9 @@ def test_a_symlink_inside_the_policy_pointing_outside_is_refused(tmp_path: Path)
         "~/.cache/borgtunnel/web1.pid",
         "~/.cache/borgtunnel/.hidden.sock",
         "/home/u/.cache/borgtunnel/../../.ssh/x.sock",
+        # normpath would fold these into the socket_dir; the kernel follows "link/.." instead.
+        "~/.cache/borgtunnel/link/../web1.sock",
+        "~/.cache/borgtunnel/./web1.sock",
     ],
 )
 def test_other_socket_paths_are_refused(socket: str) -> None:
@@ -404,58 +406,6 @@ def test_split_command_reads_back_exactly_what_shlex_join_wrote(argv: list[str])
 
 def test_split_command_separates_commands_only_on_a_bare_semicolon() -> None:
     assert gk.split_command("a ';' b; c\\ d \"e;f\"") == [["a", ";", "b"], ["c d", "e;f"]]
-
-
-# --- the gatekeeper's socket directory rules (the run script's, in Python) ---------------------
-
-
-def test_prepare_socket_dir_keeps_the_run_scripts_rules(tmp_path: Path) -> None:
-    made = tmp_path / "new" / "dir"
-    gk.prepare_socket_dir(f"{made}/c1.sock")
-    assert made.is_dir()
-    assert made.stat().st_mode & 0o777 == 0o700
-
-    opened = tmp_path / "open"
-    opened.mkdir(mode=0o755)
-    opened.chmod(0o755)
-    gk.prepare_socket_dir(f"{opened}/c1.sock")
-    assert opened.stat().st_mode & 0o777 == 0o700
-
-    stale = opened / "c1.sock"
-    with socket.socket(socket.AF_UNIX) as leftover:
-        leftover.bind(str(stale))
-    gk.prepare_socket_dir(str(stale))
-    assert not stale.exists()
-
-    (opened / "file.sock").write_text("not a socket")
-    with pytest.raises(gk.RefusedError, match="is not a socket; refusing"):
-        gk.prepare_socket_dir(f"{opened}/file.sock")
-
-    link = tmp_path / "link"
-    link.symlink_to(opened)
-    with pytest.raises(gk.RefusedError, match="is a symlink; refusing") as caught:
-        gk.prepare_socket_dir(f"{link}/c1.sock")
-    assert caught.value.code == gk.EXIT_SYMLINK
-
-    sticky = tmp_path / "sticky"
-    sticky.mkdir()
-    sticky.chmod(0o1777)
-    with pytest.raises(gk.RefusedError, match="shared sticky directory"):
-        gk.prepare_socket_dir(f"{sticky}/c1.sock")
-
-    with pytest.raises(gk.RefusedError, match="longer than 100 bytes"):
-        gk.prepare_socket_dir(f"{tmp_path}/{'x' * 100}.sock")
-
-
-def test_prepare_socket_dir_refuses_a_directory_owned_by_someone_else(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("chown to another user needs root")
-    foreign = tmp_path / "foreign"
-    foreign.mkdir(mode=0o700)
-    os.chown(foreign, 65534, 65534)
-    with pytest.raises(gk.RefusedError, match="is not owned by us") as caught:
-        gk.prepare_socket_dir(f"{foreign}/c1.sock")
-    assert caught.value.code == gk.EXIT_NOT_OWNER
 
 
 # --- the program itself, run as sshd would run it (no sshd needed for these) ----------------

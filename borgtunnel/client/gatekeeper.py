@@ -52,6 +52,7 @@ import configparser
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import os
 import re
@@ -60,9 +61,10 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Union
 
 VERSION = "1"
@@ -79,6 +81,7 @@ EXIT_NO_TOOL = 69
 EXIT_SHARED_DIR = 70
 EXIT_TOO_LONG = 71
 EXIT_NO_GO = 72
+EXIT_UNSAFE_ANCESTOR = 73
 EXIT_REFUSED = 77  # EX_NOPERM: the request is not allowed
 EXIT_POLICY = 78  # EX_CONFIG: the policy file is missing or broken
 
@@ -113,8 +116,9 @@ class BorgCall:
     repository: str
     archive: str
     paths: tuple[str, ...]
-    pattern_files: tuple[str, ...] = ()
-    pattern_roots: tuple[str, ...] = ()
+    pattern_files: tuple[str, ...] = ()  # --patterns-from FILE (may hold R roots)
+    pattern_roots: tuple[str, ...] = ()  # the R roots of --pattern values
+    exclude_files: tuple[str, ...] = ()  # --exclude-from FILE (exclude patterns only)
     # borg 2's form: ``--repo=URL`` among the options, the archive as the first word after
     # ``--`` (borg 2 has no REPO::ARCHIVE).
     borg2: bool = False
@@ -280,11 +284,17 @@ _ENV_ALLOWED: Mapping[str, re.Pattern[str]] = {
 }
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-# borg create/extract options a pull may use. "flag" takes no value, "value" one, "pattern" a
-# pattern (an R root pattern is a path to check), "file" a patterns file (must be in the policy's
-# paths; its R lines are checked too). Everything else is refused — --rsh, --remote-path,
-# --paths-from-command, --content-from-command, --paths-from-stdin, --read-special (reads
-# devices and FIFOs), --timestamp (its reference-file form stats any path), ...
+# borg create/extract options a pull may use. "flag" takes no value, "value" one, "exclude" an
+# exclude pattern, "pattern" a pattern line (parsed as borg does: an R root is a path to check),
+# "patterns-file"/"exclude-file" a file of those (in the policy's paths, read and checked here,
+# handed to borg as a private copy), "tag-name" a plain file name (borg joins it to each
+# directory and, with --keep-exclude-tags, backs up what it names: "/etc/shadow" or
+# "../../root" would be read from outside every root). Names must match exactly: the
+# gatekeeper writes each option back as --NAME=VALUE, so borg's own prefix matching (--pat,
+# --patterns-fr) never applies.
+# Everything else is refused — --rsh, --remote-path, --paths-from-command,
+# --content-from-command, --paths-from-stdin, --read-special (reads devices and FIFOs),
+# --timestamp (its reference-file form stats any path), ...
 _COMMON_FLAGS = [
     "--log-json",
     "--progress",
@@ -339,18 +349,21 @@ _CREATE_OPTIONS: Mapping[str, str] = {
             "--upload-ratelimit",
             "--upload-buffer",
             "--filter",
-            "--exclude-if-present",
             "--debug-topic",
         ],
         "value",
     ),
-    **dict.fromkeys(["--exclude", "-e", "--pattern"], "pattern"),
-    **dict.fromkeys(["--exclude-from", "--patterns-from"], "file"),
+    "--exclude-if-present": "tag-name",
+    **dict.fromkeys(["--exclude", "-e"], "exclude"),
+    "--pattern": "pattern",
+    "--patterns-from": "patterns-file",
+    "--exclude-from": "exclude-file",
 }
 _EXTRACT_OPTIONS: Mapping[str, str] = {
     **dict.fromkeys(_COMMON_FLAGS, "flag"),
     **dict.fromkeys(["--strip-components", "--lock-wait", "--debug-topic"], "value"),
-    **dict.fromkeys(["--exclude", "-e", "--pattern"], "pattern"),
+    **dict.fromkeys(["--exclude", "-e"], "exclude"),
+    "--pattern": "pattern",
 }
 _SHORT_ALIASES = {"-e": "--exclude", "-C": "--compression", "-c": "--checkpoint-interval"}
 
@@ -453,7 +466,7 @@ def _parse_borg(words: Sequence[str], subcommand: str, allowed: Mapping[str, str
     options, positional = rest[:at], rest[at + 1 :]
     repo_options = [word for word in options if word.startswith("--repo=")]
     options = [word for word in options if not word.startswith("--repo=")]
-    normalised, pattern_files, roots = _parse_options(options, allowed)
+    parsed = _parse_options(options, allowed)
     if len(repo_options) > 1:
         raise RefusedError("more than one --repo")
     if not positional:
@@ -476,23 +489,28 @@ def _parse_borg(words: Sequence[str], subcommand: str, allowed: Mapping[str, str
     return BorgCall(
         env=env,
         program=program,
-        options=tuple(normalised),
+        options=tuple(parsed.options),
         repository=repository,
         archive=archive,
         paths=tuple(paths),
-        pattern_files=tuple(pattern_files),
-        pattern_roots=tuple(roots),
+        pattern_files=tuple(parsed.pattern_files),
+        pattern_roots=tuple(parsed.roots),
+        exclude_files=tuple(parsed.exclude_files),
         borg2=bool(repo_options),
     )
 
 
-def _parse_options(
-    words: Sequence[str], allowed: Mapping[str, str]
-) -> tuple[list[str], list[str], list[str]]:
-    """(normalised options, pattern files, R root patterns); refuse what is not allowed."""
-    normalised: list[str] = []
-    files: list[str] = []
-    roots: list[str] = []
+@dataclass
+class _Options:
+    options: list[str]  # normalised: --name=value / --flag
+    pattern_files: list[str]
+    exclude_files: list[str]
+    roots: list[str]  # the R roots of --pattern values
+
+
+def _parse_options(words: Sequence[str], allowed: Mapping[str, str]) -> _Options:
+    """Normalise and sort the options; refuse what is not allowed or not understood."""
+    parsed = _Options([], [], [], [])
     todo = list(words)
     while todo:
         word = todo.pop(0)
@@ -504,28 +522,131 @@ def _parse_options(
         if kind == "flag":
             if has_value:
                 raise RefusedError(f"borg option {name} takes no value")
-            normalised.append(name)
+            parsed.options.append(name)
             continue
         if not has_value:
             if not todo:
                 raise RefusedError(f"borg option {name} needs a value")
             value = todo.pop(0)
-        if kind == "file":
-            files.append(value)
-        if kind == "pattern" and name == "--pattern":
-            roots.extend(_root_patterns([value]))
-        normalised.append(f"{name}={value}")
-    return normalised, files, roots
+        if kind == "tag-name" and (value in {"", ".", ".."} or "/" in value):
+            raise RefusedError(f"{name} {_show(value)} must be a plain file name")
+        if kind == "exclude":
+            check_selection_pattern(value, "fm", f"--exclude {_show(value)}")
+        elif kind == "pattern":
+            # borg reads a --pattern value as one pattern-file line, without stripping it.
+            line = parse_pattern_line(value, f"--pattern {_show(value)}")
+            if line.command == "R":
+                parsed.roots.append(line.value)
+        elif kind == "patterns-file":
+            parsed.pattern_files.append(value)
+        elif kind == "exclude-file":
+            parsed.exclude_files.append(value)
+        parsed.options.append(f"{name}={value}")
+    return parsed
 
 
-def _root_patterns(lines: Sequence[str]) -> list[str]:
-    """The paths of ``R PATH`` pattern lines: they add backup roots."""
-    found = []
-    for line in lines:
-        text = line.strip()
-        if text[:1] in {"R", "r"} and text[1:2] in {" ", "\t"}:
-            found.append(text[1:].strip())
-    return found
+# --- borg's pattern language ---------------------------------------------------------------------
+# The same in borg 1.2.4, 1.4.5 and 2.0.0b25 (src/borg/patterns.py parse_inclexcl_command,
+# load_pattern_file; helpers clean_lines): the FIRST character is the command and the rest,
+# with every leading whitespace character Python knows (str.lstrip: also \v, \f, \x1c-\x1f,
+# \x85, U+00A0, U+2000…) removed, is its value. So "R/etc", "R.", "r/root" and "R\v/root" are all
+# roots. A patterns file is read as text (universal newlines), each line stripped at both ends,
+# empty lines and lines starting with "#" after stripping skipped; a --pattern value is not
+# stripped. "P STYLE" changes how the following include/exclude lines of that file are read,
+# never a root. tests/test_gatekeeper_patterns.py checks this parser against each borg's own.
+PATTERN_COMMANDS = {"-": "-", "!": "!", "+": "+", "R": "R", "r": "R", "P": "P", "p": "P"}
+PATTERN_STYLES = frozenset({"fm", "sh", "re", "pp", "pf"})
+MAX_PATTERN_FILE = 1 << 20  # bytes; a pull's patterns file is a few KiB
+
+
+@dataclass(frozen=True)
+class PatternLine:
+    command: str  # "-" exclude, "!" exclude (no recursion), "+" include, "R" root, "P" style
+    value: str  # the root path, the style, or the include/exclude pattern
+
+
+def parse_pattern_line(line: str, where: str, style: str = "sh") -> PatternLine:
+    """One pattern line, as borg parses it (``style``: the one include/exclude lines without a
+    prefix use); refuse what borg would not accept as well as what this gatekeeper cannot be
+    sure borg reads the same way (see the block comment above)."""
+    command = PATTERN_COMMANDS.get(line[:1])
+    if command is None:
+        raise RefusedError(f"{where}: a pattern must start with one of - ! + R r P p")
+    # Borg strips Unicode whitespace; a non-ASCII one is the one kind of character a text
+    # encoding other than ours could turn into something else (or nothing) before borg strips:
+    # refused rather than guessed.
+    if any(char.isspace() and not char.isascii() for char in line):
+        raise RefusedError(f"{where}: non-ASCII whitespace in a pattern")
+    value = line[1:].lstrip()
+    if not value:
+        raise RefusedError(f"{where}: a pattern needs a value after its command")
+    if command == "P" and value not in PATTERN_STYLES:
+        raise RefusedError(f"{where}: unknown pattern style {_show(value, 40)}")
+    if command in "-!+":
+        check_selection_pattern(value, style, where)
+    return PatternLine(command, value)
+
+
+def check_selection_pattern(pattern: str, style: str, where: str) -> None:
+    """An include/exclude pattern borg accepts (patterns.py parse_pattern): a known STYLE:
+    prefix, a regular expression that compiles. It selects within the roots, nothing more."""
+    if len(pattern) > 2 and pattern[2] == ":" and pattern[:2].isalnum():
+        style, pattern = pattern[:2], pattern[3:]
+        if style not in PATTERN_STYLES:
+            raise RefusedError(f"{where}: unknown pattern style {_show(style, 40)}")
+    if style == "re":
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RefusedError(f"{where}: bad regular expression ({exc})") from None
+
+
+def pattern_file_lines(text: str) -> list[str]:
+    """borg's clean_lines over a text file: universal newlines, stripped, no empty or # lines."""
+    lines = (line.strip() for line in io.StringIO(text, newline=None))
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def read_pattern_file(path: str, roots: Sequence[str], what: str) -> str:
+    """The text of a patterns/exclude file in ``roots``: a regular file, read once, bounded,
+    strict UTF-8 (borg runs with PYTHONUTF8=1 and reads the copy we hand it, not this path)."""
+    check_path(path, roots, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RefusedError(f"{what} {_show(path)}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RefusedError(f"{what} {_show(path)} is not a regular file")
+        # What was opened, not what the name pointed to a moment earlier (a rename race).
+        with contextlib.suppress(OSError):
+            check_path(os.readlink(f"/proc/self/fd/{fd}"), roots, what)
+        data = handle.read(MAX_PATTERN_FILE + 1)
+    if len(data) > MAX_PATTERN_FILE:
+        raise RefusedError(f"{what} {_show(path)} is larger than {MAX_PATTERN_FILE} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RefusedError(f"{what} {_show(path)} is not UTF-8 text") from None
+
+
+def pattern_file_roots(text: str, where: str) -> list[str]:
+    """The R roots of a --patterns-from file; every line must parse."""
+    roots = []
+    style = "sh"  # borg's default in a patterns file; "P STYLE" changes it for what follows
+    for text_line in pattern_file_lines(text):
+        line = parse_pattern_line(text_line, where, style)
+        if line.command == "R":
+            roots.append(line.value)
+        elif line.command == "P":
+            style = line.value
+    return roots
+
+
+def check_exclude_file(text: str, where: str) -> None:
+    """An --exclude-from file: each line an exclude pattern (fm: unless prefixed)."""
+    for line in pattern_file_lines(text):
+        check_selection_pattern(line, "fm", where)
 
 
 def _show(text: str, limit: int = 240) -> str:
@@ -648,8 +769,10 @@ def check_socket(path: str, policy: Policy, home: str) -> str:
     resolved = expand_home(path, home)
     directory = os.path.normpath(expand_home(policy.socket_dir, home))
     parent, _, name = resolved.rpartition("/")
+    # normpath is lexical: "DIR/link/../x.sock" would pass it and land where the link points.
     if (
-        os.path.normpath(parent or "/") != directory
+        any(part in {".", ".."} for part in parent.split("/"))
+        or os.path.normpath(parent or "/") != directory
         or not name.endswith(".sock")
         or name.startswith(".")
     ):
@@ -679,16 +802,51 @@ def check_run(request: RunRequest, policy: Policy, home: str) -> str:
         check_path(path, policy.paths, "path")
     for path in call.pattern_roots:
         check_path(path, policy.paths, "pattern root")
-    for path in call.pattern_files:
-        check_path(path, policy.paths, "patterns file")
-        try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-                roots = _root_patterns(handle.read().splitlines())
-        except OSError as exc:
-            raise RefusedError(f"patterns file {_show(path)}: {exc.strerror}") from None
-        for root in roots:
-            check_path(root, policy.paths, f"pattern root in {path}")
+    checked_pattern_files(call, policy)
     return socket
+
+
+def checked_pattern_files(call: BorgCall, policy: Policy) -> dict[str, str]:
+    """Each --patterns-from/--exclude-from file's text, read once and checked: every line of
+    a patterns file parses and each of its R roots is in the policy's paths."""
+    texts: dict[str, str] = {}
+    for path in call.pattern_files:
+        text = read_pattern_file(path, policy.paths, "patterns file")
+        for root in pattern_file_roots(text, f"patterns file {_show(path)}"):
+            check_path(root, policy.paths, f"pattern root in {path}")
+        texts[path] = text
+    for path in call.exclude_files:
+        texts[path] = read_pattern_file(path, policy.paths, "exclude file")
+        check_exclude_file(texts[path], f"exclude file {_show(path)}")
+    return texts
+
+
+@contextlib.contextmanager
+def private_pattern_files(call: BorgCall, policy: Policy) -> Iterator[BorgCall]:
+    """The call with each patterns/exclude file replaced by a private copy of the text checked
+    here: borg reads exactly what was checked, whatever happens to the original meanwhile."""
+    texts = checked_pattern_files(call, policy)
+    if not texts:
+        yield call
+        return
+    try:
+        directory = tempfile.mkdtemp(prefix="borgtunnel-gatekeeper-")  # 0700, a fresh name
+    except OSError as exc:
+        raise RefusedError(f"cannot copy the patterns files: {exc}") from None
+    try:
+        copies: dict[str, str] = {}
+        for number, (path, text) in enumerate(texts.items()):
+            copies[path] = os.path.join(directory, f"patterns-{number}")
+            with open(copies[path], "x", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+        options = []
+        for option in call.options:
+            name, _, value = option.partition("=")
+            is_file = name in {"--patterns-from", "--exclude-from"}
+            options.append(f"{name}={copies[value]}" if is_file else option)
+        yield replace(call, options=tuple(options))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def check_restore(request: RestoreRequest, policy: Policy, home: str) -> str:
@@ -741,37 +899,102 @@ def prepare_socket(path: str) -> str:
 
 
 def prepare_socket_dir(path: str) -> None:
-    """0700 directory of ours (created if missing), no symlink, a stale socket removed."""
-    if len(path.encode()) > MAX_SOCKET_PATH:
+    """The run script's rules (borgtunnel/client/remote.py, "Directories"), step by step, with
+    its exit codes and messages; tests/socketdir_cases.py holds both to one table.
+
+    Never changes a mode. A missing directory (and missing parents) is created 0700, after the
+    existing part of the chain passed the ancestor rule; the socket directory must be a real
+    directory of ours not writable by group or others; every component above it, up to /, is
+    owned by root or us and, if writable by group or others, sticky (symlinks on the way are
+    owner-checked, and then the real path is checked the same way); a stale socket is removed.
+    """
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_SOCKET_PATH:
         raise _fail(f"socket path {path} is longer than 100 bytes (unix socket limit)", 71)
     directory = path.rpartition("/")[0] or "/"
+    _create_missing(directory)
     if os.path.islink(directory):
         raise _fail(f"socket directory {directory} is a symlink; refusing", EXIT_SYMLINK)
-    if not os.path.exists(directory):
-        old = os.umask(0o077)
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError:
-            raise _fail(f"cannot create {directory}", EXIT_MKDIR_FAILED) from None
-        finally:
-            os.umask(old)
+    if not os.path.isdir(directory):
+        raise _fail(f"{directory} is not a directory", EXIT_MKDIR_FAILED)
     info = os.lstat(directory)
     if info.st_uid != os.geteuid():
-        raise _fail(f"socket directory {directory} is not owned by us; refusing", EXIT_NOT_OWNER)
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        if info.st_mode & stat.S_ISVTX:
-            raise _fail(
-                f"socket directory {directory} is a shared sticky directory; use a private one",
-                EXIT_SHARED_DIR,
-            )
-        os.chmod(directory, 0o700)
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
+        raise _fail(
+            f"socket directory {directory} is not owned by {pwd_name()}; refusing", EXIT_NOT_OWNER
+        )
+    if info.st_mode & 0o022:
+        raise _fail(
+            f"socket directory {directory} is writable by group or others (a shared "
+            "directory); use a private one (0700 or 0755)",
+            EXIT_SHARED_DIR,
+        )
+    if _check_above(directory, directory):
+        _check_above(os.path.realpath(directory) + "/x", directory)
+    _remove_stale_socket(path)
+
+
+def _create_missing(directory: str) -> None:
+    """mkdir -p, 0700, once the part of the chain that exists passed the ancestor rule."""
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = existing.rpartition("/")[0] or "/"
+    if existing == directory:
         return
-    if not stat.S_ISSOCK(existing.st_mode):
+    symlinked = _check_above(existing + "/x", directory)
+    if symlinked and os.path.isdir(existing):
+        _check_above(os.path.realpath(existing) + "/x", directory)
+    old = os.umask(0o077)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError:
+        raise _fail(f"cannot create {directory}", EXIT_MKDIR_FAILED) from None
+    finally:
+        os.umask(old)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """sshd never unlinks a forwarded socket. The script's `[ -S ]` follows a symlink, and its
+    `rm -f` then removes the link itself; anything else there is refused."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+            return
+    if os.path.lexists(path):
         raise _fail(f"{path} exists and is not a socket; refusing to remove it", 68)
-    os.unlink(path)
+
+
+def _check_above(path: str, wanted: str) -> bool:
+    """Every component above ``path`` up to /: owned by root or us; writable by group or others
+    only if sticky (nobody else may then rename our or root's entry in it). True if one is a
+    symlink (its owner is checked, not its target's: the caller checks the real path too)."""
+    symlinked = False
+    component = path
+    while component != "/":
+        component = component.rpartition("/")[0] or "/"
+        try:
+            info = os.lstat(component)
+        except OSError:
+            raise _fail(
+                f"cannot inspect {component} (on the way to {wanted})", EXIT_UNSAFE_ANCESTOR
+            ) from None
+        if info.st_uid not in {0, os.geteuid()}:
+            raise _fail(
+                f"{component} (on the way to {wanted}) is owned by uid {info.st_uid}, "
+                f"neither root nor {pwd_name()}; refusing",
+                EXIT_UNSAFE_ANCESTOR,
+            )
+        if stat.S_ISLNK(info.st_mode):
+            symlinked = True
+        elif not stat.S_ISDIR(info.st_mode):
+            raise _fail(
+                f"{component} (on the way to {wanted}) is not a directory", EXIT_UNSAFE_ANCESTOR
+            )
+        elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise _fail(
+                f"{component} (on the way to {wanted}) is writable by group or others "
+                "and not sticky; refusing",
+                EXIT_UNSAFE_ANCESTOR,
+            )
+    return symlinked
 
 
 def _pick_tool(path: str) -> str:
@@ -827,6 +1050,9 @@ def _read_go() -> bool:
 def _borg_env(call: BorgCall, tool: str, socket: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
     env.update(call.env)
+    # borg decodes patterns files with its locale's encoding: UTF-8 here, as the gatekeeper
+    # decoded them (the server always sends PYTHONUTF8=1; a server's 0 would not be ours).
+    env["PYTHONUTF8"] = "1"
     # borg 2 prefers BORGSTORE_RSH (an inherited one would win over ours): both are ours.
     env["BORG_RSH"] = env["BORGSTORE_RSH"] = RSH_BY_TOOL[tool]
     env["BORGTUNNEL_SOCKET"] = socket
@@ -1717,7 +1943,8 @@ def handle(command: str, policy: Policy, home: str) -> int:
         socket = check_run(request, policy, home)
         call = request.call
         log("info", f"run: borg create {call.archive!r} of {list(call.paths)} to {socket}")
-        return serve_borg(socket, borg_argv(policy, "create", call, call.paths), call)
+        with private_pattern_files(call, policy) as checked:
+            return serve_borg(socket, borg_argv(policy, "create", checked, call.paths), checked)
     if isinstance(request, RestoreRequest):
         socket = check_restore(request, policy, home)
         call = request.call

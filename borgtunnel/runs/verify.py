@@ -42,6 +42,9 @@ class RepositoryState:
 
     transaction: int | None = None
     archives: frozenset[str] | None = None
+    # borg 1.x: the newest segment file under data/; a write that was never committed (a quota
+    # stopped it, the client left) still shows here until the next exclusive open cleans it up.
+    segment: int | None = None
 
 
 def repository_transaction(repository: Path) -> int | None:
@@ -52,6 +55,20 @@ def repository_transaction(repository: Path) -> int | None:
         return None
     numbers = [int(m.group(1)) for name in names if (m := _TRANSACTION_FILE.match(name))]
     return max(numbers) if numbers else None
+
+
+def repository_segment(repository: Path) -> int | None:
+    """The newest segment file of a borg 1.x repository (``data/D/N``, numbered dirs and files)."""
+    try:
+        dirs = [int(e.name) for e in (repository / "data").iterdir() if e.name.isdigit()]
+        for number in sorted(dirs, reverse=True):
+            folder = repository / "data" / str(number)
+            names = [int(e.name) for e in folder.iterdir() if e.name.isdigit()]
+            if names:
+                return max(names)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def repository_archives(repository: Path) -> frozenset[str] | None:
@@ -65,7 +82,9 @@ def repository_archives(repository: Path) -> frozenset[str] | None:
 def repository_state(repository: Path, *, borg2: bool) -> RepositoryState:
     if borg2:
         return RepositoryState(archives=repository_archives(repository))
-    return RepositoryState(transaction=repository_transaction(repository))
+    return RepositoryState(
+        transaction=repository_transaction(repository), segment=repository_segment(repository)
+    )
 
 
 def _check_changed(

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from borgtunnel.durations import parse_borg_interval
+from borgtunnel.redact import remember_url
 from borgtunnel.reporting.settings import (
     ClientDefaults,
     Duration,
@@ -345,8 +346,10 @@ class ClientConfig(_Model):
     @field_validator("healthchecks")
     @classmethod
     def _healthchecks_valid(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// ping URL")
+        if value is not None:
+            remember_url(value)  # the ping UUID is the secret: never in a log line
+            if not value.startswith(("http://", "https://")):
+                raise ValueError("must be an http:// or https:// ping URL")
         return value
 
     @field_validator("before", "after", "on_failure")

@@ -41,6 +41,7 @@ from borgtunnel.reporting.settings import (
     check_hooks,
 )
 from borgtunnel.scheduling import scheduler
+from borgtunnel.text import option_like
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"
@@ -445,6 +446,8 @@ class ClientConfig(_Model):
             raise ValueError("must not be empty")
         if "/" in value:
             raise ValueError("must not contain '/' (borg archive names cannot)")
+        if (problem := option_like(value)) is not None:
+            raise ValueError(f"{problem}: every pull would be refused at verification")
         return value
 
     @field_validator("remote_socket")

@@ -36,6 +36,7 @@ from borgtunnel.redact import redact_url, scrub
 from borgtunnel.reporting.background import call_in_thread
 from borgtunnel.reporting.settings import EventKind, NotifySettings, import_apprise
 from borgtunnel.reporting.staleness import age_text
+from borgtunnel.text import printable
 
 log = structlog.get_logger("borgtunnel.notify")
 
@@ -82,10 +83,11 @@ def compose(
     lines = [f"client: {client}"]
     if result:
         lines.append(f"result: {result}")
+    # The client's text: read in a terminal mail reader, its escape sequences would act.
     if error:
-        lines.append(f"error: {error}")
+        lines.append(f"error: {printable(error)}")
     if archive:
-        lines.append(f"archive: {archive}")
+        lines.append(f"archive: {printable(archive)}")
     lines.append(f"last good backup: {age_text(last_success, now)}")
     if kind == "stale" and max_age is not None:
         lines.append(f"max_age: {max_age:g} s")
@@ -278,5 +280,6 @@ async def notify_test(urls: Sequence[str], client: str | None, *, limit: float) 
         return 2
     results = await send_test(urls, client, limit=limit)
     for url, error in results:
-        print(f"ok      {url}" if error is None else f"FAILED  {url}: {error}", flush=True)
+        said = "ok      " + url if error is None else f"FAILED  {url}: {printable(error)}"
+        print(said, flush=True)
     return 0 if all(error is None for _, error in results) else 2

@@ -15,6 +15,7 @@ import pytest
 
 from borgtunnel.history import History
 from tests import hostile, pullkit
+from tests.reporting_kit import Receiver, append_tables, kinds
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.sshd
@@ -68,11 +69,13 @@ def test_a_restore_cannot_fill_the_repository(tmp_path: Path, sshd: SshdServer) 
 
 
 def test_a_write_and_a_rekey_during_a_restore_are_reported(
-    tmp_path: Path, sshd: SshdServer
+    tmp_path: Path, sshd: SshdServer, receiver: Receiver
 ) -> None:
     """The client re-wraps the key with its own passphrase and commits a small archive during
-    the restore: both are reported as tampering, the restore fails, the key is put back."""
+    the restore: both are reported as tampering (and notified), the restore fails, the key is
+    put back."""
     data, repo, config, conf, table = hostile.encrypted_setup(tmp_path, sshd)
+    notify = {"notify": {"urls": [receiver.json_url], "timeout": 10}}
     assert pullkit.run_cli(config, "init", "c1").returncode == 0
     right = {"BORG_PASSPHRASE": hostile.PASSPHRASE}
     archive = _pulled(config, tmp_path, repo, **right)
@@ -88,11 +91,14 @@ def test_a_write_and_a_rekey_during_a_restore_are_reported(
         'BORG_PASSPHRASE=evil exec borg "$@"\n',
     )
     pullkit.write_config(config, clients={"c1": {**table, "remote_borg": str(sneak)}}, **conf)
+    append_tables(config, notify)
     target = tmp_path / "target"
 
     result = pullkit.run_cli(config, "restore", "c1", archive, "--target", str(target))
 
     assert result.returncode == 2, result.stdout + result.stderr
+    assert kinds(receiver.titles()) == ["tampering"]
+    assert "the repository changed during a restore" in receiver.messages()[0]["message"]
     assert "tampering: the repository changed during a restore" in result.stdout
     assert "tampering: the repository key was changed" in result.stdout
     assert "was put back" in result.stdout

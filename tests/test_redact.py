@@ -136,7 +136,6 @@ async def test_a_failed_delivery_logs_and_stores_no_secret(tmp_path: Path) -> No
         # apprise's own log lines (some plugins quote their URL) go through the same filter.
         import_apprise()
         logging.getLogger("apprise").warning("MQTT Connection Error received from %s", URLS[0][0])
-        ping_error = await healthchecks.send_ping(PING + "/\x00bad", "fail", "body", 1)
     finally:
         structlog.reset_defaults()
     conn = sqlite3.connect(tmp_path / "state" / "history.sqlite3")
@@ -149,9 +148,12 @@ async def test_a_failed_delivery_logs_and_stores_no_secret(tmp_path: Path) -> No
     logged = "\n".join(lines)
     assert "notification_failed" in logged
     assert "apprise_said" in logged
+    _clean(stored)
+    _clean(logged)
+    # A ping URL urllib refuses: the exception quotes the URL, whose path is the ping's secret.
+    ping_error = await healthchecks.send_ping(PING + "/\x00bad", "fail", "body", 1)
     assert ping_error is not None
-    for text in (stored, logged, ping_error):
-        _clean(text)
+    _clean(ping_error)
 
 
 def test_notify_test_prints_no_secret(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """A compromised client during `borgtunnel restore` (issue 16, item 7).
 
-borg 1.x `borg serve` has no read-only mode, so the restore's serve is append-only with the
-smallest quota borg accepts, and the repository is checked after every restore: a write or a
-re-key through the tunnel is tampering. Real sshd, real borg; the client is a `remote_borg`
-script that abuses its tunnel and then runs the real `borg extract`.
+borg 1.x `borg serve` has no read-only mode, so the restore's serve gets only the read requests
+of `borg extract` (server/rpcfilter.py; any other request ends its connection and is reported
+as tampering), has the smallest quota borg accepts, and the repository and its key are checked
+after every restore. Real sshd, real borg; the client is a `remote_borg` script that abuses its
+tunnel and then runs the real `borg extract`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _pulled(config: Path, tmp_path: Path, repo: Path, **env: str) -> str:
 
 
 def test_a_restore_cannot_fill_the_repository(tmp_path: Path, sshd: SshdServer) -> None:
-    """No quota configured: during a restore the client tries to add a 15 MB archive. The
-    restore's serve has borg's minimal quota (10M), so it is refused, and the write reported."""
+    """No quota configured: during a restore the client tries to add a 15 MB archive. Its first
+    write request ends the connection before borg sees it: nothing reaches the disk."""
     big = tmp_path / "client-big"
     big.mkdir()
     (big / "big.bin").write_bytes(os.urandom(15_000_000))
@@ -57,13 +58,13 @@ def test_a_restore_cannot_fill_the_repository(tmp_path: Path, sshd: SshdServer) 
 
     fill_log = (tmp_path / "fill.log").read_text()
     assert "create status 0" not in fill_log, fill_log
-    assert "storage quota" in fill_log.lower(), fill_log
     assert pullkit.archives(tmp_path, repo) == [archive]
-    # borg 1.x writes each chunk before it checks the quota: the refused transaction's data
-    # is on disk (until the next writing transaction removes it), and that is reported.
+    # borg 1.x writes each chunk before it checks a quota: without the filter all 15 MB were
+    # on disk (uncommitted) after this attempt. Now not one byte.
+    assert _data_bytes(repo) == size_before
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "tampering: the repository changed during a restore" in result.stdout
-    print(f"repository data grew by {_data_bytes(repo) - size_before} bytes (uncommitted)")
+    assert "tampering: the client sent 1 request(s) a restore never makes" in result.stdout
+    assert "'put'" in result.stdout
     pullkit.assert_same_tree(data, target)  # the real extract after the attempt still worked
     pullkit.borg(tmp_path, "check", str(repo))
 
@@ -71,9 +72,9 @@ def test_a_restore_cannot_fill_the_repository(tmp_path: Path, sshd: SshdServer) 
 def test_a_write_and_a_rekey_during_a_restore_are_reported(
     tmp_path: Path, sshd: SshdServer, receiver: Receiver
 ) -> None:
-    """The client re-wraps the key with its own passphrase and commits a small archive during
-    the restore: both are reported as tampering (and notified), the restore fails, the key is
-    put back."""
+    """The client tries to re-wrap the key with its own passphrase and to add a small archive
+    during the restore: both requests are refused and reported as tampering (and notified),
+    the key and the archives stay as they were."""
     data, repo, config, conf, table = hostile.encrypted_setup(tmp_path, sshd)
     notify = {"notify": {"urls": [receiver.json_url], "timeout": 10}}
     assert pullkit.run_cli(config, "init", "c1").returncode == 0
@@ -85,11 +86,12 @@ def test_a_write_and_a_rekey_during_a_restore_are_reported(
         "pw=$(cat)\n"
         "unset BORG_PASSPHRASE_FD\n"
         f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase'
-        f" ssh://borgtunnel{repo} >/dev/null 2>&1 || exit 99\n"
-        f"BORG_PASSPHRASE=evil borg create ssh://borgtunnel{repo}::sneaky {data}/plain.txt"
-        " >/dev/null 2>&1 || exit 98\n"
-        'BORG_PASSPHRASE=evil exec borg "$@"\n',
+        f" ssh://borgtunnel{repo} >/dev/null 2>&1 && echo rekeyed >>{tmp_path}/sneak.log\n"
+        f'BORG_PASSPHRASE="$pw" borg create ssh://borgtunnel{repo}::sneaky {data}/plain.txt'
+        f" >/dev/null 2>&1 && echo created >>{tmp_path}/sneak.log\n"
+        'BORG_PASSPHRASE="$pw" exec borg "$@"\n',
     )
+    key_before = (repo / "config").read_text()
     pullkit.write_config(config, clients={"c1": {**table, "remote_borg": str(sneak)}}, **conf)
     append_tables(config, notify)
     target = tmp_path / "target"
@@ -98,15 +100,17 @@ def test_a_write_and_a_rekey_during_a_restore_are_reported(
 
     assert result.returncode == 2, result.stdout + result.stderr
     assert kinds(receiver.titles()) == ["tampering"]
-    assert "the repository changed during a restore" in receiver.messages()[0]["message"]
-    assert "tampering: the repository changed during a restore" in result.stdout
-    assert "tampering: the repository key was changed" in result.stdout
-    assert "was put back" in result.stdout
-    # The server's passphrase opens the repository again; the client's archive is there to see.
-    assert sorted(pullkit.archives(tmp_path, repo, **right)) == sorted([archive, "sneaky"])
+    assert "a restore never makes" in receiver.messages()[0]["message"]
+    assert "tampering: the client sent 2 request(s) a restore never makes" in result.stdout
+    assert "'save_key'" in result.stdout  # borg key change-passphrase
+    assert "'get_free_nonce'" in result.stdout  # borg create, before its first 'put'
+    assert not (tmp_path / "sneak.log").exists()  # neither succeeded
+    assert (repo / "config").read_text() == key_before
+    assert pullkit.archives(tmp_path, repo, **right) == [archive]
+    pullkit.assert_same_tree(data, target)  # and the restore itself happened
     with History.open(tmp_path / "state") as history:
         run = history.last_run("c1")
         assert run is not None
         assert (run.kind, str(run.result)) == ("restore", "failed")
         assert run.error is not None
-        assert "the repository changed during a restore" in run.error
+        assert "a restore never makes" in run.error

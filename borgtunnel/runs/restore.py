@@ -2,17 +2,18 @@
 
 The same machinery as a pull, the other way round: a fresh local socket served by the restore
 policy (server/policy.py: borg 1.x ``--append-only --restrict-to-repository REPO`` with the
-smallest storage quota borg accepts, borg 2 ``read-only``), a reverse forward to the client, and
+smallest storage quota borg accepts, behind a filter that passes only the read requests of
+``borg extract`` (server/rpcfilter.py); borg 2 ``read-only``), a reverse forward to the client, and
 ONE remote command (borgtunnel/client/remote.py's run script) that runs ``borg extract`` with its
 working directory at the target. Before extracting, the client side creates the target 0700 if
 it is missing and refuses one that exists and is not empty (``--force`` overrides), a symlink,
 or a non-directory. Cleanup order and rules are those of pull.py.
 
-A restore only reads, yet the client's borg talks to a serve that borg 1.x cannot make
-read-only. So after every restore, whatever its result, the key guard runs (runs/keyguard.py) and
-the repository is compared with its state before the restore (the newest transaction and
-segment; borg 2: the archive objects): any change is a write the client made through its
-tunnel, reported as tampering and the restore failed.
+A restore only reads, and borg 1.x cannot make a serve read-only: the filter refuses every
+other request (ending that connection), and a refused request is reported as tampering. Behind
+it, after every restore, whatever its result, the key guard runs (runs/keyguard.py) and the
+repository is compared with its state before the restore (the newest transaction and segment;
+borg 2: the archive objects): any change is a write that got through, reported the same way.
 
 The run is recorded in the history as kind ``restore`` (trigger ``restore``), under the client
 lock: never a pull, a maintenance run and a restore of one client at once.
@@ -53,6 +54,7 @@ from borgtunnel.runs.remoterun import (
 )
 from borgtunnel.runs.verify import RepositoryState, repository_state
 from borgtunnel.server.policy import serve_argv
+from borgtunnel.server.rpcfilter import restore_refusal
 from borgtunnel.server.serve import BorgServeListener, pull_socket
 from borgtunnel.ssh.tunnel import (
     ConnectError,
@@ -195,6 +197,8 @@ class _Run:
         self.refusal: str | None = None
         self.remote_pid: int | None = None
         self.remote_finished = False
+        # Requests the read-only filter refused (borg 1.x): each one an attempt to write.
+        self.refused: list[str] = []
 
     def on_remote_line(self, line: str) -> None:
         if self.remote_pid is None:
@@ -267,6 +271,13 @@ async def _check_repository(run: _Run, before: RepositoryState) -> None:
     (it runs in a ``finally``): a check that cannot run is a failure of the restore."""
     client, outcome = run.client, run.outcome
     found: list[str] = []
+    if run.refused:
+        reasons = list(dict.fromkeys(run.refused))  # distinct, in order; one per connection
+        found.append(
+            f"tampering: the client sent {len(run.refused)} request(s) a restore never makes "
+            f"through its read-only tunnel, refused before borg saw them: "
+            f"{'; '.join(reasons[:5])}. Look at the client"
+        )
     changed = _repository_changes(before, repository_state(client.repository, borg2=client.borg2))
     if changed is not None:
         run.log.error("restore_wrote_repository", change=changed)
@@ -332,6 +343,8 @@ async def _extract_remotely(run: _Run, command: str, passphrase: bytes | None) -
             client.name,
             argv,
             stop_timeout=config.server.serve_stop_timeout,
+            # borg 2's serve is read-only itself (--permissions=read-only).
+            request_check=None if client.borg2 else restore_refusal,
         ) as (local_path, listener),
         Tunnel.connect(target) as tunnel,
         tunnel.start(command) as rr,
@@ -343,6 +356,7 @@ async def _extract_remotely(run: _Run, command: str, passphrase: bytes | None) -
                 await _finish(run, rr, listener)
         finally:
             await stop_serve(listener, remote_finished=run.remote_finished)
+            run.refused = list(listener.stats.refused)
             if not run.remote_finished:
                 await abandon_remote(tunnel, run.remote_pid, remote.path, run.log)
 

@@ -4,9 +4,9 @@ Whatever the client's borg asks for, its ``BORG_RSH`` drops the words borg appen
 this argv alone decides what the client can reach and do:
 
 - borg 1.x: ``--append-only --restrict-to-repository REPO`` (and ``--storage-quota``). borg 1.x
-  ``serve`` has no read-only mode, so a restore's serve gets the smallest quota borg accepts
-  (``RESTORE_STORAGE_QUOTA``), whatever the client's: a restore only reads, and the repository is
-  compared before and after it (runs/restore.py), so any write is reported as tampering;
+  ``serve`` has no read-only mode: a restore's serve only gets the read requests of ``borg
+  extract`` (server/rpcfilter.py), and has the smallest quota borg accepts
+  (``RESTORE_STORAGE_QUOTA``), whatever the client's;
 - borg 2: ``--rest`` on ``FILE:REPO`` with the client's ``permissions`` (default write-only:
   it can add archives and cannot read, delete or rename them, nor touch the key), and
   ``read-only`` for a restore.

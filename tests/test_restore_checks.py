@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from borgtunnel.config import parse_config
 from borgtunnel.runs import keyguard
 from borgtunnel.runs.restore import RestoreOutcome, _check_repository, _Run
 from borgtunnel.runs.verify import repository_state
+from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.rpcfilter import MAX_REQUEST, RequestFilter, refusal_answer
 from tests import pullkit
 
@@ -205,3 +207,35 @@ async def test_the_checks_after_a_restore_find_a_rekey_and_a_write(tmp_path: Pat
     assert run.outcome.error == tampering
     assert keyguard.repository_key_blob(repo) == saved  # put back
     assert pullkit.archives(tmp_path, repo, BORG_PASSPHRASE="right") == ["sneaky"]
+
+
+def test_a_borg1_restore_serve_runs_behind_the_filter_with_the_smallest_quota(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {
+            "server": {"state_dir": str(tmp_path / "state")},
+            "clients": {
+                "c1": {
+                    "host": "h",
+                    "repository": "/srv/r",
+                    "paths": ["/x"],
+                    "encryption": "none",
+                    "storage_quota": "500G",
+                }
+            },
+        }
+    )
+    client = config.clients["c1"]
+    argv = serve_argv(config, client, restore=True)
+    assert argv[:4] == [sys.executable, "-m", "borgtunnel.server.rpcfilter", "--"]
+    assert argv[4:] == [
+        "borg",
+        "serve",
+        "--append-only",
+        "--restrict-to-repository",
+        "/srv/r",
+        "--storage-quota",
+        "10M",
+    ]
+    assert serve_argv(config, client)[-1] == "500G"  # a pull keeps the client's own

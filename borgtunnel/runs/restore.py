@@ -54,7 +54,6 @@ from borgtunnel.runs.remoterun import (
 )
 from borgtunnel.runs.verify import RepositoryState, repository_state
 from borgtunnel.server.policy import serve_argv
-from borgtunnel.server.rpcfilter import restore_refusal
 from borgtunnel.server.serve import BorgServeListener, pull_socket
 from borgtunnel.ssh.tunnel import (
     ConnectError,
@@ -343,8 +342,6 @@ async def _extract_remotely(run: _Run, command: str, passphrase: bytes | None) -
             client.name,
             argv,
             stop_timeout=config.server.serve_stop_timeout,
-            # borg 2's serve is read-only itself (--permissions=read-only).
-            request_check=None if client.borg2 else restore_refusal,
         ) as (local_path, listener),
         Tunnel.connect(target) as tunnel,
         tunnel.start(command) as rr,

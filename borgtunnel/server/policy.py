@@ -14,6 +14,8 @@ this argv alone decides what the client can reach and do:
 
 from __future__ import annotations
 
+import sys
+
 from borgtunnel import borg, borg2
 from borgtunnel.config import ClientConfig, Config
 
@@ -27,5 +29,7 @@ def serve_argv(config: Config, client: ClientConfig, *, restore: bool = False) -
     if client.borg2:
         permissions = borg2.RESTORE_PERMISSIONS if restore else client.serve_permissions
         return borg2.serve_argv(server_borg, client.repository, permissions=permissions)
-    quota = RESTORE_STORAGE_QUOTA if restore else client.storage_quota
-    return borg.serve_argv(server_borg, client.repository, storage_quota=quota)
+    if not restore:
+        return borg.serve_argv(server_borg, client.repository, storage_quota=client.storage_quota)
+    serve = borg.serve_argv(server_borg, client.repository, storage_quota=RESTORE_STORAGE_QUOTA)
+    return [sys.executable, "-m", "borgtunnel.server.rpcfilter", "--", *serve]

@@ -1,5 +1,11 @@
 """A read-only ``borg serve`` for borg 1.x restores: the client's RPC requests, checked one by one.
 
+``python -m borgtunnel.server.rpcfilter -- borg serve …`` runs in place of the serve (fd 0 and 1
+the client's socket): it starts the serve with its stdin on a pipe and its stdout on the socket,
+and copies the client's requests to the pipe. Its own process, not a thread of the daemon: the
+daemon's event loop, busy forwarding the restore's data, would hold the GIL and delay each
+request (a thread doubled a 300 MB restore's time).
+
 borg 1.x ``borg serve`` has no read-only mode: ``--append-only`` still takes new data, key
 changes and lock breaks, and ``--storage-quota`` only stops a commit, after the data is written.
 A restore only reads, so its serve gets the client's requests through this filter: each msgpack
@@ -15,8 +21,14 @@ Pure code: the decoder is a bounded subset of msgpack (what borg's requests use)
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import socket
 import struct
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -26,6 +38,8 @@ from typing import Any, Final
 RESTORE_METHODS: Final = frozenset(
     {"negotiate", "open", "get", "list", "scan", "__len__", "load_key", "rollback"}
 )
+# The line on stderr that tells the listener (server/serve.py) a request was refused.
+REFUSED_PREFIX: Final = "borgtunnel-refused: "
 # A read request is an id or two: anything this large is not one.
 MAX_REQUEST: Final = 1 << 20
 _MAX_DEPTH: Final = 16
@@ -289,3 +303,56 @@ def peek_field(buf: bytes, key: bytes, index: int, pos: int = 0) -> object:
     except (IncompleteError, MalformedError, struct.error):
         return None
     return None
+
+
+def relay(serve: subprocess.Popen[bytes], check: RequestFilter) -> None:
+    """Client (fd 0) -> the serve's stdin until the client's EOF, the serve's end or a refusal."""
+    assert serve.stdin is not None  # noqa: S101 - we asked for a pipe
+    with serve.stdin:
+        while serve.poll() is None:
+            if not select.select([0], [], [], 1.0)[0]:
+                continue
+            data = os.read(0, 65536)
+            if not data:
+                return
+            passed = check.feed(data)
+            try:
+                serve.stdin.write(passed)
+                serve.stdin.flush()
+            except BrokenPipeError:
+                return
+            if check.refused is not None:
+                return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``-- SERVE_ARGV…``: run the serve behind the filter; exits with the serve's status."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] != ["--"] or len(words) < 2:
+        sys.stderr.write("usage: python -m borgtunnel.server.rpcfilter -- BORG serve ...\n")
+        return 2
+    serve = subprocess.Popen(words[1:], stdin=subprocess.PIPE)
+    check = RequestFilter()
+    with contextlib.suppress(OSError):  # the client went away: the same end as EOF
+        relay(serve, check)
+    status = serve.wait()  # after EOF it answers what it was given, then exits
+    if check.refused is None:
+        return status
+    sys.stderr.write(f"{REFUSED_PREFIX}{check.refused}\n")
+    sys.stderr.flush()
+    # The serve is gone: ours is the only writer on the socket. The client's borg gets an
+    # error answer for the refused request, then the end, and stops instead of waiting.
+    answer = memoryview(refusal_answer(check.refused_request, check.refused))
+    client = socket.socket(fileno=os.dup(1))
+    try:
+        client.sendall(answer)
+        client.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        client.close()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,7 @@
 """Local unix sockets whose connections are each served by their own ``borg serve``.
 
 The accepted socket becomes the child's stdin and stdout, so repository bytes flow between the
-kernel socket and borg directly; Python only accepts, spawns, logs stderr and reaps. With a
-``request_check`` (a borg 1.x restore: server/rpcfilter.py) the client's requests go through a
-thread that passes only those the check allows; borg's answers still go to the socket directly.
-This module
+kernel socket and borg directly; Python only accepts, spawns, logs stderr and reaps. This module
 is shared by the pull path (one fresh socket per pull) and by ``borgtunnel serve`` (sockets
 passed in by systemd or created with ``--listen``).
 """
@@ -14,25 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import os
 import re
 import secrets
 import signal
 import socket
 import stat
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from borgtunnel.server.privatedir import check_private_dir, ensure_private_dir
-from borgtunnel.server.rpcfilter import RequestFilter, refusal_answer
-
-# Why a request may not reach borg serve (None: it may); see server/rpcfilter.py.
-RequestCheck = Callable[[object], str | None]
+from borgtunnel.server.rpcfilter import REFUSED_PREFIX
 
 __all__ = [
     "BorgServeListener",
@@ -104,11 +96,6 @@ class _Child:
     process: asyncio.subprocess.Process
     stderr_task: asyncio.Task[None]
     number: int
-    # The filtered connection's reading end (request_check): shut down for reading when the
-    # child is gone, so its relay thread stops waiting for a client that keeps it open.
-    relay_socket: socket.socket | None = None
-    # Set once the child exited: a relay thread that refused a request then answers it.
-    gone: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -121,7 +108,7 @@ class ServeStats:
     # The last line a child wrote on stderr (cut at 500 characters): usually the reason.
     last_stderr: str | None = None
     exit_codes: list[int] = field(default_factory=list)
-    # Requests the request_check refused (each ended its connection before borg saw it).
+    # Requests a restore's read-only filter refused (server/rpcfilter.py says so on stderr).
     refused: list[str] = field(default_factory=list)
 
 
@@ -136,10 +123,8 @@ class BorgServeListener:
         client: str,
         stop_timeout: float,
         max_connections: int = 8,
-        request_check: RequestCheck | None = None,
     ) -> None:
         self._sock = sock
-        self._request_check = request_check
         self._argv = list(argv)
         self._client = client
         self._stop_timeout = stop_timeout
@@ -211,94 +196,37 @@ class BorgServeListener:
         conn.setblocking(True)
         self.stats.connections += 1
         number = self.stats.connections
-        if self._request_check is None:
-            stdin, relay = conn.fileno(), None
-        else:
-            stdin, relay = os.pipe()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *self._argv,
-                stdin=stdin,
-                stdout=conn.fileno(),
-                stderr=asyncio.subprocess.PIPE,
-                # Own session: a Ctrl-C on our terminal must not reach borg before we decide.
-                start_new_session=True,
-            )
-        except BaseException:
-            if relay is not None:
-                os.close(relay)
-            raise
-        finally:
-            if relay is not None:
-                os.close(stdin)  # the child's end
-        self.log.info("serve_started", pid=process.pid, connection=number)
-        relay_socket = None
-        gone = threading.Event()
-        if relay is not None and self._request_check is not None:
-            relay_socket = conn.dup()  # blocking, like the child's copy: they share it
-            self._start_relay(relay_socket, relay, self._request_check, number, gone)
-        child = _Child(
-            process,
-            asyncio.create_task(self._relay_stderr(process, number)),
-            number,
-            relay_socket,
-            gone,
+        process = await asyncio.create_subprocess_exec(
+            *self._argv,
+            stdin=conn.fileno(),
+            stdout=conn.fileno(),
+            stderr=asyncio.subprocess.PIPE,
+            # Own session: a Ctrl-C on our terminal must not reach borg before we decide to stop.
+            start_new_session=True,
         )
+        self.log.info("serve_started", pid=process.pid, connection=number)
+        child = _Child(process, asyncio.create_task(self._relay_stderr(process, number)), number)
         self._children.add(child)
         self._idle.clear()
         asyncio.create_task(self._reap(child), name=f"reap {process.pid}")  # noqa: RUF006
-
-    def _start_relay(
-        self,
-        sock: socket.socket,
-        pipe: int,
-        check: RequestCheck,
-        number: int,
-        gone: threading.Event,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-
-        def refused(reason: str) -> None:
-            # Recorded here, in the thread, before borg serve is told (EOF) and can exit: by
-            # the time the child is reaped, the caller sees it. list.append is atomic.
-            self.stats.refused.append(reason)
-            loop.call_soon_threadsafe(
-                functools.partial(
-                    self.log.error, "serve_request_refused", connection=number, reason=reason
-                )
-            )
-
-        def run() -> None:
-            _relay_requests(
-                sock,
-                pipe,
-                RequestFilter(check),
-                refused=refused,
-                gone=gone,
-                wait=self._stop_timeout,
-            )
-
-        threading.Thread(target=run, name=f"requests {self._client} {number}", daemon=True).start()
 
     async def _relay_stderr(self, process: asyncio.subprocess.Process, number: int) -> None:
         assert process.stderr is not None  # noqa: S101 - we asked for a pipe
         async for chunk in _lines(process.stderr):
             line = chunk.decode("utf-8", "replace").rstrip()
-            if line:
+            if line.startswith(REFUSED_PREFIX):
+                reason = line[len(REFUSED_PREFIX) :]
+                self.stats.refused.append(reason)
+                self.log.error("serve_request_refused", connection=number, reason=reason)
+            elif line:
                 self.stats.last_stderr = line[:500]
                 self.log.warning("serve_stderr", pid=process.pid, connection=number, line=line)
 
     async def _reap(self, child: _Child) -> None:
         try:
             code = await child.process.wait()
-            child.gone.set()
             await child.stderr_task
         finally:
-            child.gone.set()
-            if child.relay_socket is not None:
-                # Reading only: a relay thread that refused a request still answers it.
-                with contextlib.suppress(OSError):
-                    child.relay_socket.shutdown(socket.SHUT_RD)
             self._children.discard(child)
             self._slots.release()
             if not self._children:
@@ -345,49 +273,6 @@ class BorgServeListener:
         """Stop accepting, then stop the children. Safe to call twice, and when cancelled."""
         await self.stop_accepting()
         await self.terminate_children()
-
-
-def _relay_requests(
-    sock: socket.socket,
-    pipe: int,
-    check: RequestFilter,
-    *,
-    refused: Callable[[str], None],
-    gone: threading.Event,
-    wait: float,
-) -> None:
-    """Client -> borg serve's stdin, request by request (a thread: both ends block), until the
-    client's EOF or a refusal (told to ``refused`` before borg serve sees EOF)."""
-    try:
-        with contextlib.suppress(OSError):  # the client or borg serve went away: an EOF too
-            while data := sock.recv(65536):
-                passed = check.feed(data)
-                view = memoryview(passed)
-                while view:
-                    view = view[os.write(pipe, view) :]
-                if check.refused is not None:
-                    refused(check.refused)
-                    break
-        os.close(pipe)  # borg serve: EOF, after it answered what it was given
-        pipe = -1
-        if check.refused is not None:
-            _answer_refusal(sock, check, gone=gone, wait=wait)
-    finally:
-        if pipe >= 0:
-            os.close(pipe)
-        sock.close()
-
-
-def _answer_refusal(
-    sock: socket.socket, check: RequestFilter, *, gone: threading.Event, wait: float
-) -> None:
-    """Once borg serve exited (one writer on the socket), the client's borg gets an error answer
-    for the refused request, then the end of the connection: it stops instead of waiting."""
-    if gone.wait(wait):
-        with contextlib.suppress(OSError):
-            sock.sendall(refusal_answer(check.refused_request, check.refused or ""))
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
 
 
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
@@ -493,7 +378,6 @@ async def pull_socket(
     argv: Sequence[str],
     *,
     stop_timeout: float,
-    request_check: RequestCheck | None = None,
 ) -> AsyncIterator[tuple[Path, BorgServeListener]]:
     """A fresh socket for one pull; on exit the children are stopped and the file removed."""
     # Before binding: the sweep's probe must never reach our own listener (it would start a
@@ -501,9 +385,7 @@ async def pull_socket(
     sweep_stale_sockets(socket_dir, [client])
     path = socket_dir / pull_socket_name(client)
     sock = bind_unix_socket(path)
-    listener = BorgServeListener(
-        sock, argv, client=client, stop_timeout=stop_timeout, request_check=request_check
-    )
+    listener = BorgServeListener(sock, argv, client=client, stop_timeout=stop_timeout)
     listener.start()
     try:
         yield path, listener

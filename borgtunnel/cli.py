@@ -150,7 +150,19 @@ async def _restore(config: Config, client: ClientConfig, args: argparse.Namespac
         wait=args.wait,
     )
     print(outcome.summary(), flush=True)
+    if outcome.tampering is not None:
+        await _notify_tampering(config, client, outcome.tampering, run_id=outcome.run_id)
     return outcome.exit_code
+
+
+async def _notify_tampering(
+    config: Config, client: ClientConfig, detail: str, *, run_id: int | None
+) -> None:
+    """A restore that found the client writing or re-keying tells someone, as a pull would."""
+    with History.open(config.server.state_dir) as history:
+        reporter = Reporter(config, history, in_daemon=False)
+        reporter.report_tampering(client, detail, run_id=run_id)
+        await reporter.aclose()
 
 
 def _cmd_trust(args: argparse.Namespace, _path: Path, config: Config) -> int:

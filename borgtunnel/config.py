@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from borgtunnel.durations import parse_borg_interval
+from borgtunnel.redact import remember_url
 from borgtunnel.reporting.settings import (
     ClientDefaults,
     Duration,
@@ -40,6 +41,7 @@ from borgtunnel.reporting.settings import (
     check_hooks,
 )
 from borgtunnel.scheduling import scheduler
+from borgtunnel.text import option_like
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
 CONFIG_ENV = "BORGTUNNEL_CONFIG"
@@ -345,8 +347,10 @@ class ClientConfig(_Model):
     @field_validator("healthchecks")
     @classmethod
     def _healthchecks_valid(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// ping URL")
+        if value is not None:
+            remember_url(value)  # the ping UUID is the secret: never in a log line
+            if not value.startswith(("http://", "https://")):
+                raise ValueError("must be an http:// or https:// ping URL")
         return value
 
     @field_validator("before", "after", "on_failure")
@@ -442,6 +446,8 @@ class ClientConfig(_Model):
             raise ValueError("must not be empty")
         if "/" in value:
             raise ValueError("must not contain '/' (borg archive names cannot)")
+        if (problem := option_like(value)) is not None:
+            raise ValueError(f"{problem}: every pull would be refused at verification")
         return value
 
     @field_validator("remote_socket")

@@ -38,9 +38,16 @@ def _journald_priority(_logger: object, method: str, rendered: object) -> str:
 def _escape_for_terminal(
     _logger: object, _method: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
-    """Console lines only (JSON escapes by itself): remote text shown with escapes."""
+    """Console lines only (JSON escapes by itself): remote text shown with escapes. A
+    traceback keeps its line breaks; each of its lines is escaped (messages quote client text)."""
     return {
-        key: printable(value) if isinstance(value, str) and key != "exception" else value
+        key: (
+            "\n".join(printable(line) for line in value.split("\n"))
+            if key == "exception"
+            else printable(value)
+        )
+        if isinstance(value, str)
+        else value
         for key, value in event_dict.items()
     }
 

@@ -117,6 +117,12 @@ def test_full_pull_reads_back_and_learns_the_client_borg(
     names = m.archives(BORG_PASSPHRASE=SECRET)
     assert len(names) == 1
     m.assert_restores(names[0], "restored", BORG_PASSPHRASE=SECRET)
+    # Through the tunnel too: the client's borg extract gets what it asks of the restore's
+    # read-only request filter (server/rpcfilter.py), whichever borg runs on either side.
+    target = tmp_path / "through-the-tunnel"
+    restored = pullkit.run_cli(m.config, "restore", "c1", names[0], "--target", str(target))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    pullkit.assert_same_tree(m.data, target)
 
     second = pullkit.run_cli(m.config, "pull", "c1")  # unchanged data
 

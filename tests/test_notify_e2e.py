@@ -171,7 +171,8 @@ def test_a_dead_notifier_changes_nothing_and_delays_by_at_most_its_timeout(
     events = [e for e in log_events_text(failed.stderr) if e.get("event") == "notification_failed"]
     assert events
     assert events[0]["level"] == "warning"
-    assert str(dead) in events[0]["url"]
+    assert events[0]["url"] == "#1 json://…"  # its place in the list, nothing of the URL
+    assert f":{dead}" not in failed.stderr
     with History.open(load_config(config).server.state_dir) as history:
         results = [r.result for r in history.last_runs("c1", 10)]
         notes = history.notifications("c1")
@@ -199,8 +200,10 @@ def test_notify_test_reports_each_url(tmp_path: Path, sshd: SshdServer, receiver
     result = pullkit.run_cli(config, "notify-test", "c1")
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"ok      json://127.0.0.1:{receiver.port}/…"
-    assert lines[1].startswith(f"FAILED  json://127.0.0.1:{dead}/…: ")
+    assert lines[0] == "ok      #1 json://…"
+    assert lines[1].startswith("FAILED  #2 json://…: ")
+    assert f":{dead}" not in result.stdout
+    assert f":{receiver.port}" not in result.stdout
     assert receiver.titles() == ["borgtunnel: test notification for c1"]
 
 

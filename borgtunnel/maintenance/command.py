@@ -14,7 +14,7 @@ from borgtunnel.maintenance.retention import Archive, Plan
 from borgtunnel.maintenance.run import maintain
 from borgtunnel.passphrase import PassphraseError, read_passphrase
 from borgtunnel.server.localborg import run_local_borg
-from borgtunnel.text import format_size
+from borgtunnel.text import format_size, printable
 
 EXIT_OK = 0
 EXIT_FAILURE = 2
@@ -43,7 +43,8 @@ async def maintain_all(
                 accept_missing=accept_missing,
                 wait=wait,
             )
-            print(outcome.summary(), flush=True)
+            # Archive names (prune, tamper report) and borg's messages are the client's text.
+            print(printable(outcome.summary()), flush=True)
             worst = max(worst, outcome.exit_code)
     return worst
 
@@ -62,15 +63,19 @@ async def list_archives(config: Config, client: ClientConfig, *, as_json: bool) 
         stop_timeout=config.server.serve_stop_timeout,
     )
     if result.status != 0:
-        print(f"borgtunnel: {client.name}: borg info {result.error_text()}", file=sys.stderr)
+        print(
+            f"borgtunnel: {client.name}: borg info {printable(result.error_text())}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     try:
         archives = retention.parse_archives(result.stdout)
     except ValueError as exc:
-        print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
+        print(f"borgtunnel: {client.name}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     if as_json or not sys.stdout.isatty():
-        print(json.dumps(archives_json(archives), indent=2, ensure_ascii=False))
+        # ASCII: a name's control characters (C1 ones too, which JSON leaves raw) as \u escapes.
+        print(json.dumps(archives_json(archives), indent=2))
     else:
         print(archives_table(archives))
     return EXIT_OK
@@ -94,8 +99,8 @@ def archives_table(archives: Sequence[Archive]) -> str:
     header = ("NAME", "TIME", "ID", "FILES", "ORIGINAL", "DEDUPLICATED")
     rows = [
         (
-            # A newline in a name would break the table: show it escaped, as borg list does not.
-            a.name.encode("unicode_escape").decode("ascii") if "\n" in a.name else a.name,
+            # The client chose the name: escape sequences, newlines and C1 controls shown escaped.
+            printable(a.name),
             a.time[:19].replace("T", " "),
             a.id[:16],
             "-" if a.nfiles is None else str(a.nfiles),

@@ -6,9 +6,11 @@ Plain ``urllib`` in a daemon thread (``background.call_in_thread``): one POST, n
 
 from __future__ import annotations
 
+import http.client
 import urllib.request
 from typing import Final, Literal
 
+from borgtunnel.redact import scrub
 from borgtunnel.reporting.background import call_in_thread
 
 Ping = Literal["start", "success", "fail"]
@@ -37,5 +39,5 @@ async def send_ping(base: str, kind: Ping, body: str, limit: float) -> str | Non
         return await call_in_thread(post, limit=limit + 1, name="borgtunnel-ping")
     except TimeoutError:
         return f"no answer within {limit:g} s"
-    except OSError as exc:  # URLError, HTTPError, refused, reset
-        return str(exc)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, InvalidURL
+        return scrub(str(exc))  # some quote the URL, whose path is the ping's secret

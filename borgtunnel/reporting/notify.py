@@ -32,9 +32,11 @@ from typing import Final
 import structlog
 
 from borgtunnel.history import History, SentNotification
+from borgtunnel.redact import redact_url, scrub
 from borgtunnel.reporting.background import call_in_thread
 from borgtunnel.reporting.settings import EventKind, NotifySettings, import_apprise
 from borgtunnel.reporting.staleness import age_text
+from borgtunnel.text import printable
 
 log = structlog.get_logger("borgtunnel.notify")
 
@@ -81,10 +83,11 @@ def compose(
     lines = [f"client: {client}"]
     if result:
         lines.append(f"result: {result}")
+    # The client's text: read in a terminal mail reader, its escape sequences would act.
     if error:
-        lines.append(f"error: {error}")
+        lines.append(f"error: {printable(error)}")
     if archive:
-        lines.append(f"archive: {archive}")
+        lines.append(f"archive: {printable(archive)}")
     lines.append(f"last good backup: {age_text(last_success, now)}")
     if kind == "stale" and max_age is not None:
         lines.append(f"max_age: {max_age:g} s")
@@ -125,11 +128,9 @@ async def apprise_send(
         return f"{type(exc).__name__}: {exc}"
 
 
-def redact_url(url: str) -> str:
-    """``json://127.0.0.1:8080/…``: scheme and host only, tokens and passwords stay out of logs."""
-    scheme, sep, rest = url.partition("://")
-    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    return f"{scheme}{sep}{host}/…" if sep else "<url>"
+def _shown(url: str, urls: tuple[str, ...]) -> str:
+    """``#2 tgram://…``: its place in the client's list ([notify] urls, then its own)."""
+    return redact_url(url, urls.index(url) + 1)
 
 
 class Dispatcher:
@@ -200,7 +201,7 @@ class Dispatcher:
                         "notification_failed",
                         client=message.client,
                         kind=message.kind,
-                        url=redact_url(url),
+                        url=_shown(url, urls),
                         attempt=attempts,
                         attempts=self.settings.retries + 1,
                         error=err,
@@ -212,7 +213,7 @@ class Dispatcher:
                 note_id,
                 "failed" if errors else "sent",
                 attempts=attempts,
-                error="; ".join(f"{redact_url(u)}: {e}" for u, e in errors.items()) or None,
+                error="; ".join(f"{_shown(u, urls)}: {e}" for u, e in errors.items()) or None,
             )
             if not errors:
                 log.info("notification_sent", client=message.client, kind=message.kind, id=note_id)
@@ -224,11 +225,13 @@ class Dispatcher:
     async def _send_one(self, url: str, message: Message) -> str | None:
         notify_type = _NOTIFY_TYPE.get(message.kind, "info")
         try:
-            return await self._sender(
+            error = await self._sender(
                 url, message.title, message.body, notify_type, self.settings.timeout
             )
         except Exception as exc:  # noqa: BLE001 - a broken sender is a failed delivery
-            return f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
+        # An exception's text may quote the URL it was sending to (requests does).
+        return None if error is None else scrub(error)
 
     async def aclose(self, grace: float) -> None:
         """Give background deliveries up to ``grace`` seconds, then cancel what is left."""
@@ -246,12 +249,15 @@ class Dispatcher:
 async def send_test(
     urls: Sequence[str], client: str | None, *, limit: float, sender: Sender = apprise_send
 ) -> list[tuple[str, str | None]]:
-    """``notify-test``: one test message through each URL; (redacted url, error or None)."""
+    """``notify-test``: one test message through each URL; (``#N scheme://…``, error or None)."""
     who = client or "this server"
     title = f"borgtunnel: test notification for {who}"
     body = f"This is a test message from borgtunnel notify-test ({who})."
     results = await asyncio.gather(*(sender(u, title, body, "info", limit) for u in urls))
-    return [(redact_url(u), err) for u, err in zip(urls, results, strict=True)]
+    return [
+        (redact_url(u, index), None if err is None else scrub(err))
+        for index, (u, err) in enumerate(zip(urls, results, strict=True), start=1)
+    ]
 
 
 __all__ = [
@@ -274,5 +280,6 @@ async def notify_test(urls: Sequence[str], client: str | None, *, limit: float) 
         return 2
     results = await send_test(urls, client, limit=limit)
     for url, error in results:
-        print(f"ok      {url}" if error is None else f"FAILED  {url}: {error}", flush=True)
+        said = "ok      " + url if error is None else f"FAILED  {url}: {printable(error)}"
+        print(said, flush=True)
     return 0 if all(error is None for _, error in results) else 2

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from borgtunnel.borg import Progress
 from borgtunnel.runs.pull import ProgressCallback
+from borgtunnel.text import printable
 
 _PATH_WIDTH = 50
 
@@ -37,7 +38,7 @@ def progress_line(client: str, figures: Progress | None, elapsed: float) -> str:
     if figures is None:
         return f"{client}: connecting…"
     rate = figures.original_size / elapsed if elapsed > 0 else 0.0
-    path = figures.path
+    path = printable(figures.path)  # the client's file name, escapes and all
     if len(path) > _PATH_WIDTH:
         path = "…" + path[-(_PATH_WIDTH - 1) :]
     return (

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from borgtunnel.durations import parse_duration
+from borgtunnel.redact import redact_url, remember_url, scrub
 
 EventKind = Literal["failure", "recovery", "stale", "tampering"]
 ALL_EVENTS: Final[tuple[EventKind, ...]] = ("failure", "recovery", "stale", "tampering")
@@ -69,8 +70,11 @@ class _ToStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         import structlog  # noqa: PLC0415 - keeps this config module free of logging setup
 
+        # apprise hides most tokens in its messages, not all (mqtt, amqp quote their URL).
         structlog.get_logger("borgtunnel.notify").warning(
-            "apprise_said", message=record.getMessage(), apprise_level=record.levelname.lower()
+            "apprise_said",
+            message=scrub(record.getMessage()),
+            apprise_level=record.levelname.lower(),
         )
 
 
@@ -85,8 +89,12 @@ def check_apprise_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
     apprise_log.setLevel(logging.CRITICAL)
     try:
         for index, url in enumerate(urls):
+            remember_url(url)
             if "\0" in url or apprise.Apprise.instantiate(url) is None:
-                raise ValueError(f"[{index}]: not a notification URL apprise understands: {url!r}")
+                # Never the URL itself: a mistyped one still holds its token.
+                raise ValueError(
+                    f"[{index}]: not a notification URL apprise understands: {redact_url(url)}"
+                )
     finally:
         apprise_log.setLevel(level)
     return urls

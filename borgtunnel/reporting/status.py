@@ -43,7 +43,7 @@ from borgtunnel.history import (
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.reporting.staleness import is_stale
 from borgtunnel.scheduling.planning import next_client_run
-from borgtunnel.text import format_size
+from borgtunnel.text import format_size, printable
 
 T = TypeVar("T")
 
@@ -234,10 +234,11 @@ def history_table(runs: Sequence[RunRecord], zone: tzinfo) -> str:
             str(run.result),
             run.kind,
             run.trigger,
-            run.archive or "-",
+            # Archive names and errors carry the client's text.
+            printable(run.archive or "-"),
             "-" if run.stats.nfiles is None else str(run.stats.nfiles),
             format_size(run.stats.deduplicated_size),
-            run.error or "",
+            printable(run.error or ""),
         )
         for run in runs
     ]

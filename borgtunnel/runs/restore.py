@@ -1,12 +1,19 @@
 """``borgtunnel restore``: push files of an archive back to the client through a tunnel.
 
-The same machinery as a pull, the other way round: a fresh local socket served by
-``borg serve --append-only --restrict-to-repository REPO`` (extract only reads, so append-only
-holds, and the serve cannot reach any other repository), a reverse forward to the client, and
+The same machinery as a pull, the other way round: a fresh local socket served by the restore
+policy (server/policy.py: borg 1.x ``--append-only --restrict-to-repository REPO`` with the
+smallest storage quota borg accepts, behind a filter that passes only the read requests of
+``borg extract`` (server/rpcfilter.py); borg 2 ``read-only``), a reverse forward to the client, and
 ONE remote command (borgtunnel/client/remote.py's run script) that runs ``borg extract`` with its
 working directory at the target. Before extracting, the client side creates the target 0700 if
 it is missing and refuses one that exists and is not empty (``--force`` overrides), a symlink,
 or a non-directory. Cleanup order and rules are those of pull.py.
+
+A restore only reads, and borg 1.x cannot make a serve read-only: the filter refuses every
+other request (ending that connection), and a refused request is reported as tampering. Behind
+it, after every restore, whatever its result, the key guard runs (runs/keyguard.py) and the
+repository is compared with its state before the restore (the newest transaction and segment;
+borg 2: the archive objects): any change is a write that got through, reported the same way.
 
 The run is recorded in the history as kind ``restore`` (trigger ``restore``), under the client
 lock: never a pull, a maintenance run and a restore of one client at once.
@@ -34,6 +41,7 @@ from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import KIND_RESTORE, History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
 from borgtunnel.passphrase import PassphraseError, read_passphrase
+from borgtunnel.runs import keyguard
 from borgtunnel.runs.remoterun import (
     KEEP_MESSAGES,
     StalledError,
@@ -44,6 +52,7 @@ from borgtunnel.runs.remoterun import (
     release_client_locks,
     stop_serve,
 )
+from borgtunnel.runs.verify import RepositoryState, repository_state
 from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.serve import BorgServeListener, pull_socket
 from borgtunnel.ssh.tunnel import (
@@ -152,6 +161,10 @@ class RestoreOutcome:
     warning_count: int = 0
     duration: float = 0.0
     busy: bool = False
+    # Set when the client wrote to the repository or changed its key: always a failure.
+    tampering: str | None = None
+    # The history row of this restore (set by restore_recorded).
+    run_id: int | None = None
 
     @property
     def exit_code(self) -> int:
@@ -183,6 +196,8 @@ class _Run:
         self.refusal: str | None = None
         self.remote_pid: int | None = None
         self.remote_finished = False
+        # Requests the read-only filter refused (borg 1.x): each one an attempt to write.
+        self.refused: list[str] = []
 
     def on_remote_line(self, line: str) -> None:
         if self.remote_pid is None:
@@ -225,6 +240,7 @@ async def restore(
     started = time.monotonic()
     mode = "dry-run" if dry_run else "force" if force else "extract"
     run.log.info("restore_started", archive=archive, target=target, mode=mode)
+    before = repository_state(client.repository, borg2=client.borg2)
     try:
         await _restore(run, restore_command(client, archive, paths, target, mode=mode))
     except asyncio.CancelledError:
@@ -235,6 +251,8 @@ async def restore(
         outcome.result = RunResult.FAILED
         outcome.error = str(exc)
     finally:
+        # Whatever happened, a tunnel may have been open: look at what the client did with it.
+        await _check_repository(run, before)
         outcome.duration = time.monotonic() - started
     report = run.log.info if outcome.result is RunResult.OK else run.log.warning
     report(
@@ -245,6 +263,62 @@ async def restore(
         error=outcome.error,
     )
     return outcome
+
+
+async def _check_repository(run: _Run, before: RepositoryState) -> None:
+    """The key guard and the write check; findings go to ``outcome.tampering``. Never raises
+    (it runs in a ``finally``): a check that cannot run is a failure of the restore."""
+    client, outcome = run.client, run.outcome
+    found: list[str] = []
+    if run.refused:
+        reasons = list(dict.fromkeys(run.refused))  # distinct, in order; one per connection
+        found.append(
+            f"tampering: the client sent {len(run.refused)} request(s) a restore never makes "
+            f"through its read-only tunnel, refused before borg saw them: "
+            f"{'; '.join(reasons[:5])}. Look at the client"
+        )
+    changed = _repository_changes(before, repository_state(client.repository, borg2=client.borg2))
+    if changed is not None:
+        run.log.error("restore_wrote_repository", change=changed)
+        found.append(
+            f"tampering: the repository changed during a restore, which only reads ({changed}): "
+            "the client wrote through its tunnel. Look at the client, and at its archives "
+            f"(`borgtunnel list {client.name}`) before trusting them"
+        )
+    try:
+        key = await keyguard.check_key(
+            run.config.borg_for(client),
+            client.repository,
+            run.config.server.state_dir,
+            client.name,
+            borg2=client.borg2,
+        )
+    except (keyguard.KeyGuardError, OSError) as exc:
+        found.append(f"key guard: {exc}")
+    else:
+        if key is not None:
+            run.log.error("key_tampering", restored=key.restored, saved_copy=str(key.saved))
+            found.append(key.message())
+    if found:
+        outcome.tampering = "; ".join(found)
+        outcome.result = RunResult.FAILED
+        outcome.error = "; ".join(filter(None, [outcome.tampering, outcome.error]))
+
+
+def _repository_changes(before: RepositoryState, after: RepositoryState) -> str | None:
+    """What differs between two readings of the repository (None: nothing seen)."""
+    if before.archives is not None and after.archives is not None:
+        added = len(after.archives - before.archives)
+        removed = len(before.archives - after.archives)
+        if added or removed:
+            return f"{added} archive object(s) added, {removed} removed"
+        return None
+    if (before.transaction, before.segment) != (after.transaction, after.segment):
+        return (
+            f"transaction {before.transaction} -> {after.transaction}, "
+            f"newest segment {before.segment} -> {after.segment}"
+        )
+    return None
 
 
 async def _restore(run: _Run, command: str) -> None:
@@ -279,6 +353,7 @@ async def _extract_remotely(run: _Run, command: str, passphrase: bytes | None) -
                 await _finish(run, rr, listener)
         finally:
             await stop_serve(listener, remote_finished=run.remote_finished)
+            run.refused = list(listener.stats.refused)
             if not run.remote_finished:
                 await abandon_remote(tunnel, run.remote_pid, remote.path, run.log)
 
@@ -343,6 +418,7 @@ async def restore_recorded(
                 except BaseException as exc:
                     db.finish_run(run_id, RunResult.FAILED, error=f"internal error: {exc!r}")
                     raise
+                outcome.run_id = run_id
                 db.finish_run(
                     run_id,
                     outcome.result,

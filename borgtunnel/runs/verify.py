@@ -7,7 +7,9 @@ The client's word is never the result. A compromised or broken client can print 
   transaction; borg 2 holds a new object named by the claimed id in its ``archives/`` namespace,
 * the archive the client named is not one an earlier run already recorded,
 * the server's own ``borg info --json`` finds it with the name and id the client reported
-  (1.x: ``REPO::NAME``; borg 2, whose names are series: the archive with that id).
+  (1.x: ``REPO::NAME``; borg 2, whose names are series: the archive with that id),
+* its name does not start with '-' or whitespace: the name reaches hooks (``{archive}``,
+  ``BORGTUNNEL_ARCHIVE``), where ``--output=x`` would be an option (text.option_like).
 
 ``borg info`` reads the manifest and the archive's item metadata through the server's cache, not
 the file data; its numbers are the ones recorded (never the client's).
@@ -23,6 +25,7 @@ from pathlib import Path
 from borgtunnel import borg
 from borgtunnel import borg2 as borg2_argv
 from borgtunnel.server.localborg import run_local_borg
+from borgtunnel.text import option_like
 
 _TRANSACTION_FILE = re.compile(r"^(?:index|hints|integrity)\.(\d+)$")
 
@@ -42,6 +45,9 @@ class RepositoryState:
 
     transaction: int | None = None
     archives: frozenset[str] | None = None
+    # borg 1.x: the newest segment file under data/; a write that was never committed (a quota
+    # stopped it, the client left) still shows here until the next exclusive open cleans it up.
+    segment: int | None = None
 
 
 def repository_transaction(repository: Path) -> int | None:
@@ -52,6 +58,20 @@ def repository_transaction(repository: Path) -> int | None:
         return None
     numbers = [int(m.group(1)) for name in names if (m := _TRANSACTION_FILE.match(name))]
     return max(numbers) if numbers else None
+
+
+def repository_segment(repository: Path) -> int | None:
+    """The newest segment file of a borg 1.x repository (``data/D/N``, numbered dirs and files)."""
+    try:
+        dirs = [int(e.name) for e in (repository / "data").iterdir() if e.name.isdigit()]
+        for number in sorted(dirs, reverse=True):
+            folder = repository / "data" / str(number)
+            names = [int(e.name) for e in folder.iterdir() if e.name.isdigit()]
+            if names:
+                return max(names)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def repository_archives(repository: Path) -> frozenset[str] | None:
@@ -65,7 +85,9 @@ def repository_archives(repository: Path) -> frozenset[str] | None:
 def repository_state(repository: Path, *, borg2: bool) -> RepositoryState:
     if borg2:
         return RepositoryState(archives=repository_archives(repository))
-    return RepositoryState(transaction=repository_transaction(repository))
+    return RepositoryState(
+        transaction=repository_transaction(repository), segment=repository_segment(repository)
+    )
 
 
 def _check_changed(
@@ -108,6 +130,11 @@ async def verify_archive(
         raise VerifyError(
             "unverified: the client's borg printed no well-formed --json naming an archive, so "
             "nothing is counted as backed up"
+        )
+    if (problem := option_like(claim.name)) is not None:
+        raise VerifyError(
+            f"unverified: the client named its archive {claim.name!r}, which {problem}; "
+            "borgtunnel never accepts such a name (it reaches hooks as {archive})"
         )
     if claim.id in known_ids:
         raise VerifyError(

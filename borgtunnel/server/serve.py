@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from borgtunnel.server.privatedir import check_private_dir, ensure_private_dir
+from borgtunnel.server.rpcfilter import REFUSED_PREFIX
 
 __all__ = [
     "BorgServeListener",
@@ -107,6 +108,8 @@ class ServeStats:
     # The last line a child wrote on stderr (cut at 500 characters): usually the reason.
     last_stderr: str | None = None
     exit_codes: list[int] = field(default_factory=list)
+    # Requests a restore's read-only filter refused (server/rpcfilter.py says so on stderr).
+    refused: list[str] = field(default_factory=list)
 
 
 class BorgServeListener:
@@ -211,7 +214,11 @@ class BorgServeListener:
         assert process.stderr is not None  # noqa: S101 - we asked for a pipe
         async for chunk in _lines(process.stderr):
             line = chunk.decode("utf-8", "replace").rstrip()
-            if line:
+            if line.startswith(REFUSED_PREFIX):
+                reason = line[len(REFUSED_PREFIX) :]
+                self.stats.refused.append(reason)
+                self.log.error("serve_request_refused", connection=number, reason=reason)
+            elif line:
                 self.stats.last_stderr = line[:500]
                 self.log.warning("serve_stderr", pid=process.pid, connection=number, line=line)
 

@@ -19,6 +19,7 @@ from borgtunnel.client.remote import GO, REQUEST_DOCTOR, encoded_command
 from borgtunnel.clientborg import BorgVersion, major_mismatch
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.ssh.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelError
+from borgtunnel.text import printable
 
 PREFIX = "borgtunnel-doctor "
 
@@ -125,7 +126,8 @@ class DoctorReport:
         out += [f"  {name:<11} {value}" for name, value in rows]
         out += [f"  said: {line}" for line in self.other_output]
         out += [f"  PROBLEM: {problem}" for problem in self.problems]
-        return out
+        # Facts, policy and "said" lines are whatever the client printed.
+        return [printable(line) for line in out]
 
 
 def borg_version_problem(client: ClientConfig, said: str) -> str | None:

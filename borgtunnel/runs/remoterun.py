@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from borgtunnel import borg, borg2
 from borgtunnel.client.remote import (
     RemoteSocket,
@@ -42,6 +44,10 @@ SERVE_EXIT_GRACE = 2.0
 KEEP_MESSAGES = 10
 # Lines of login noise or refusal kept while waiting for the ready line.
 MAX_PREPARE_LINES = 20
+# Lines a run's handler failed on that are logged; the rest are only counted.
+MAX_UNHANDLED_LOGGED = 10
+
+_log = structlog.get_logger("borgtunnel.runs.remoterun")
 
 
 async def release_client_locks(
@@ -141,16 +147,46 @@ async def forward_retrying(
         yield
 
 
+class LineGuard:
+    """Calls a run's line handler; a line it fails on is logged (the first few) and skipped.
+
+    What a client prints is anything, and a handler bug it finds must cost that line, not the
+    run: an exception here would skip the cleanup's checks (the key guard) with it.
+    """
+
+    def __init__(self, on_line: Callable[[str], None], log: Any) -> None:  # noqa: ANN401 - a structlog bound logger
+        self._on_line = on_line
+        self._log = log
+        self.failures = 0
+
+    def __call__(self, line: str) -> None:
+        try:
+            self._on_line(line)
+        except Exception as exc:  # noqa: BLE001 - whatever a client's text trips over
+            self.failures += 1
+            if self.failures <= MAX_UNHANDLED_LOGGED:
+                with contextlib.suppress(Exception):
+                    self._log.warning(
+                        "remote_line_not_handled",
+                        error=f"{type(exc).__name__}: {exc}"[:500],
+                        line=line[:200],
+                        failures=self.failures,
+                    )
+
+
 async def finish_watched(
     rr: RemoteRun,
     on_line: Callable[[str], None],
     listener: BorgServeListener,
     *,
     stall_timeout: float,
+    log: Any = None,  # noqa: ANN401 - a structlog bound logger
 ) -> tuple[int | None, str]:
     """Stream borg's output to the end: (exit status, stdout). Raises StalledError when the
-    run went silent for ``stall_timeout``; the caller's cleanup then stops it."""
-    finish = asyncio.ensure_future(rr.finish(on_stderr=on_line))
+    run went silent for ``stall_timeout``; the caller's cleanup then stops it. A line
+    ``on_line`` fails on is logged to ``log`` and skipped (LineGuard)."""
+    guard = LineGuard(on_line, log if log is not None else _log)
+    finish = asyncio.ensure_future(rr.finish(on_stderr=guard))
     watchdog = asyncio.ensure_future(_watch_stall(stall_timeout, rr, listener))
     try:
         await asyncio.wait({finish, watchdog}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,124 @@
+"""A compromised client against the server while it pulls: log records shaped to collide with
+the server's own log fields, floods answering the cleanup command, a reconnect loop on the
+forwarded socket. Real sshd, real borg on the server, hostile scripts or a hostile ForceCommand
+as the client (tests/hostile.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import hostile, pullkit
+from tests.sshd import SshdServer
+
+pytestmark = pytest.mark.sshd
+
+# Every key structlog, its processors or our own bound fields give a meaning to.
+_LOG_KEYS = [
+    "event",
+    "level",
+    "source",
+    "client",
+    "timestamp",
+    "logger",
+    "logger_name",
+    "_record",
+    "_from_structlog",
+    "exc_info",
+    "exception",
+    "stack_info",
+    "positional_args",
+    "stack",
+]
+_COLLIDING = json.dumps(
+    {"type": "archive_progress", **{key: f"forged-{key}" for key in _LOG_KEYS}, "nfiles": 1}
+)
+_COLLIDING_EXC = json.dumps({"type": "progress_message", "exc_info": True, "stack_info": True})
+_HUGE_KEY = json.dumps({"type": "file_status", "k" * 7000: 1, "": 2, "\u001b]0;x": 3})
+_DEEP = json.dumps({"type": "progress_percent", "x": 1})[:-1] + ', "d": ' + "[" * 3000
+
+
+def _json_logs(stderr: str) -> list[dict[str, Any]]:
+    records = []
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def test_colliding_log_keys_neither_crash_the_run_nor_hide_a_key_change(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    """The client re-keys the repository, then prints progress records whose keys are the
+    server's own log fields (plus an over-long key and a nesting deeper than json allows), then
+    backs up. No line ends the run: it is failed as tampering (the key guard ran), the server's
+    key is back, and the client's fields are logged apart from the server's."""
+    _, repo, config, conf, table = hostile.encrypted_setup(tmp_path, sshd)
+    assert pullkit.run_cli(config, "init", "c1").returncode == 0
+    lines = "".join(
+        f"printf '%s\\n' {json.dumps(line)} >&2\n"
+        for line in (_COLLIDING, _COLLIDING_EXC, _HUGE_KEY, _DEEP)
+    )
+    body = (
+        "pw=$(cat)\n"
+        "unset BORG_PASSPHRASE_FD\n"
+        f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase'
+        f" ssh://borgtunnel{repo} >/dev/null 2>&1 || exit 99\n"
+        f"{lines}"
+        'BORG_PASSPHRASE=evil exec borg "$@"\n'
+    )
+    table["remote_borg"] = str(hostile.script(tmp_path, "collide", body))
+    pullkit.write_config(config, clients={"c1": table}, **conf)
+
+    result = pullkit.run_cli(config, "--log-level=debug", "pull", "c1")
+
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    assert "internal error" not in result.stdout + result.stderr
+    assert "tampering: the repository key was changed" in result.stdout, result.stdout
+    assert "was put back" in result.stdout
+    assert hostile.runs(tmp_path)[-1]["result"] == "failed"
+    assert len(pullkit.archives(tmp_path, repo, BORG_PASSPHRASE=hostile.PASSPHRASE)) == 1
+    records = _json_logs(result.stderr)
+    forged = [r for r in records if "forged-source" in json.dumps(r)]
+    assert forged, result.stderr[-3000:]
+    assert any(r.get("borg", {}).get("source") == "forged-source" for r in forged), forged
+    for record in forged:
+        assert record["client"] == "c1"
+        assert record["source"] == "borg create"
+        assert record["event"] != "forged-event"
+        assert record["level"] != "forged-level"
+        assert not str(record.get("timestamp", "")).startswith("forged")
+    # Every record the run logged names the real client: none was re-labelled.
+    assert {r.get("client") for r in records if "client" in r} == {"c1"}
+
+
+def test_a_key_change_before_a_stall_is_still_caught(tmp_path: Path, sshd: SshdServer) -> None:
+    """The run fails by an exception (the stall timeout) after the client re-keyed: the key
+    guard runs anyway (it runs in a ``finally``) and reports and undoes the change."""
+    _, repo, config, conf, table = hostile.encrypted_setup(tmp_path, sshd)
+    assert pullkit.run_cli(config, "init", "c1").returncode == 0
+    body = (
+        "pw=$(cat)\n"
+        "unset BORG_PASSPHRASE_FD\n"
+        f'BORG_PASSPHRASE="$pw" BORG_NEW_PASSPHRASE=evil borg key change-passphrase'
+        f" ssh://borgtunnel{repo} >/dev/null 2>&1 || exit 99\n"
+        "while :; do sleep 1; done\n"
+    )
+    table.update(remote_borg=str(hostile.script(tmp_path, "rekey-stall", body)), stall_timeout=2)
+    pullkit.write_config(config, clients={"c1": table}, **conf)
+
+    result = pullkit.run_cli(config, "pull", "c1")
+
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    assert "stalled" in result.stdout, result.stdout
+    assert "tampering: the repository key was changed" in result.stdout, result.stdout
+    assert "was put back" in result.stdout
+    assert pullkit.archives(tmp_path, repo, BORG_PASSPHRASE=hostile.PASSPHRASE) == []

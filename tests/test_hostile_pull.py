@@ -6,14 +6,19 @@ as the client (tests/hostile.py).
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import hostile, pullkit
-from tests.sshd import SshdServer
+from tests.sshd import SshdFactory, SshdServer
 
 pytestmark = pytest.mark.sshd
 
@@ -122,3 +127,85 @@ def test_a_key_change_before_a_stall_is_still_caught(tmp_path: Path, sshd: SshdS
     assert "tampering: the repository key was changed" in result.stdout, result.stdout
     assert "was put back" in result.stdout
     assert pullkit.archives(tmp_path, repo, BORG_PASSPHRASE=hostile.PASSPHRASE) == []
+
+
+# Runs the real CLI and reports the process's own peak RSS (VmHWM, kB) on its last stderr line.
+_RSS_PROBE = """
+import sys
+from borgtunnel.cli import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as status:
+    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+print("VmHWM", peak, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _pull_measuring_rss(config: Path) -> tuple[subprocess.CompletedProcess[str], int, float]:
+    """(result, peak RSS in kB, seconds) of one ``borgtunnel pull c1``."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, "--config", str(config), "pull", "c1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    took = time.monotonic() - started
+    found = re.search(r"^VmHWM (\d+)$", result.stderr, re.MULTILINE)
+    assert found, result.stderr[-2000:]
+    return result, int(found.group(1)), took
+
+
+def _kind_marker(kind: str) -> str:
+    """What every encoded command of ``kind`` contains: the base64 of its first 18 bytes."""
+    return base64.b64encode(f"# {kind}\n".encode()[:18]).decode()
+
+
+_FLOOD_BYTES = 400 * 1024 * 1024
+
+
+def test_a_flood_answering_the_cleanup_leaves_server_memory_bounded(
+    tmp_path: Path, sshd_factory: SshdFactory
+) -> None:
+    """The client's sshd runs the real cleanup, then answers it with 400 MiB (half on stdout,
+    half on stderr). The server stops reading after a few kB: its peak RSS stays within a few
+    MiB of the same stalled run without the flood (it grew by ~800 MiB when it kept it all)."""
+    flag = tmp_path / "flood-on"
+    half = _FLOOD_BYTES // 2
+    forcer = tmp_path / "forced-command"
+    forcer.write_text(
+        "#!/bin/sh\n"
+        'case "$SSH_ORIGINAL_COMMAND" in\n'
+        f"  *{_kind_marker('borgtunnel-cleanup')}*|*{_kind_marker('borgtunnel-remove')}*)\n"
+        f"    if [ -e {flag} ]; then\n"
+        '      /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n'
+        f"      head -c {half} /dev/zero >&2 &\n"
+        f"      head -c {half} /dev/zero\n"
+        "      wait; exit 0\n"
+        "    fi ;;\n"
+        "esac\n"
+        'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n'
+    )
+    forcer.chmod(0o755)
+    sshd = sshd_factory(extra_config=[f"ForceCommand {forcer}"])
+    silent = hostile.script(tmp_path, "silent", "while :; do sleep 1; done\n")
+    _, repo, config = hostile.setup(tmp_path, sshd, remote_borg=str(silent), stall_timeout=2)
+
+    plain, plain_rss, plain_took = _pull_measuring_rss(config)
+    flag.touch()
+    flooded, flood_rss, flood_took = _pull_measuring_rss(config)
+
+    for result in (plain, flooded):
+        assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+        assert "stalled" in result.stdout
+    print(f"peak RSS {plain_rss} kB without, {flood_rss} kB with the flood;", end=" ")
+    print(f"{plain_took:.1f} s / {flood_took:.1f} s")
+    assert flood_rss - plain_rss < 16 * 1024, (plain_rss, flood_rss)
+    assert "more than 65536 bytes" in flooded.stderr, flooded.stderr[-2000:]
+    assert flood_took < plain_took + 10
+    deadline = time.monotonic() + 20
+    while pullkit.processes_mentioning(str(silent)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pullkit.processes_mentioning(str(silent)) == []
+    assert pullkit.processes_mentioning(f"--restrict-to-repository {repo}") == []

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from borgtunnel.server.serve import RUN_CONNECTION_LIMIT
 from tests import hostile, pullkit
 from tests.sshd import SshdFactory, SshdServer
 
@@ -208,4 +209,52 @@ def test_a_flood_answering_the_cleanup_leaves_server_memory_bounded(
     while pullkit.processes_mentioning(str(silent)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert pullkit.processes_mentioning(str(silent)) == []
+    assert pullkit.processes_mentioning(f"--restrict-to-repository {repo}") == []
+
+
+_LOOP_SECONDS = 30
+# What serve answers goes nowhere: output from the client's side is life by design (a talking
+# client is not stalled); these loops only connect.
+_RECONNECT_LOOPS = {
+    # Ten connections a second, each closed at once, not waiting for serve: past the limit
+    # within two seconds.
+    "fast": 'nc -N -U "$BORGTUNNEL_SOCKET" </dev/null >/dev/null 2>&1 & sleep 0.1',
+    # Slower than the stall watch samples, each connection held half a second: under the
+    # connection limit before stall_timeout, so the stall watch alone must end it.
+    "slow": '(sleep 0.5) | nc -N -U "$BORGTUNNEL_SOCKET" >/dev/null; sleep 0.5',
+}
+
+
+@pytest.mark.parametrize("pace", list(_RECONNECT_LOOPS))
+def test_a_reconnect_loop_neither_defeats_the_stall_timeout_nor_spawns_unbounded_serves(
+    tmp_path: Path, sshd: SshdServer, pace: str
+) -> None:
+    """The client's "borg" connects to the forwarded socket and disconnects, over and over,
+    for 30 s, moving no repository data. The run is stopped within stall_timeout (4 s) plus
+    slack, having started at most RUN_CONNECTION_LIMIT borg serve (it used to last the whole
+    loop, a serve per connection): the fast loop by the connection limit, the slow one by the
+    stall watch, where connecting is no longer activity."""
+    body = (
+        f"end=$(($(date +%s) + {_LOOP_SECONDS}))\n"
+        f'while [ "$(date +%s)" -lt "$end" ]; do {_RECONNECT_LOOPS[pace]}; done\n'
+    )
+    looping = hostile.script(tmp_path, f"reconnect-{pace}", body)
+    _, repo, config = hostile.setup(tmp_path, sshd, remote_borg=str(looping), stall_timeout=4)
+    started = time.monotonic()
+
+    result = pullkit.run_cli(config, "pull", "c1", timeout=120)
+
+    took = time.monotonic() - started
+    serves = sum('"serve_started"' in line for line in result.stderr.splitlines())
+    print(f"{pace} reconnect loop: {took:.1f} s, {serves} borg serve started")
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    assert took < 4 + 8, (took, serves)
+    assert 1 <= serves <= RUN_CONNECTION_LIMIT, serves
+    reason = "too many connections" if pace == "fast" else "stalled"
+    assert reason in result.stdout, result.stdout
+    assert hostile.runs(tmp_path)[-1]["result"] == "failed"
+    deadline = time.monotonic() + 20
+    while pullkit.processes_mentioning(str(looping)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pullkit.processes_mentioning(str(looping)) == []
     assert pullkit.processes_mentioning(f"--restrict-to-repository {repo}") == []

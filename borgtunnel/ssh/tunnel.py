@@ -112,12 +112,36 @@ def _host_key_kind(target: Target, known: asyncssh.SSHKnownHosts) -> str:
     return "changed" if trusted or ca_keys else "unknown"
 
 
+class Traffic:
+    """Bytes the client sent through the tunnel's reverse forwards: its borg's requests and
+    data, the repository traffic of a run. Connecting and disconnecting send none; what the
+    server's side answers is not counted (borg 1.x serve answers a bare connect and close with
+    a line of its own)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+class _ClientSideForwarder(asyncssh.SSHForwarder):
+    """asyncssh's forwarder for the SSH channel's side of a forwarded connection: counts what
+    the client sends before passing it on to the local socket."""
+
+    def __init__(self, traffic: Traffic, peer: asyncssh.SSHForwarder) -> None:
+        super().__init__(peer)
+        self._traffic = traffic
+
+    def data_received(self, data: bytes, datatype: int | None = None) -> None:
+        self._traffic.bytes += len(data)
+        super().data_received(data, datatype)
+
+
 class Tunnel:
     """A verified SSH connection to one client."""
 
     def __init__(self, target: Target, conn: asyncssh.SSHClientConnection) -> None:
         self.target = target
         self._conn = conn
+        self.traffic = Traffic()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -175,13 +199,23 @@ class Tunnel:
         Uses create_unix_server directly (not forward_remote_path) to pass our channel window:
         the window, not the cipher, limits throughput on high-latency links.
         """
-        conn = self._conn
         local = str(local_path)
+        traffic = self.traffic
+
+        async def connect_local() -> _ClientSideForwarder:
+            # conn.forward_unix_connection, counting what the client sends.
+            try:
+                _, peer = await asyncio.get_running_loop().create_unix_connection(
+                    asyncssh.SSHForwarder, local
+                )
+            except OSError as exc:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            return _ClientSideForwarder(traffic, peer)
 
         def session_factory() -> Awaitable[asyncssh.SSHUNIXSession[bytes]]:
-            return cast(
-                Awaitable[asyncssh.SSHUNIXSession[bytes]], conn.forward_unix_connection(local)
-            )
+            return cast(Awaitable[asyncssh.SSHUNIXSession[bytes]], connect_local())
+
+        conn = self._conn
 
         try:
             listener = await conn.create_unix_server(
@@ -228,7 +262,7 @@ class Tunnel:
             process = await self._conn.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             raise ConnectError(self.target, f"cannot start the remote command: {exc}") from None
-        run = RemoteRun(self.target, process)
+        run = RemoteRun(self.target, process, self.traffic)
         try:
             yield run
         finally:
@@ -326,9 +360,16 @@ class RemoteRun:
     cut at MAX_LINE. ``last_activity`` (monotonic) is when the client last sent anything.
     """
 
-    def __init__(self, target: Target, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        process: asyncssh.SSHClientProcess[bytes],
+        traffic: Traffic | None = None,
+    ) -> None:
         self._target = target
         self._process = process
+        # The repository bytes of this run: what the client sent through its tunnel's forwards.
+        self.traffic = traffic if traffic is not None else Traffic()
         self._lines = _CappedLines()
         self._pending: list[str] = []
         self._eof = False

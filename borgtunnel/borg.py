@@ -278,7 +278,9 @@ def parse_progress(line: str) -> Progress | None:
             path=str(record.get("path") or ""),
             finished=bool(record.get("finished", False)),
         )
-    except (ValueError, TypeError, AttributeError):
+    # A client's line is anything: 1e999 is an OverflowError for int(), "[[[…" nested past
+    # the json module's recursion limit a RecursionError.
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
 
 
@@ -312,7 +314,7 @@ def parse_log_line(line: str) -> LogLine | None:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past json's recursion limit: text, too
         record = None
     if not isinstance(record, dict):
         return LogLine("warning", line, {})

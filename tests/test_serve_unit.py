@@ -289,6 +289,37 @@ async def test_max_connections_queues_the_rest(kit: Kit) -> None:
     kit.pids.add(int(hello.split()[0].split(b"=")[1]))
 
 
+async def test_connections_past_the_limit_are_closed_unserved(kit: Kit) -> None:
+    path, listener = kit.listen(connection_limit=2)
+    for _ in range(2):
+        await (await kit.connect(path)).finish()
+    for refused in (1, 2):
+        reader, _ = await kit.open(path)
+        assert await asyncio.wait_for(reader.read(), LINE_TIMEOUT) == b""  # no hello: no child
+        assert listener.stats.refused == refused
+    assert listener.limit_reached.is_set()
+    assert listener.stats.connections == 2
+    assert listener.stats.last_error is not None
+    assert "more than 2 connections" in listener.stats.last_error
+
+
+async def test_repository_activity_is_bytes_moved_not_connections(kit: Kit) -> None:
+    """A child counts from its second sample on: its start and a connection opened and closed
+    between two samples are no activity; echoing data through a child already seen is."""
+    path, listener = kit.listen()
+    assert listener.repository_activity() is False
+    await (await kit.connect(path)).finish()
+    async with asyncio.timeout(LINE_TIMEOUT):
+        await listener.wait_idle()
+    assert listener.repository_activity() is False
+    conn = await kit.connect(path)
+    assert listener.repository_activity() is False  # first seen: its start is not traffic
+    assert listener.repository_activity() is False  # nothing moved since
+    await conn.echo(os.urandom(100_000))
+    assert listener.repository_activity() is True
+    await conn.finish()
+
+
 async def test_spawn_failure_is_counted_and_the_client_sees_eof(kit: Kit) -> None:
     path, listener = kit.listen([str(kit.tmp_path / "no-such-borg"), "serve"])
     for attempt in (1, 2):  # the listener survives a failed spawn

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import reprlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -44,7 +46,7 @@ from borgtunnel.runs.verify import (
     verify_archive,
 )
 from borgtunnel.server.policy import serve_argv
-from borgtunnel.server.serve import BorgServeListener, pull_socket
+from borgtunnel.server.serve import BorgServeListener, pull_socket, run_to_completion
 from borgtunnel.ssh.tunnel import (
     ConnectError,
     RemoteRun,
@@ -151,6 +153,26 @@ def _size(n: int | None) -> str:
 
 ProgressCallback = Callable[[borg.Progress], None]
 
+# What of a client's record is logged: keys and texts are cut, values that are not plain
+# scalars (lists, objects, nested to any depth) are logged as a short repr.
+_MAX_FIELD_KEY = 64
+_MAX_FIELD_TEXT = 1024
+
+
+def _client_fields(fields: Mapping[str, object]) -> dict[str, object]:
+    """A client's record fields as plain data a log renderer cannot trip over."""
+    return {str(key)[:_MAX_FIELD_KEY]: _plain(value) for key, value in fields.items()}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, str):
+        return value[:_MAX_FIELD_TEXT]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN/Infinity would make the JSON log line invalid JSON
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return reprlib.repr(value)
+
 
 class _Run:
     """Mutable bookkeeping of the pull in progress."""
@@ -207,8 +229,8 @@ class _Run:
         if parsed is None:
             return
         fields = dict(parsed.fields)
-        if self.seen_borg is None:
-            self.seen_borg = clientborg.version_from_log(parsed.message, fields.get("name"))
+        if self.seen_borg is None and isinstance(name := fields.get("name"), str):
+            self.seen_borg = clientborg.version_from_log(parsed.message, name)
         if parsed.level == "warning":
             self.outcome.warning_count += 1
             self._keep(self.outcome.warnings, parsed.message)
@@ -221,7 +243,12 @@ class _Run:
         if self.lines_seen == MAX_LOGGED_LINES:
             self.log.warning("remote_lines_not_logged", after=MAX_LOGGED_LINES)
         if self.lines_seen < MAX_LOGGED_LINES:
-            self.log.log(parsed.severity, parsed.message, source="borg create", **fields)
+            # The client chooses the keys: nested under one key of ours, never beside our own
+            # fields (a "source", "event", "client" or "exc_info" of its own would replace them
+            # or clash with structlog's).
+            borg_fields = _client_fields(fields)
+            extra = {"borg": borg_fields} if borg_fields else {}
+            self.log.log(parsed.severity, parsed.message, source="borg create", **extra)
 
 
 async def pull(
@@ -323,13 +350,17 @@ async def _pull(run: _Run) -> None:
     before = repository_state(client.repository, borg2=run.borg2)
 
     try:
-        listener = await _run_remote(run, target, argv, passphrase)
-    except (TunnelError, StalledError, OSError):
-        await release_client_locks(run.config, run.client, passphrase, run.log)
-        raise
-    if run.outcome.result is RunResult.FAILED:
-        await release_client_locks(run.config, run.client, passphrase, run.log)
-    await _guard_key(run)
+        try:
+            listener = await _run_remote(run, target, argv, passphrase)
+        except (TunnelError, StalledError, OSError):
+            await release_client_locks(run.config, run.client, passphrase, run.log)
+            raise
+        if run.outcome.result is RunResult.FAILED:
+            await release_client_locks(run.config, run.client, passphrase, run.log)
+    finally:
+        # Whatever ended the run — a failure, a bug, a cancellation — the client may have
+        # changed the key through its tunnel: the guard always looks.
+        await run_to_completion(_guard_key(run))
     if run.outcome.result in (RunResult.OK, RunResult.WARNING):
         run.enter(State.VERIFYING)
         await _verify(run, listener, passphrase, before)
@@ -371,11 +402,20 @@ async def _run_remote(
 
 
 async def _guard_key(run: _Run) -> None:
-    """After every run, whatever its result: a client that changed the key is tampering."""
+    """After every run, whatever its result: a client that changed the key is tampering.
+
+    Never raises (it runs in a ``finally``, where it must not replace the run's own error): a
+    guard that could not look fails the run with its reason.
+    """
     client, server = run.client, run.config.server
-    tampering = await keyguard.check_key(
-        run.server_borg, client.repository, server.state_dir, client.name, borg2=run.borg2
-    )
+    try:
+        tampering = await keyguard.check_key(
+            run.server_borg, client.repository, server.state_dir, client.name, borg2=run.borg2
+        )
+    except (keyguard.KeyGuardError, OSError) as exc:
+        run.outcome.tampering = f"key guard: could not check the repository key: {exc}"
+        run.log.error("key_guard_failed", error=str(exc))
+        return
     if tampering is not None:
         run.outcome.tampering = tampering.message()
         run.log.error(
@@ -444,7 +484,7 @@ async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) 
     # On cancellation, _pull's cleanup stops serve first: that breaks the remote borg's RPC pipe
     # and it exits within a second, where closing the channel would leave it running.
     status, stdout = await finish_watched(
-        rr, run.on_remote_line, listener, stall_timeout=run.client.stall_timeout
+        rr, run.on_remote_line, listener, stall_timeout=run.client.stall_timeout, log=run.log
     )
     run.remote_finished = status is not None
     run.stdout = stdout

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from borgtunnel import borg, borg2
 from borgtunnel.client.remote import (
     RemoteSocket,
@@ -42,6 +44,10 @@ SERVE_EXIT_GRACE = 2.0
 KEEP_MESSAGES = 10
 # Lines of login noise or refusal kept while waiting for the ready line.
 MAX_PREPARE_LINES = 20
+# Lines a run's handler failed on that are logged; the rest are only counted.
+MAX_UNHANDLED_LOGGED = 10
+
+_log = structlog.get_logger("borgtunnel.runs.remoterun")
 
 
 async def release_client_locks(
@@ -94,6 +100,25 @@ class StalledError(Exception):
         )
 
 
+class TooManyConnectionsError(StalledError):
+    """The client opened more connections to the repository socket than a run needs.
+
+    A kind of StalledError so that every caller stopping and cleaning up a stalled run does
+    the same for this one (a reconnect loop is a way to look busy without moving data).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(0)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"too many connections: the client opened more than {self.limit} connections to "
+            "the repository socket in one run (borg opens one); the run was stopped and "
+            "cleaned up"
+        )
+
+
 async def await_ready(rr: RemoteRun, target: Target, configured: str, log: Any) -> RemoteSocket:  # noqa: ANN401 - a structlog bound logger
     """The client prepared the socket directory: where the socket goes, and nc or socat."""
     said: list[str] = []
@@ -141,38 +166,82 @@ async def forward_retrying(
         yield
 
 
+class LineGuard:
+    """Calls a run's line handler; a line it fails on is logged (the first few) and skipped.
+
+    What a client prints is anything, and a handler bug it finds must cost that line, not the
+    run: an exception here would skip the cleanup's checks (the key guard) with it.
+    """
+
+    def __init__(self, on_line: Callable[[str], None], log: Any) -> None:  # noqa: ANN401 - a structlog bound logger
+        self._on_line = on_line
+        self._log = log
+        self.failures = 0
+
+    def __call__(self, line: str) -> None:
+        try:
+            self._on_line(line)
+        except Exception as exc:  # noqa: BLE001 - whatever a client's text trips over
+            self.failures += 1
+            if self.failures <= MAX_UNHANDLED_LOGGED:
+                with contextlib.suppress(Exception):
+                    self._log.warning(
+                        "remote_line_not_handled",
+                        error=f"{type(exc).__name__}: {exc}"[:500],
+                        line=line[:200],
+                        failures=self.failures,
+                    )
+
+
 async def finish_watched(
     rr: RemoteRun,
     on_line: Callable[[str], None],
     listener: BorgServeListener,
     *,
     stall_timeout: float,
+    log: Any = None,  # noqa: ANN401 - a structlog bound logger
 ) -> tuple[int | None, str]:
     """Stream borg's output to the end: (exit status, stdout). Raises StalledError when the
-    run went silent for ``stall_timeout``; the caller's cleanup then stops it."""
-    finish = asyncio.ensure_future(rr.finish(on_stderr=on_line))
+    run went silent for ``stall_timeout``; the caller's cleanup then stops it. A line
+    ``on_line`` fails on is logged to ``log`` and skipped (LineGuard)."""
+    guard = LineGuard(on_line, log if log is not None else _log)
+    finish = asyncio.ensure_future(rr.finish(on_stderr=guard))
     watchdog = asyncio.ensure_future(_watch_stall(stall_timeout, rr, listener))
+    too_many = asyncio.ensure_future(listener.limit_reached.wait())
+    tasks = (finish, watchdog, too_many)
     try:
-        await asyncio.wait({finish, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (finish, watchdog):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(finish, watchdog, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if listener.limit_reached.is_set():  # even if borg ended meanwhile: the client was hostile
+        raise TooManyConnectionsError(listener.connection_limit or 0)
     if finish.cancelled():  # the watchdog fired first
         raise StalledError(stall_timeout)
     return finish.result()
 
 
 async def _watch_stall(limit: float, rr: RemoteRun, listener: BorgServeListener) -> None:
-    """Return once neither the client's borg said anything nor any repository byte moved (the
-    borg serve children's I/O counters) for ``limit`` seconds."""
+    """Return once neither the client's borg said anything nor any repository byte moved for
+    ``limit`` seconds.
+
+    Repository bytes are what the client sent through the forwards (rr.traffic) and, once its
+    borg has sent anything at all, what the borg serve children read and wrote (a serve may
+    work on disk a while without a byte on the socket: a commit, an index rebuild). Opening
+    and closing a connection sends no byte, and a child's start (Python loading borg) only
+    counts after that: a reconnect loop is not activity.
+    """
     loop = asyncio.get_running_loop()
-    io_seen, io_changed = listener.io_bytes(), loop.time()
+    listener.repository_activity()  # the first sample
+    traffic = rr.traffic
+    seen, io_changed = traffic.bytes, loop.time()
     while True:
         await asyncio.sleep(min(limit / 4, 15.0))
-        now, io_now = loop.time(), listener.io_bytes()
-        if io_now != io_seen:
-            io_seen, io_changed = io_now, now
+        now = loop.time()
+        serve_io = listener.repository_activity()
+        if traffic.bytes != seen or (serve_io and traffic.bytes > 0):
+            seen, io_changed = traffic.bytes, now
         if now - max(io_changed, rr.last_activity) >= limit:
             return
 

@@ -103,6 +103,8 @@ class ServeStats:
     """Counters the caller can report: how many connections, how many children failed."""
 
     connections: int = 0
+    # Connections closed unserved because the listener's connection_limit was reached.
+    refused: int = 0
     failures: int = 0
     last_error: str | None = None
     # The last line a child wrote on stderr (cut at 500 characters): usually the reason.
@@ -123,13 +125,20 @@ class BorgServeListener:
         client: str,
         stop_timeout: float,
         max_connections: int = 8,
+        connection_limit: int | None = None,
     ) -> None:
         self._sock = sock
         self._argv = list(argv)
         self._client = client
         self._stop_timeout = stop_timeout
         self._slots = asyncio.Semaphore(max_connections)
+        # Connections served over the listener's whole life (None: no limit). Past it each new
+        # connection is closed unserved and ``limit_reached`` is set.
+        self.connection_limit = connection_limit
+        self.limit_reached = asyncio.Event()
         self._children: set[_Child] = set()
+        # Each running child's read+written bytes at the last repository_activity() sample.
+        self._io_sampled: dict[_Child, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._accept_task: asyncio.Task[None] | None = None
@@ -140,17 +149,27 @@ class BorgServeListener:
     def active(self) -> int:
         return len(self._children)
 
-    def io_bytes(self) -> int:
-        """Bytes the running children have read and written (``/proc/PID/io``): repository
-        traffic, which never passes through Python, made visible for stall detection."""
-        total = 0
+    def repository_activity(self) -> bool:
+        """Did a ``borg serve`` child read or write since the last call? Repository traffic
+        never passes through Python; ``/proc/PID/io`` makes it visible for stall detection.
+
+        Only a child already seen at the previous call counts: a new child's first bytes are
+        its own start (Python loading borg), and a connection opened and closed between two
+        calls moved no repository data. So connecting, disconnecting and reconnecting is never
+        activity, whatever its pace; a child that keeps moving bytes is.
+        """
+        moved = False
+        sampled: dict[_Child, int] = {}
         for child in self._children:
-            with contextlib.suppress(OSError, ValueError):
-                for line in Path(f"/proc/{child.process.pid}/io").read_text().splitlines():
-                    key, _, value = line.partition(":")
-                    if key in ("rchar", "wchar"):
-                        total += int(value)
-        return total + self.stats.connections
+            io = _io_bytes(child.process.pid)
+            if io is None:
+                continue
+            sampled[child] = io
+            before = self._io_sampled.get(child)
+            if before is not None and io > before:
+                moved = True
+        self._io_sampled = sampled
+        return moved
 
     def start(self) -> None:
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"accept {self._client}")
@@ -179,6 +198,12 @@ class BorgServeListener:
             except BaseException:
                 self._slots.release()
                 raise
+            if (
+                self.connection_limit is not None
+                and self.stats.connections >= self.connection_limit
+            ):
+                self._refuse(conn)
+                continue
             try:
                 await self._spawn(conn)
             except OSError as exc:
@@ -190,6 +215,19 @@ class BorgServeListener:
                 # The child holds its own copy of the descriptor; ours must go, or the client
                 # would never see EOF when the child exits.
                 conn.close()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Close a connection over the limit unserved: no ``borg serve`` is started for it."""
+        conn.close()
+        self._slots.release()
+        self.stats.refused += 1
+        if not self.limit_reached.is_set():
+            self.limit_reached.set()
+            self.stats.last_error = (
+                f"more than {self.connection_limit} connections to the repository socket; "
+                "further ones are closed unserved"
+            )
+            self.log.error("serve_connection_limit", limit=self.connection_limit)
 
     async def _spawn(self, conn: socket.socket) -> None:
         # O_NONBLOCK lives on the shared open file description: borg must get a blocking socket.
@@ -275,6 +313,21 @@ class BorgServeListener:
         await self.terminate_children()
 
 
+def _io_bytes(pid: int) -> int | None:
+    """rchar + wchar of ``pid`` (``/proc/PID/io``), or None once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/io").read_text().splitlines()
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("rchar", "wchar"):
+            with contextlib.suppress(ValueError):
+                total += int(value)
+    return total
+
+
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
     """Lines of ``stream``; a line longer than the reader's limit comes out in pieces.
 
@@ -328,6 +381,12 @@ async def run_to_completion(cleanup: Coroutine[object, object, None]) -> None:
 
 
 _TOKEN_HEX_CHARS = 8  # secrets.token_hex(4) in pull_socket
+
+# Connections one pull or restore may open to its socket. borg 1.2.4, 1.4.5 and 2.0.0b25 open
+# one per create or extract (measured); the margin is for wrappers running more borg commands
+# and for later borg versions. A client that reconnects in a loop starts a borg serve per
+# connection: the run is failed at this count.
+RUN_CONNECTION_LIMIT = 16
 
 
 def pull_socket_name(client: str) -> str:
@@ -385,7 +444,13 @@ async def pull_socket(
     sweep_stale_sockets(socket_dir, [client])
     path = socket_dir / pull_socket_name(client)
     sock = bind_unix_socket(path)
-    listener = BorgServeListener(sock, argv, client=client, stop_timeout=stop_timeout)
+    listener = BorgServeListener(
+        sock,
+        argv,
+        client=client,
+        stop_timeout=stop_timeout,
+        connection_limit=RUN_CONNECTION_LIMIT,
+    )
     listener.start()
     try:
         yield path, listener

@@ -22,6 +22,10 @@ from borgtunnel.ssh.tunnel import SHORT_COMMAND_TIMEOUT, Target, Tunnel, TunnelE
 from borgtunnel.text import printable
 
 PREFIX = "borgtunnel-doctor "
+# What a report keeps of a client's answer (each line is already cut at tunnel.MAX_LINE): the
+# doctor request reads for up to twice SHORT_COMMAND_TIMEOUT, time enough for millions of lines.
+MAX_OTHER_LINES = 20
+MAX_FACTS = 32
 
 # $1 the configured socket path, then remote_borg's words. Read-only apart from creating the
 # socket directory (0700) the first pull would create anyway, and the probe socket.
@@ -79,6 +83,17 @@ class DoctorReport:
     other_output: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    def said(self, line: str) -> None:
+        """Keep one line of other output: the last MAX_OTHER_LINES, whatever a client sends."""
+        if line.strip():
+            self.other_output.append(line.rstrip("\n"))
+            del self.other_output[:-MAX_OTHER_LINES]
+
+    def learn(self, key: str, value: str) -> None:
+        """Keep one fact; a client inventing keys gets the first MAX_FACTS kept."""
+        if key in self.facts or len(self.facts) < MAX_FACTS:
+            self.facts[key] = value
+
     @property
     def exit_code(self) -> int:
         return 2 if self.problems else 0
@@ -89,16 +104,18 @@ class DoctorReport:
             return "none: the server's key can run any command on this client (README: Gatekeeper)"
         try:
             policy = json.loads(self.facts.get("policy", "{}"))
-        except ValueError:
+        except (ValueError, RecursionError):
+            policy = {}
+        if not isinstance(policy, dict):
             policy = {}
         restore = (
-            "allowed into " + ", ".join(policy.get("restore_targets", []))
+            "allowed into " + _listed(policy.get("restore_targets", []))
             if policy.get("restore")
             else "refused"
         )
         return (
             f"version {version}, policy {policy.get('policy', '?')}: paths "
-            f"{', '.join(policy.get('paths', []))}; socket_dir {policy.get('socket_dir', '?')}; "
+            f"{_listed(policy.get('paths', []))}; socket_dir {policy.get('socket_dir', '?')}; "
             f"borg {policy.get('borg', '?')}; restore {restore}"
         )
 
@@ -128,6 +145,13 @@ class DoctorReport:
         out += [f"  PROBLEM: {problem}" for problem in self.problems]
         # Facts, policy and "said" lines are whatever the client printed.
         return [printable(line) for line in out]
+
+
+def _listed(value: object) -> str:
+    """A policy list as the client sent it; any other JSON value as its text."""
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
 
 
 def borg_version_problem(client: ClientConfig, said: str) -> str | None:
@@ -165,8 +189,7 @@ async def _examine(target: Target, client: ClientConfig, report: DoctorReport) -
             while (line := await rr.next_line()) is not None:
                 parsed = parse_doctor_line(line)
                 if parsed is None:
-                    if line.strip():
-                        report.other_output.append(line.rstrip("\n"))
+                    report.said(line)
                     continue
                 key, value = parsed
                 if key == "probe":
@@ -175,7 +198,7 @@ async def _examine(target: Target, client: ClientConfig, report: DoctorReport) -
                 if key == "probe-failed":
                     report.forwarding = f"not tested: {value}"
                     continue
-                report.facts[key] = value
+                report.learn(key, value)
         if probe is not None:
             result = await tunnel.probe_forwarding(probe)
             if result.remote_refused is not None:
@@ -188,6 +211,5 @@ async def _examine(target: Target, client: ClientConfig, report: DoctorReport) -
         rr.send_and_close(GO)
         async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
             while (line := await rr.next_line()) is not None:
-                if line.strip():
-                    report.other_output.append(line.rstrip("\n"))
+                report.said(line)
             await rr.status()

@@ -79,6 +79,10 @@ class ForwardError(TunnelError):
     """The client's sshd refused the reverse unix-socket forward."""
 
 
+class OutputFloodError(TunnelError):
+    """The client answered a short command with more output than such a command prints."""
+
+
 class RemotePrepareError(TunnelError):
     """The client refused before borg started (symlink, wrong owner, no nc/socat, ...)."""
 
@@ -108,12 +112,36 @@ def _host_key_kind(target: Target, known: asyncssh.SSHKnownHosts) -> str:
     return "changed" if trusted or ca_keys else "unknown"
 
 
+class Traffic:
+    """Bytes the client sent through the tunnel's reverse forwards: its borg's requests and
+    data, the repository traffic of a run. Connecting and disconnecting send none; what the
+    server's side answers is not counted (borg 1.x serve answers a bare connect and close with
+    a line of its own)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+class _ClientSideForwarder(asyncssh.SSHForwarder):
+    """asyncssh's forwarder for the SSH channel's side of a forwarded connection: counts what
+    the client sends before passing it on to the local socket."""
+
+    def __init__(self, traffic: Traffic, peer: asyncssh.SSHForwarder) -> None:
+        super().__init__(peer)
+        self._traffic = traffic
+
+    def data_received(self, data: bytes, datatype: int | None = None) -> None:
+        self._traffic.bytes += len(data)
+        super().data_received(data, datatype)
+
+
 class Tunnel:
     """A verified SSH connection to one client."""
 
     def __init__(self, target: Target, conn: asyncssh.SSHClientConnection) -> None:
         self.target = target
         self._conn = conn
+        self.traffic = Traffic()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -126,29 +154,43 @@ class Tunnel:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), timeout=5)
 
-    async def _exec(self, command: str) -> tuple[int | None, bytes, str]:
-        """Run a short command; return (status, stdout bytes, stderr text)."""
+    async def _exec(self, command: str) -> tuple[int | None, str]:
+        """Run a short command; return (status, its output as text).
+
+        Not ``conn.run``, which keeps all a command prints: the output is read in chunks and a
+        client answering with more than MAX_SHORT_OUTPUT bytes is cut off there (OutputFloodError).
+        """
         try:
             async with asyncio.timeout(SHORT_COMMAND_TIMEOUT):
-                result = await self._conn.run(command, encoding=None, check=False, stdin=b"")
+                process = await self._conn.create_process(command, encoding=None)
+                try:
+                    process.stdin.write_eof()
+                    output = await _read_bounded(process, MAX_SHORT_OUTPUT)
+                    await process.wait_closed()
+                finally:
+                    process.close()
         except TimeoutError:
             raise ConnectError(
                 self.target, f"no answer within {SHORT_COMMAND_TIMEOUT:.0f}s"
             ) from None
+        except _TooMuchOutputError:
+            raise OutputFloodError(
+                self.target,
+                f"the client answered a housekeeping command with more than {MAX_SHORT_OUTPUT} "
+                "bytes of output; stopped reading it",
+            ) from None
         except (OSError, asyncssh.Error) as exc:
             raise ConnectError(self.target, f"connection lost: {exc}") from None
-        stdout = cast(bytes, result.stdout or b"")
-        stderr = cast(bytes, result.stderr or b"").decode("utf-8", "replace")
-        return result.exit_status, stdout, stderr
+        return process.exit_status, output.decode("utf-8", "replace")
 
     async def remove_socket(self, path: str) -> None:
         await self.exec_quiet(remove_command(path))
 
     async def exec_quiet(self, command: str) -> None:
         """Run a short housekeeping command that prints nothing on success."""
-        code, _, stderr = await self._exec(command)
+        code, output = await self._exec(command)
         if code != 0:
-            raise RemotePrepareError(self.target, code, stderr)
+            raise RemotePrepareError(self.target, code, output)
 
     @contextlib.asynccontextmanager
     async def forward(self, remote_path: str, local_path: Path) -> AsyncIterator[None]:
@@ -157,13 +199,23 @@ class Tunnel:
         Uses create_unix_server directly (not forward_remote_path) to pass our channel window:
         the window, not the cipher, limits throughput on high-latency links.
         """
-        conn = self._conn
         local = str(local_path)
+        traffic = self.traffic
+
+        async def connect_local() -> _ClientSideForwarder:
+            # conn.forward_unix_connection, counting what the client sends.
+            try:
+                _, peer = await asyncio.get_running_loop().create_unix_connection(
+                    asyncssh.SSHForwarder, local
+                )
+            except OSError as exc:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            return _ClientSideForwarder(traffic, peer)
 
         def session_factory() -> Awaitable[asyncssh.SSHUNIXSession[bytes]]:
-            return cast(
-                Awaitable[asyncssh.SSHUNIXSession[bytes]], conn.forward_unix_connection(local)
-            )
+            return cast(Awaitable[asyncssh.SSHUNIXSession[bytes]], connect_local())
+
+        conn = self._conn
 
         try:
             listener = await conn.create_unix_server(
@@ -210,7 +262,7 @@ class Tunnel:
             process = await self._conn.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             raise ConnectError(self.target, f"cannot start the remote command: {exc}") from None
-        run = RemoteRun(self.target, process)
+        run = RemoteRun(self.target, process, self.traffic)
         try:
             yield run
         finally:
@@ -232,6 +284,41 @@ class ForwardProbe:
 MAX_STDOUT = 1024 * 1024
 MAX_LINE = 8 * 1024
 _CHUNK = 64 * 1024
+# A housekeeping command (cleanup, remove) prints nothing on success and a line or two when it
+# fails, plus whatever login noise a shell adds: more than this is not an answer.
+MAX_SHORT_OUTPUT = 64 * 1024
+
+
+class _TooMuchOutputError(Exception):
+    pass
+
+
+async def _read_bounded(process: asyncssh.SSHClientProcess[bytes], limit: int) -> bytes:
+    """stdout and stderr of ``process`` until both end, together at most ``limit`` bytes.
+
+    Both are read at once: an SSH channel has one window for both, so a stream left unread
+    would stall the other. asyncssh holds at most a window's worth unread (it pauses the channel
+    beyond that), so memory stays near ``limit`` plus one window, whatever the client sends.
+    """
+    kept = bytearray()
+
+    async def drain(stream: asyncssh.SSHReader[bytes]) -> None:
+        while chunk := await stream.read(_CHUNK):
+            if len(kept) + len(chunk) > limit:
+                raise _TooMuchOutputError
+            kept.extend(chunk)
+
+    readers = [
+        asyncio.ensure_future(drain(process.stdout)),
+        asyncio.ensure_future(drain(process.stderr)),
+    ]
+    try:
+        await asyncio.gather(*readers)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    return bytes(kept)
 
 
 class _CappedLines:
@@ -273,9 +360,16 @@ class RemoteRun:
     cut at MAX_LINE. ``last_activity`` (monotonic) is when the client last sent anything.
     """
 
-    def __init__(self, target: Target, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        process: asyncssh.SSHClientProcess[bytes],
+        traffic: Traffic | None = None,
+    ) -> None:
         self._target = target
         self._process = process
+        # The repository bytes of this run: what the client sent through its tunnel's forwards.
+        self.traffic = traffic if traffic is not None else Traffic()
         self._lines = _CappedLines()
         self._pending: list[str] = []
         self._eof = False

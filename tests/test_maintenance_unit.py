@@ -62,40 +62,15 @@ def test_config_errors_name_the_dotted_key():
     }
 
 
-def test_prune_argv_leaves_out_unused_rules_and_ends_options():
-    rules = RetentionSettings(keep_within="2d", keep_daily=7, keep_monthly=6)
-    argv = retention.prune_argv("borg", Path("/srv/borg/-odd"), rules, dry_run=True)
-    assert argv == [
-        "borg",
-        "prune",
-        "--log-json",
-        "--list",
-        "--dry-run",
-        "--keep-within=2d",
-        "--keep-daily=7",
-        "--keep-monthly=6",
-        "--",
-        "/srv/borg/-odd",
-    ]
-    assert "--dry-run" not in retention.prune_argv("borg", Path("/r"), rules, dry_run=False)
+def test_delete_argv_names_exactly_the_archives_after_the_options_end():
+    argv = retention.delete_argv("borg", Path("/srv/borg/-odd"), ["-a", "b *"], borg2=False)
+    assert argv == ["borg", "delete", "--log-json", "--", "/srv/borg/-odd", "-a", "b *"]
 
 
 def test_check_argv_verify_data():
     repo = Path("/r")
     assert "--verify-data" not in retention.check_argv("borg", repo, CheckSettings())
     assert "--verify-data" in retention.check_argv("borg", repo, CheckSettings(verify_data=True))
-
-
-def test_would_prune_matches_ids_not_names():
-    archives = [
-        retention.Archive(name="a [b] c", id="1" * 64, time=""),
-        retention.Archive(name="Would prune: x", id="2" * 64, time=""),
-    ]
-    messages = [
-        f"Keeping archive (rule: daily #1):   Would prune: x   Mon, 2026-11-02 [{'2' * 64}]",
-        f"Would prune:                        a [b] c          Sun, 2026-11-01 [{'1' * 64}]",
-    ]
-    assert retention.would_prune(messages, archives) == ["a [b] c"]
 
 
 def test_parse_archives_from_info_and_list_json():

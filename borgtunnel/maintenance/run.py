@@ -49,6 +49,7 @@ from borgtunnel.server.localborg import LocalResult, run_local_borg
 log = structlog.get_logger("borgtunnel.maintenance")
 
 PRUNED = "pruned"
+UNVERIFIED = "unverified"
 ACCEPTED = "accepted"
 
 _RANK = {
@@ -336,7 +337,7 @@ class _Maintenance:
             archives=[{"name": a.name, "id": a.id, "time": a.time} for a in strangers[:50]],
             count=len(strangers),
         )
-        self.add(Step("unverified", RunResult.WARNING, unverified_message(self.client, strangers)))
+        self.add(Step(UNVERIFIED, RunResult.WARNING, unverified_message(self.client, strangers)))
 
     def known_ids(self) -> dict[str, str]:
         """Name -> the id first seen with it: how a 1.x replacement (deleted, made again under
@@ -554,7 +555,21 @@ async def after_pull(
         due = plan = Plan(check=due.check)
     if not due:
         return
+    before = history.last_operation(client.name, UNVERIFIED)
     try:
-        await maintain_locked(config, client, history, plan=plan, trigger="daemon")
+        done = await maintain_locked(config, client, history, plan=plan, trigger="daemon")
     except Exception:  # a maintenance bug must not turn a good pull into a crash
         log.exception("maintenance_crashed", client=client.name)
+        return
+    if outcome is not None and outcome.tampering is None:
+        outcome.tampering = news_of_unverified(done, before)
+
+
+def news_of_unverified(done: MaintainOutcome, before: Operation | None) -> str | None:
+    """The unverified-archives report of this run when it is news: the set changed since the
+    last report (its text ends in a fingerprint of every id), so the daemon's notifier says
+    it once per change, not after every pull."""
+    step = next((s for s in done.steps if s.operation == UNVERIFIED), None)
+    if step is None or (before is not None and before.detail == step.detail):
+        return None
+    return step.detail

@@ -14,6 +14,7 @@ add any number, with any name and date) is reported too; retention ignores it (k
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,9 @@ def tamper_report(
 
 
 def unverified_message(client: ClientConfig, archives: Sequence[Archive], limit: int = 10) -> str:
-    """What to say about archives in the repository that no verified pull made."""
+    """What to say about archives in the repository that no verified pull made; the same
+    words for the same archives, whatever order the listing had."""
+    archives = sorted(archives, key=lambda a: (a.name, a.id))
     shown = ", ".join(
         f"{archive.name!r} (id {archive.id[:16]}, dated {archive.time[:19]!r} by its maker)"
         for archive in archives[:limit]
@@ -127,5 +130,11 @@ def unverified_message(client: ClientConfig, archives: Sequence[Archive], limit:
         "or a pull was cut off before the server read its archive back. Retention neither "
         "counts them nor deletes them: the time in an archive is the client's word, so they "
         "cannot push a verified archive out. If they are not wanted, delete them with the "
-        f"server's borg: {how}."
+        f"server's borg: {how}. [{len(archives)} unverified, fingerprint "
+        f"{fingerprint(a.id for a in archives)}]"
     )
+
+
+def fingerprint(ids: Iterable[str]) -> str:
+    """A short digest of a set of archive ids: tells whether a report is news."""
+    return hashlib.sha256(" ".join(sorted(ids)).encode()).hexdigest()[:12]

@@ -183,8 +183,7 @@ def test_an_archive_replaced_under_its_own_name_blocks_compact(
     name_format = "c1-{now:%Y-%m-%dT%H:%M:%S.%f}"
     data, repo, config = _setup(tmp_path, sshd, retention="keep_daily = 7", archive=name_format)
     assert pullkit.run_cli(config, "pull", "c1").returncode == 0
-    seen = pullkit.run_cli(config, "maintain", "c1")  # the first sight records the archive's id
-    assert seen.returncode == 0, seen.stdout + seen.stderr
+    # No maintenance has seen the archive yet: the id its pull verified is what counts.
     (victim,) = pullkit.archives(tmp_path, repo)
     forged = tmp_path / "forged"
     forged.mkdir()

@@ -281,7 +281,12 @@ class _Maintenance:
         plan = requested if requested is not None else self.due_plan()
         verified = self.history.verified_archives(name, by_id=self.borg2)
         report = tamper_report(
-            name, self.client.repository, verified, present, self.known_ids(), borg2=self.borg2
+            name,
+            self.client.repository,
+            verified,
+            present,
+            self.known_ids(verified),
+            borg2=self.borg2,
         )
         if not self.dry_run and not self.borg2:
             # First sight of an archive of ours: remember the id its pull verified (known ones
@@ -292,7 +297,7 @@ class _Maintenance:
             report = None  # the dry run shows what would happen after the acknowledgement
         # The id each verified archive must have; 1.x: an accepted replacement's new id.
         ids = {key: made.id for key, made in verified.items()}
-        ids.update({n: i for n, i in self.known_ids().items() if n in ids})
+        ids.update({n: i for n, i in self.known_ids(verified).items() if n in ids})
         self.report_unverified(archives, ids)
         if report is not None:
             self.outcome.missing = report.missing
@@ -339,10 +344,18 @@ class _Maintenance:
         )
         self.add(Step(UNVERIFIED, RunResult.WARNING, unverified_message(self.client, strangers)))
 
-    def known_ids(self) -> dict[str, str]:
-        """Name -> the id first seen with it: how a 1.x replacement (deleted, made again under
-        the same name) shows. borg 2's archives are told apart by id, so nothing to replace."""
-        return {} if self.borg2 else self.history.archive_ids(self.client.name)
+    def known_ids(self, verified: Mapping[str, VerifiedArchive] | None = None) -> dict[str, str]:
+        """Name -> the id its pull verified (or an administrator accepted as its replacement):
+        how a 1.x replacement (deleted, made again under the same name) shows, also before
+        maintenance first saw the archive. borg 2's archives are told apart by id, so nothing
+        to replace."""
+        if self.borg2:
+            return {}
+        if verified is None:
+            verified = self.history.verified_archives(self.client.name)
+        ids = {name: made.id for name, made in verified.items() if made.id is not None}
+        ids.update(self.history.archive_ids(self.client.name))
+        return ids
 
     def due_plan(self) -> Plan:
         name = self.client.name

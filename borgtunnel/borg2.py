@@ -12,7 +12,6 @@ is borg.create_argv's (``borg2=True``): one place decides its options.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 # What a restore's tunnel may do: read, never write.
@@ -58,17 +57,14 @@ def break_lock_argv(borg: str, repository: Path) -> list[str]:
 # --- server-side maintenance -------------------------------------------------------------------
 
 
-def prune_argv(borg: str, repository: Path, rules: Sequence[str], *, dry_run: bool) -> list[str]:
-    """Every archive of the repository, grouped by series name and host (borg 2's default);
-    ``rules`` in borg 2's spelling (maintenance/retention.py builds them for both majors)."""
+def delete_argv(borg: str, repository: Path, archive_id: str) -> list[str]:
+    """Soft-delete the one archive with this id (``borg undelete`` until a compact)."""
     return [
         borg,
-        "prune",
+        "delete",
         "--log-json",
-        "--list",
-        *(["--dry-run"] if dry_run else []),
-        *rules,
         f"--repo={repository}",
+        f"--match-archives=aid:{archive_id}",
     ]
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "RunResult",
     "RunStats",
     "SentNotification",
+    "VerifiedArchive",
 ]
 
 DB_FILENAME: Final = "history.sqlite3"
@@ -219,6 +220,16 @@ class Operation:
     result: RunResult
     exit_code: int | None = None
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifiedArchive:
+    """An archive a verified pull made: its name, its id (None in rows older than schema 2)
+    and when the server started that pull."""
+
+    name: str
+    id: str | None
+    time: datetime
 
 
 @dataclass(frozen=True)
@@ -694,27 +705,39 @@ class History:
         ).fetchone()
         return _from_utc_text(row["at"]) if row is not None and row["at"] else None
 
-    def expected_archives(self, client: str, *, by_id: bool = False) -> set[str]:
-        """Archives that should be in *client*'s repository: those successful pulls created,
-        minus those removed with our knowledge since (a name created again later counts again).
-        ``by_id``: archive ids rather than names (borg 2, whose names are series); removals
-        are then recorded by id too.
+    def verified_archives(self, client: str, *, by_id: bool = False) -> dict[str, VerifiedArchive]:
+        """The archives verified pulls of *client* made that should still be in its repository
+        (minus those removed with our knowledge since; a name created again later counts
+        again), keyed by name, or by id with ``by_id`` (borg 2, whose names are series; its
+        removals are recorded by id too). Each with the time the server started its pull:
+        retention's clock, never the time the client wrote into the archive.
         """
         column = "archive_id" if by_id else "archive"
-        created: dict[str, str] = {}
+        created: dict[str, tuple[str, VerifiedArchive]] = {}
         for row in self._conn.execute(
-            f"SELECT {column} AS archive, COALESCE(finished, started) AS at FROM runs"  # noqa: S608 - one of two fixed names
-            f" WHERE client = ? AND kind = ? AND {column} IS NOT NULL AND result IN (?, ?)",
+            f"SELECT {column} AS archive_key, archive, archive_id, started,"  # noqa: S608 - one of two fixed names
+            " COALESCE(finished, started) AS at FROM runs"
+            f" WHERE client = ? AND kind = ? AND {column} IS NOT NULL AND archive IS NOT NULL"
+            " AND result IN (?, ?)",
             (client, KIND_PULL, *(result.value for result in _SUCCESSES)),
         ):
-            created[row["archive"]] = max(created.get(row["archive"], ""), row["at"])
+            key = row["archive_key"]
+            if key not in created or created[key][0] < row["at"]:
+                made = VerifiedArchive(
+                    row["archive"], row["archive_id"], _from_utc_text(row["started"])
+                )
+                created[key] = (row["at"], made)
         for row in self._conn.execute(
             "SELECT archive, MAX(at) AS at FROM archive_removals WHERE client = ? GROUP BY archive",
             (client,),
         ):
-            if row["archive"] in created and created[row["archive"]] <= row["at"]:
+            if row["archive"] in created and created[row["archive"]][0] <= row["at"]:
                 del created[row["archive"]]
-        return set(created)
+        return {key: made for key, (_, made) in created.items()}
+
+    def expected_archives(self, client: str, *, by_id: bool = False) -> set[str]:
+        """The keys of :meth:`verified_archives`: what should be in the repository."""
+        return set(self.verified_archives(client, by_id=by_id))
 
     def result_counts(self) -> dict[tuple[str, RunResult], int]:
         """(client, result) -> how many finished runs: the ``runs_total`` metric."""

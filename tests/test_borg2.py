@@ -536,3 +536,47 @@ def test_a_repository_created_again_by_hand_is_named_not_overwritten(b2: Borg2) 
     assert b2.cli("init", "c1").returncode == 0  # the administrator's way: a new saved key
     again = b2.cli("pull", "c1")
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def _future_dated_script(b2: Borg2) -> Path:
+    """A compromised borg 2 client: one more archive of its own series, dated 2099, through its
+    write-only tunnel; then its real backup."""
+    src = b2.tmp / "forged"
+    src.mkdir()
+    (src / "note").write_text("pay\n")
+    body = (
+        "pw=$(cat)\n"
+        'series=""; take=0\n'
+        'for arg in "$@"; do [ "$take" = 1 ] && { series=$arg; break; }; '
+        '[ "$arg" = "--" ] && take=1; done\n'
+        f'printf "%s" "$pw" | BORG_PASSPHRASE_FD=0 {b2.exe} create --timestamp '
+        f'2099-01-01T00:00:00 --repo=ssh://borgtunnel{b2.repo} -- "$series" {src} >&2 || exit 9\n'
+        f'printf "%s" "$pw" | BORG_PASSPHRASE_FD=0 exec {b2.exe} "$@"\n'
+    )
+    return hostile.script(b2.tmp, "future", body)
+
+
+def test_a_future_dated_archive_of_the_series_never_makes_the_server_prune_real_ones(
+    b2: Borg2,
+) -> None:
+    """borg prune groups by series and host, both the client's to choose, and keeps by the date
+    in the archive: one archive dated 2099 of the client's series was the only one kept. Now
+    only verified archives count, by the server's time, and the forged one is reported."""
+    b2.write()
+    assert b2.cli("init", "c1").returncode == 0
+    assert b2.cli("pull", "c1").returncode == 0
+    b2.write(remote_borg=_future_dated_script(b2))
+    assert b2.cli("pull", "c1").returncode == 0
+    runs = hostile.runs(b2.tmp)
+    first, newest = (run["archive_id"] for run in runs)
+    forged = {a["id"] for a in b2.archives()} - {first, newest}
+    assert len(forged) == 1
+    b2.config.write_text(b2.config.read_text() + "\n[clients.c1.retention]\nkeep_daily = 1\n")
+
+    result = b2.cli("maintain", "c1")
+
+    assert result.returncode == 1, result.stdout + result.stderr  # tampering reported
+    assert "unverified warning: tampering suspected: 1 archive(s)" in result.stdout
+    assert f"prune ok: removed 1: {first}" in result.stdout  # keep_daily = 1, by the server
+    assert {a["id"] for a in b2.archives()} == {newest, *forged}
+    b2.assert_restores(newest, "newest")

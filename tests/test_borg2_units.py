@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from borgtunnel import borg, borg2
-from borgtunnel.config import Config, RetentionSettings, parse_config
+from borgtunnel.config import Config, parse_config
 from borgtunnel.history import History, RunResult
 from borgtunnel.maintenance import retention
 from borgtunnel.maintenance.tamper import tamper_report
@@ -86,14 +86,17 @@ def test_restore_extracts_by_id_with_the_repository_as_an_option() -> None:
     assert argv[argv.index("--") + 1 :] == [f"aid:{ID}", "pp:etc/x"]
 
 
-def test_prune_spells_keep_within_as_keep() -> None:
-    rules = RetentionSettings(keep_within="2d", keep_daily=7, keep_weekly=0)
-    argv = retention.prune_argv("borg", REPO, rules, dry_run=True, borg2=True)
-    assert "--keep=2d" in argv
-    assert "--keep-daily=7" in argv
-    assert not any(word.startswith("--keep-weekly") for word in argv)
-    assert "--dry-run" in argv
-    assert argv[-1] == f"--repo={REPO}"
+def test_deletes_go_by_id_one_archive_at_a_time() -> None:
+    argv = retention.delete_argv("borg", REPO, ["a" * 64], borg2=True)
+    assert argv == [
+        "borg",
+        "delete",
+        "--log-json",
+        f"--repo={REPO}",
+        f"--match-archives=aid:{'a' * 64}",
+    ]
+    with pytest.raises(ValueError, match="unpack"):
+        retention.delete_argv("borg", REPO, ["a" * 64, "b" * 64], borg2=True)
     assert retention.list_argv("borg", REPO, borg2=True)[1] == "repo-list"
     assert retention.data_dir(REPO, borg2=True) == REPO / "packs"
 
@@ -103,8 +106,6 @@ def test_archives_are_told_apart_by_id() -> None:
     b = retention.Archive(name="web1", id="b" * 64, time="t2")
     assert retention.identity(a, borg2=True) != retention.identity(b, borg2=True)
     assert retention.identity(a) == retention.identity(b)  # 1.x: the name
-    lines = [f"Would prune:   web1   Wed [{'a' * 64}]", f"Keeping archive: web1 [{'b' * 64}]"]
-    assert retention.would_prune(lines, [a, b], borg2=True) == ["a" * 64]
 
 
 def test_expected_archives_by_id_and_the_borg2_tamper_message(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from borgtunnel.runs.jobs import run_recorded
 from borgtunnel.runs.pull import PullOutcome
 from borgtunnel.scheduling.daemon import Daemon
 from borgtunnel.systemd import Notifier
+from tests import retention_kit
 from tests.daemon_support import (
     FIRE_AT,
     archives,
@@ -55,11 +57,34 @@ def forge_old_archives(tmp_path: Path, repo: Path) -> None:
         )
 
 
+def forge_future_archive(tmp_path: Path, repo: Path) -> None:
+    """What a compromised client can add through its tunnel: an archive dated 2099."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "note").write_text("pay\n")
+    subprocess.run(
+        ["borg", "create", "--timestamp", "2099-01-01T00:00:00", f"{repo}::evil-2099", str(evil)],
+        env=server_env(tmp_path),
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.usefixtures("server_borg_env")
 async def test_daemon_maintains_after_a_verified_pull(sshd: SshdServer, tmp_path: Path) -> None:
+    """old-1 and old-2 were verified in January (by the server's clock): keep_daily = 1 removes
+    them. evil-2099 was never verified: borg prune would have kept it alone and deleted the
+    daemon's own archive; it is reported (a warning) and neither counted nor deleted."""
     repo = make_repo(tmp_path, "web1")
     data = make_data(tmp_path, "web1", random_bytes=20_000)
     forge_old_archives(tmp_path, repo)
+    ids = retention_kit.archive_ids(repo, server_env(tmp_path))
+    january = {
+        name: (ids[name], datetime(2026, 1, day, 10, tzinfo=UTC))
+        for day, name in ((1, "old-1"), (2, "old-2"))
+    }
+    forge_future_archive(tmp_path, repo)
     client = sshd_client(sshd, "web1", repo, data, schedule="0 2 * * *")
     path = write_config(tmp_path / "borgtunnel.toml", tmp_path, sshd=sshd, clients={"web1": client})
     path.write_text(
@@ -67,20 +92,23 @@ async def test_daemon_maintains_after_a_verified_pull(sshd: SshdServer, tmp_path
         + '\n[clients.web1.retention]\nkeep_daily = 1\n\n[clients.web1.check]\nevery = "30d"\n'
     )
     config = load_config(path)
-    daemon = Daemon(config, now=shifted_now(clock_offset(FIRE_AT, 1.0)), notifier=Notifier(""))
     state_dir = config.server.state_dir
+    retention_kit.record_verified(state_dir, "web1", january)
+    daemon = Daemon(config, now=shifted_now(clock_offset(FIRE_AT, 1.0)), notifier=Notifier(""))
     async with serving(daemon):
         await eventually(
-            lambda: [r.result for r in runs(state_dir, "web1")] == [RunResult.OK, RunResult.OK],
+            lambda: (
+                [r.result for r in runs(state_dir, "web1")[2:]] == [RunResult.OK, RunResult.WARNING]
+            ),
             within=90,
             what="a pull and a maintenance run",
         )
-    pull, maintain = runs(state_dir, "web1")
+    pull, maintain = runs(state_dir, "web1")[2:]
     assert (pull.kind, pull.trigger) == ("pull", "daemon")
     assert (maintain.kind, maintain.trigger) == ("maintain", "daemon")
     assert pull.finished is not None
     assert maintain.started >= pull.finished  # after the pull, not beside it
-    assert archives(tmp_path, repo) == [pull.archive]  # the forged old ones were pruned
+    assert sorted(archives(tmp_path, repo)) == sorted([str(pull.archive), "evil-2099"])
     with History.open(state_dir) as history:
         for operation in ("prune", "compact", "check"):
             step = history.last_operation("web1", operation)
@@ -88,7 +116,13 @@ async def test_daemon_maintains_after_a_verified_pull(sshd: SshdServer, tmp_path
             assert step.result is RunResult.OK, (operation, step.detail)
         prune = history.last_operation("web1", "prune")
         assert prune is not None
-        assert prune.detail == "removed 2: old-1, old-2; kept 1"
+        assert prune.detail == "removed 2: old-1, old-2; kept 2"
+        unverified = history.last_operation("web1", "unverified")
+        assert unverified is not None
+        assert unverified.result is RunResult.WARNING
+        assert unverified.detail is not None
+        assert "tampering suspected: 1 archive(s)" in unverified.detail
+        assert "'evil-2099'" in unverified.detail
 
 
 @pytest.mark.usefixtures("server_borg_env")

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from borgtunnel.config import CheckSettings, ConfigError, RetentionSettings, parse_config
+from borgtunnel.config import (
+    CheckSettings,
+    ConfigError,
+    RetentionSettings,
+    parse_config,
+)
 from borgtunnel.durations import parse_borg_interval
 from borgtunnel.history import SCHEMA_VERSION, History, Operation, RunResult
 from borgtunnel.maintenance import retention
+from borgtunnel.maintenance.run import UNVERIFIED, MaintainOutcome, Step, news_of_unverified
 from borgtunnel.maintenance.sanity import sanity_warning
-from borgtunnel.maintenance.tamper import missing_archives, tamper_report
+from borgtunnel.maintenance.tamper import missing_archives, tamper_report, unverified_message
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -62,40 +68,15 @@ def test_config_errors_name_the_dotted_key():
     }
 
 
-def test_prune_argv_leaves_out_unused_rules_and_ends_options():
-    rules = RetentionSettings(keep_within="2d", keep_daily=7, keep_monthly=6)
-    argv = retention.prune_argv("borg", Path("/srv/borg/-odd"), rules, dry_run=True)
-    assert argv == [
-        "borg",
-        "prune",
-        "--log-json",
-        "--list",
-        "--dry-run",
-        "--keep-within=2d",
-        "--keep-daily=7",
-        "--keep-monthly=6",
-        "--",
-        "/srv/borg/-odd",
-    ]
-    assert "--dry-run" not in retention.prune_argv("borg", Path("/r"), rules, dry_run=False)
+def test_delete_argv_names_exactly_the_archives_after_the_options_end():
+    argv = retention.delete_argv("borg", Path("/srv/borg/-odd"), ["-a", "b *"], borg2=False)
+    assert argv == ["borg", "delete", "--log-json", "--", "/srv/borg/-odd", "-a", "b *"]
 
 
 def test_check_argv_verify_data():
     repo = Path("/r")
     assert "--verify-data" not in retention.check_argv("borg", repo, CheckSettings())
     assert "--verify-data" in retention.check_argv("borg", repo, CheckSettings(verify_data=True))
-
-
-def test_would_prune_matches_ids_not_names():
-    archives = [
-        retention.Archive(name="a [b] c", id="1" * 64, time=""),
-        retention.Archive(name="Would prune: x", id="2" * 64, time=""),
-    ]
-    messages = [
-        f"Keeping archive (rule: daily #1):   Would prune: x   Mon, 2026-11-02 [{'2' * 64}]",
-        f"Would prune:                        a [b] c          Sun, 2026-11-01 [{'1' * 64}]",
-    ]
-    assert retention.would_prune(messages, archives) == ["a [b] c"]
 
 
 def test_parse_archives_from_info_and_list_json():
@@ -255,6 +236,62 @@ def test_expected_archives_subtract_our_removals_and_count_a_recreated_name(tmp_
         last = history.last_success("web1")
         assert last is not None
         assert last.kind == "pull"
+
+
+def test_verified_archives_carry_the_servers_start_time_and_id(tmp_path):
+    with History.open(tmp_path) as history:
+        for day, name in ((1, "a"), (2, "b")):
+            when = NOW + timedelta(days=day)
+            run = history.start_run("web1", "pull", started=when)
+            history.finish_run(
+                run,
+                RunResult.WARNING if name == "b" else RunResult.OK,
+                archive=name,
+                archive_id=name * 64,
+                finished=when + timedelta(hours=5),  # a slow pull: its start is the time
+            )
+        failed = history.start_run("web1", "pull", started=NOW)
+        history.finish_run(failed, RunResult.FAILED, archive="c", archive_id="c" * 64)
+        verified = history.verified_archives("web1")
+        assert set(verified) == {"a", "b"}
+        assert verified["a"].time == NOW + timedelta(days=1)
+        assert verified["b"].id == "b" * 64
+        by_id = history.verified_archives("web1", by_id=True)
+        assert set(by_id) == {"a" * 64, "b" * 64}
+        assert by_id["b" * 64].name == "b"
+        maintain = history.start_run("web1", "maintain", kind="maintain")
+        history.record_removals("web1", ["a" * 64], "pruned", maintain)
+        assert set(history.verified_archives("web1", by_id=True)) == {"b" * 64}
+        assert set(history.verified_archives("web1")) == {"a", "b"}  # 1.x removals go by name
+
+
+def _unverified(*ids: str) -> str:
+    web1 = parse_config({"clients": {"web1": client()}}).clients["web1"]
+    archives = [retention.Archive(name=f"n-{i}", id=i * 64, time="2099-01-01") for i in ids]
+    return unverified_message(web1, archives)
+
+
+def test_an_unverified_report_is_news_once_per_set_of_archives():
+    one, same, two = _unverified("a"), _unverified("a"), _unverified("b", "a")
+    assert one == same
+    assert one != two
+    assert "tampering suspected: 1 archive(s)" in one
+    assert "'n-a'" in one
+    assert "not made by a verified pull" in one
+    assert "2 unverified, fingerprint" in two
+    assert _unverified("a", "b") == two  # the order of the listing does not matter
+
+    def outcome(detail: str | None) -> MaintainOutcome:
+        steps = [] if detail is None else [Step(UNVERIFIED, RunResult.WARNING, detail)]
+        return MaintainOutcome(client="web1", steps=steps)
+
+    def last(detail: str) -> Operation:
+        return Operation(UNVERIFIED, NOW, NOW, RunResult.WARNING, None, detail)
+
+    assert news_of_unverified(outcome(None), last(one)) is None
+    assert news_of_unverified(outcome(one), None) == one
+    assert news_of_unverified(outcome(one), last(same)) is None
+    assert news_of_unverified(outcome(two), last(one)) == two
 
 
 def test_operations_are_recorded_and_the_newest_is_found(tmp_path):

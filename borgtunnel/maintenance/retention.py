@@ -1,12 +1,12 @@
-"""Pure rules of server-side maintenance: borg argv (prune, compact, check, list) and what is due.
+"""Pure rules of server-side maintenance: borg argv (delete, compact, check, list) and what is due.
 
 Nothing here runs a process or reads the history; ``run.py`` feeds in what the history says.
+Which archives the retention keeps is decided in ``keeprules.py``, never by ``borg prune``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,44 +17,18 @@ from borgtunnel import borg2 as borg2_argv
 from borgtunnel.config import CheckSettings, ClientConfig, RetentionSettings
 from borgtunnel.durations import parse_borg_interval
 
-# The lines of `borg prune --list` end in the archive id in brackets: names may hold any
-# character (spaces, brackets), the id is 64 hex digits, so that is what is matched.
-_LISTED_ID = re.compile(r"\[([0-9a-f]{64})\]\s*$")
-WOULD_PRUNE = "Would prune:"
+# borg 1.x takes many archive names per delete; a bounded batch keeps argv short.
+DELETE_BATCH = 50
 
 
-def prune_argv(
-    borg: str,
-    repository: Path,
-    retention: RetentionSettings,
-    *,
-    dry_run: bool,
-    borg2: bool = False,
-) -> list[str]:
-    """``borg prune`` with the configured rules; counts of 0 are left out (borg: rule unused).
-
-    borg 2 spells 1.x's ``--keep-within=I`` as ``--keep=I``; the counts keep their names.
-    """
-    rules: list[str] = []
-    if retention.keep_within is not None:
-        within = "--keep" if borg2 else "--keep-within"
-        rules.append(f"{within}={retention.keep_within}")
-    for name in ("hourly", "daily", "weekly", "monthly", "yearly"):
-        count = getattr(retention, f"keep_{name}")
-        if count:
-            rules.append(f"--keep-{name}={count}")
+def delete_argv(borg: str, repository: Path, keys: Sequence[str], *, borg2: bool) -> list[str]:
+    """Delete exactly these archives: 1.x by name (unique in a repository; the caller has just
+    seen each name with its verified id, under the client lock), borg 2 one archive by id
+    (``aid:``; its names are series). Never a pattern a client's archive could also match."""
     if borg2:
-        return borg2_argv.prune_argv(borg, repository, rules, dry_run=dry_run)
-    return [
-        borg,
-        "prune",
-        "--log-json",
-        "--list",
-        *(["--dry-run"] if dry_run else []),
-        *rules,
-        "--",
-        str(repository),
-    ]
+        (archive_id,) = keys
+        return borg2_argv.delete_argv(borg, repository, archive_id)
+    return [borg, "delete", "--log-json", "--", str(repository), *keys]
 
 
 def compact_argv(borg: str, repository: Path, *, borg2: bool = False) -> list[str]:
@@ -74,10 +48,13 @@ def check_argv(
 
 
 def list_argv(borg: str, repository: Path, *, borg2: bool = False) -> list[str]:
-    """Name, id and time of every archive (cheap: reads only the manifest / archives/)."""
+    """Name, id and time of every archive (cheap: reads only the manifest / archives/).
+
+    1.x hides archives named ``*.checkpoint`` / ``*.checkpoint.N`` unless asked: a client picks
+    its archive names, so maintenance must see those too (verified or not)."""
     if borg2:
         return borg2_argv.list_argv(borg, repository)
-    return [borg, "list", "--json", "--", str(repository)]
+    return [borg, "list", "--json", "--consider-checkpoints", "--", str(repository)]
 
 
 def info_argv(borg: str, repository: Path, *, borg2: bool = False) -> list[str]:
@@ -134,22 +111,6 @@ def _archive(item: Mapping[str, Any]) -> Archive:
 
 def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
-
-
-def would_prune(
-    messages: Sequence[str], archives: Sequence[Archive], *, borg2: bool = False
-) -> list[str]:
-    """What a ``prune --dry-run --list`` would remove (names; borg 2: ids, see identity), from
-    its list lines and the listing."""
-    by_id = {archive.id: identity(archive, borg2=borg2) for archive in archives}
-    names = []
-    for message in messages:
-        if not message.startswith(WOULD_PRUNE):
-            continue
-        match = _LISTED_ID.search(message)
-        if match is not None and match.group(1) in by_id:
-            names.append(by_id[match.group(1)])
-    return names
 
 
 # --- due logic ----------------------------------------------------------------------------

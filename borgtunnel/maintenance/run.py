@@ -21,6 +21,7 @@ import asyncio
 import functools
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,11 +30,18 @@ import structlog
 
 from borgtunnel import borg
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.history import KIND_MAINTAIN, History, Operation, RunResult, RunStats
+from borgtunnel.history import (
+    KIND_MAINTAIN,
+    History,
+    Operation,
+    RunResult,
+    RunStats,
+    VerifiedArchive,
+)
 from borgtunnel.lock import ClientBusy, client_lock
-from borgtunnel.maintenance import retention
+from borgtunnel.maintenance import keeprules, retention
 from borgtunnel.maintenance.retention import Archive, Plan
-from borgtunnel.maintenance.tamper import tamper_report
+from borgtunnel.maintenance.tamper import tamper_report, unverified_message
 from borgtunnel.passphrase import PassphraseError, read_passphrase
 from borgtunnel.runs.pull import PullOutcome
 from borgtunnel.server.localborg import LocalResult, run_local_borg
@@ -41,6 +49,7 @@ from borgtunnel.server.localborg import LocalResult, run_local_borg
 log = structlog.get_logger("borgtunnel.maintenance")
 
 PRUNED = "pruned"
+UNVERIFIED = "unverified"
 ACCEPTED = "accepted"
 
 _RANK = {
@@ -75,6 +84,8 @@ class MaintainOutcome:
     duration: float = 0.0
     missing: tuple[str, ...] = ()
     pruned: tuple[str, ...] = ()
+    # Ids of archives in the repository that no verified pull made.
+    unverified: tuple[str, ...] = ()
 
     @property
     def result(self) -> RunResult:
@@ -268,17 +279,26 @@ class _Maintenance:
         if accept_missing:
             self.accept(present)
         plan = requested if requested is not None else self.due_plan()
-        expected = self.history.expected_archives(name, by_id=self.borg2)
+        verified = self.history.verified_archives(name, by_id=self.borg2)
         report = tamper_report(
-            name, self.client.repository, expected, present, self.known_ids(), borg2=self.borg2
+            name,
+            self.client.repository,
+            verified,
+            present,
+            self.known_ids(verified),
+            borg2=self.borg2,
         )
         if not self.dry_run and not self.borg2:
-            # First sight of an archive of ours: remember its id (known ones are kept as they
-            # were, so a replacement keeps being reported).
-            ours = {n: i for n, i in present.items() if n in expected}
+            # First sight of an archive of ours: remember the id its pull verified (known ones
+            # are kept as they were, so a replacement keeps being reported).
+            ours = {n: verified[n].id or i for n, i in present.items() if n in verified}
             self.history.remember_archive_ids(name, ours)
         if self.dry_run and accept_missing and report is not None:
             report = None  # the dry run shows what would happen after the acknowledgement
+        # The id each verified archive must have; 1.x: an accepted replacement's new id.
+        ids = {key: made.id for key, made in verified.items()}
+        ids.update({n: i for n, i in self.known_ids(verified).items() if n in ids})
+        self.report_unverified(archives, ids)
         if report is not None:
             self.outcome.missing = report.missing
             if plan.prune or plan.compact:
@@ -291,7 +311,7 @@ class _Maintenance:
                 plan = Plan(check=plan.check)
         removed: list[str] = []
         if plan.prune:
-            removed = await self.prune(archives)
+            removed = await self.prune(archives, verified, ids)
         compact = plan.compact or (
             requested is None
             and bool(removed)
@@ -303,10 +323,39 @@ class _Maintenance:
         if plan.check:
             await self.check()
 
-    def known_ids(self) -> dict[str, str]:
-        """Name -> the id first seen with it: how a 1.x replacement (deleted, made again under
-        the same name) shows. borg 2's archives are told apart by id, so nothing to replace."""
-        return {} if self.borg2 else self.history.archive_ids(self.client.name)
+    def report_unverified(self, archives: list[Archive], known: Mapping[str, str | None]) -> None:
+        """Archives no verified pull made: the client wrote them through its tunnel (any name,
+        any date), or a pull was cut off before the server read its archive back. Retention
+        never counts them (they cannot push a verified archive out) and never deletes them
+        (they may hold the only copy of something); the run says so, as tampering suspected."""
+        strangers = [
+            a
+            for a in archives
+            if (key := retention.identity(a, borg2=self.borg2)) not in known
+            or known[key] not in (None, a.id)
+        ]
+        if not strangers:
+            return
+        self.outcome.unverified = tuple(a.id for a in strangers)
+        self.log.error(
+            "unverified_archives",
+            archives=[{"name": a.name, "id": a.id, "time": a.time} for a in strangers[:50]],
+            count=len(strangers),
+        )
+        self.add(Step(UNVERIFIED, RunResult.WARNING, unverified_message(self.client, strangers)))
+
+    def known_ids(self, verified: Mapping[str, VerifiedArchive] | None = None) -> dict[str, str]:
+        """Name -> the id its pull verified (or an administrator accepted as its replacement):
+        how a 1.x replacement (deleted, made again under the same name) shows, also before
+        maintenance first saw the archive. borg 2's archives are told apart by id, so nothing
+        to replace."""
+        if self.borg2:
+            return {}
+        if verified is None:
+            verified = self.history.verified_archives(self.client.name)
+        ids = {name: made.id for name, made in verified.items() if made.id is not None}
+        ids.update(self.history.archive_ids(self.client.name))
+        return ids
 
     def due_plan(self) -> Plan:
         name = self.client.name
@@ -364,49 +413,74 @@ class _Maintenance:
         )
         self.add(Step("accept", RunResult.OK, "; ".join(said)))
 
-    async def prune(self, before: list[Archive]) -> list[str]:
+    async def prune(
+        self,
+        before: list[Archive],
+        verified: Mapping[str, VerifiedArchive],
+        ids: Mapping[str, str | None],
+    ) -> list[str]:
+        """Delete the verified archives the rules do not keep, judged by the server's times;
+        returns the keys removed (1.x names, borg 2 ids)."""
         rules = self.client.retention
         step = Step("prune", RunResult.FAILED, "")
         if rules is None:
             step.detail = f"no [clients.{self.client.name}.retention] configured"
             self.add(step)
             return []
-        argv = retention.prune_argv(
-            self.server_borg,
-            self.client.repository,
-            rules,
-            dry_run=self.dry_run,
-            borg2=self.borg2,
-        )
-        result = await self.borg(argv)
-        step.exit_code = result.status
+        present = {retention.identity(a, borg2=self.borg2): a for a in before}
+        # Only a verified archive that is still there under the id its pull verified; the
+        # tamper check has already stopped the prune when one is missing or replaced.
+        candidates = [
+            keeprules.Dated(key, made.time)
+            for key, made in verified.items()
+            if key in present and ids[key] in (None, present[key].id)
+        ]
+        kept = keeprules.keep(candidates, rules, datetime.now(UTC), borg2=self.borg2)
+        doomed = sorted(c.key for c in candidates if c.key not in kept)
         if self.dry_run:
-            names = sorted(retention.would_prune(result.messages, before, borg2=self.borg2))
-            step.result = _result(result)
+            step.result = RunResult.OK
             step.detail = (
-                f"would remove {len(names)}: {_names(names)}; keep {len(before) - len(names)}"
+                f"would remove {len(doomed)}: {_names(doomed)}; keep {len(before) - len(doomed)}"
             )
-            self.outcome.pruned = tuple(names)
+            self.outcome.pruned = tuple(doomed)
             self.add(step)
-            return names  # so that the dry run also shows the compact that would follow
+            return doomed  # so that the dry run also shows the compact that would follow
+        failures = await self.delete(doomed)
         after = await self.list_archives()
         if after is None:
-            # What prune removed is unknown: report it, and the next run's tamper check errs on
+            # What was removed is unknown: report it, and the next run's tamper check errs on
             # the safe side (it may then refuse until `--accept-missing`).
-            step.detail = f"borg prune {result.error_text()}; listing afterwards failed"
+            step.detail = "listing after the deletes failed"
             self.add(step)
             return []
         key = functools.partial(retention.identity, borg2=self.borg2)
-        removed = sorted({key(a) for a in before} - {key(a) for a in after})
+        removed = sorted(set(doomed) - {key(a) for a in after})
         if removed:
             self.history.record_removals(self.client.name, removed, PRUNED, self.run_id)
         self.outcome.pruned = tuple(removed)
-        step.result = _result(result)
+        step.result = RunResult.FAILED if failures else RunResult.OK
         step.detail = f"removed {len(removed)}: {_names(removed)}; kept {len(after)}"
-        if step.result is RunResult.FAILED:
-            step.detail = f"borg prune {result.error_text()}; {step.detail}"
+        if failures:
+            step.exit_code = failures[0].status
+            step.detail = f"borg delete {failures[0].error_text()}; {step.detail}"
         self.add(step)
         return removed
+
+    async def delete(self, doomed: list[str]) -> list[LocalResult]:
+        """The deletes, by name (1.x, in batches) or one id at a time (borg 2); the failures."""
+        size = 1 if self.borg2 else retention.DELETE_BATCH
+        failures = []
+        for start in range(0, len(doomed), size):
+            argv = retention.delete_argv(
+                self.server_borg,
+                self.client.repository,
+                doomed[start : start + size],
+                borg2=self.borg2,
+            )
+            result = await self.borg(argv)
+            if result.outcome is not borg.Outcome.OK:
+                failures.append(result)
+        return failures
 
     async def compact(self) -> None:
         step = Step("compact", RunResult.FAILED, "")
@@ -494,7 +568,21 @@ async def after_pull(
         due = plan = Plan(check=due.check)
     if not due:
         return
+    before = history.last_operation(client.name, UNVERIFIED)
     try:
-        await maintain_locked(config, client, history, plan=plan, trigger="daemon")
+        done = await maintain_locked(config, client, history, plan=plan, trigger="daemon")
     except Exception:  # a maintenance bug must not turn a good pull into a crash
         log.exception("maintenance_crashed", client=client.name)
+        return
+    if outcome is not None and outcome.tampering is None:
+        outcome.tampering = news_of_unverified(done, before)
+
+
+def news_of_unverified(done: MaintainOutcome, before: Operation | None) -> str | None:
+    """The unverified-archives report of this run when it is news: the set changed since the
+    last report (its text ends in a fingerprint of every id), so the daemon's notifier says
+    it once per change, not after every pull."""
+    step = next((s for s in done.steps if s.operation == UNVERIFIED), None)
+    if step is None or (before is not None and before.detail == step.detail):
+        return None
+    return step.detail

@@ -7,13 +7,20 @@ compared with those the history expects (created by verified pulls, minus what o
 removed or an administrator accepted). A missing one means a delete we did not do: compacting
 now would make it permanent, so compact (and prune, whose transactions would complicate the
 roll-back) is refused until an administrator looks and runs ``maintain NAME --accept-missing``.
+
+The other direction: an archive in the repository that no verified pull made (the client can
+add any number, with any name and date) is reported too; retention ignores it (keeprules.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from borgtunnel.config import ClientConfig
+from borgtunnel.maintenance.retention import Archive
 
 
 @dataclass(frozen=True)
@@ -100,3 +107,34 @@ def tamper_report(
     if not (missing or replaced):
         return None
     return TamperReport(client, repository, missing, replaced, borg2=borg2)
+
+
+def unverified_message(client: ClientConfig, archives: Sequence[Archive], limit: int = 10) -> str:
+    """What to say about archives in the repository that no verified pull made; the same
+    words for the same archives, whatever order the listing had."""
+    archives = sorted(archives, key=lambda a: (a.name, a.id))
+    shown = ", ".join(
+        f"{archive.name!r} (id {archive.id[:16]}, dated {archive.time[:19]!r} by its maker)"
+        for archive in archives[:limit]
+    )
+    more = f" and {len(archives) - limit} more" if len(archives) > limit else ""
+    repo = client.repository
+    how = (
+        f"`borg delete --repo={repo} aid:ID`"
+        if client.borg2
+        else f"`borg delete {repo}::NAME` (a name starting with '-' after `--`)"
+    )
+    return (
+        f"tampering suspected: {len(archives)} archive(s) in {repo} were not made by a verified "
+        f"pull: {shown}{more}. The client wrote them through its tunnel (look at the client), "
+        "or a pull was cut off before the server read its archive back. Retention neither "
+        "counts them nor deletes them: the time in an archive is the client's word, so they "
+        "cannot push a verified archive out. If they are not wanted, delete them with the "
+        f"server's borg: {how}. [{len(archives)} unverified, fingerprint "
+        f"{fingerprint(a.id for a in archives)}]"
+    )
+
+
+def fingerprint(ids: Iterable[str]) -> str:
+    """A short digest of a set of archive ids: tells whether a report is news."""
+    return hashlib.sha256(" ".join(sorted(ids)).encode()).hexdigest()[:12]

@@ -15,7 +15,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncssh
 
@@ -363,6 +363,19 @@ def _load_trust(target: Target) -> tuple[asyncssh.SSHKnownHosts, list[asyncssh.S
     return known_hosts, keys
 
 
+# Nothing borgtunnel does may read the service user's home: under ProtectHome=yes without
+# capabilities even a stat of /root fails (PermissionError), and a daemon must use only what its
+# settings name. So every asyncssh default that looks under ~/.ssh is turned off explicitly: no
+# ~/.ssh/config; no default keys (client_keys None, not []: [] loads ~/.ssh/id_*); no X.509 CA
+# bundle ~/.ssh/ca-bundle.crt or cert directory ~/.ssh/crt (stat'ed while the options are
+# prepared, even for a server without X.509 host keys).
+_NO_HOME_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "x509_trusted_certs": None,
+    "x509_trusted_cert_paths": [],
+}
+
+
 async def _open(target: Target) -> asyncssh.SSHClientConnection:
     ssh = target.ssh
     known_hosts, keys = _load_trust(target)
@@ -373,12 +386,19 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
             target.host,
             target.port,
             username=target.user,
+            # known_hosts and the identity were read above, from the paths the settings name.
             known_hosts=known_hosts,
             client_keys=keys or None,
-            # A daemon must not read ~/.ssh/config or whatever agent its environment has.
-            config=None,
             agent_path=() if ssh.agent else None,
+            **_NO_HOME_DEFAULTS,
+            # Public-key authentication only: no password or keyboard prompts, no host-based
+            # (local host keys) or GSSAPI (Kerberos credential caches) attempts.
             password=None,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_auth=False,
+            gss_kex=False,
             keepalive_interval=ssh.keepalive_interval,
             keepalive_count_max=ssh.keepalive_count_max,
             connect_timeout=ssh.connect_timeout,
@@ -417,11 +437,22 @@ def _host_key(key: asyncssh.SSHKey) -> HostKey:
     return HostKey(algorithm, key.get_fingerprint("sha256"), f"{algorithm} {blob}")
 
 
+def _host_key_fetch_options() -> asyncssh.SSHClientConnectionOptions:
+    """Options for only fetching a host key: get_server_host_key turns off known_hosts and
+    X.509 itself, but would still load the default keys from ~/.ssh and the agent's path.
+    (``config=None`` goes in the call too: its default ``()`` there would override this.)"""
+    return asyncssh.SSHClientConnectionOptions(
+        client_keys=None, agent_path=None, **_NO_HOME_DEFAULTS
+    )
+
+
 async def fetch_host_key(target: Target) -> HostKey:
     """The key the client's sshd presents, without authenticating or trusting it."""
     try:
         async with asyncio.timeout(target.ssh.connect_timeout):
-            key = await asyncssh.get_server_host_key(target.host, target.port, config=None)
+            key = await asyncssh.get_server_host_key(
+                target.host, target.port, config=None, options=_host_key_fetch_options()
+            )
     except TimeoutError:
         raise ConnectError(target, f"no answer within {target.ssh.connect_timeout:.0f}s") from None
     except asyncssh.Error as exc:

@@ -1,0 +1,144 @@
+"""A pull with the service user's home unreadable, as under the shipped systemd units.
+
+``ProtectHome=yes`` plus an empty ``CapabilityBoundingSet=`` makes root unable even to ``stat``
+a path under ``/root``. The same conditions without systemd: a private mount namespace with a
+mode-000 tmpfs over the home, and ``capsh`` dropping the two capabilities that let root ignore
+file modes. borgtunnel must pull through (real sshd, real borg, archive read back) and read
+nothing there, since no setting names a path in it.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+import borgtunnel
+from tests import pullkit
+from tests.sshd import SshdServer
+
+pytestmark = pytest.mark.sshd
+
+_DROPPED = "cap_dac_override,cap_dac_read_search"
+# Mount the tmpfs over each home given as an argument, then run the command after "--" without
+# the capabilities. unshare -m makes mount propagation private: nothing leaks out, and the
+# namespace with its mounts ends with the command.
+_HIDE_SCRIPT = f"""set -e
+while [ "$1" != -- ]; do mount -t tmpfs -o mode=000 tmpfs "$1"; shift; done
+shift
+exec capsh --drop={_DROPPED} -- -c 'exec "$@"' bash "$@"
+"""
+
+
+def _under(path: Path, home: Path) -> bool:
+    return path.resolve().is_relative_to(home.resolve())
+
+
+@dataclass(frozen=True)
+class HiddenHome:
+    """How to run a borgtunnel command with ``homes`` covered: ``python`` and ``env``."""
+
+    homes: list[Path]
+    python: str
+    env: dict[str, str]
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        homes = [str(h) for h in self.homes]
+        return subprocess.run(
+            ["unshare", "-m", "sh", "-c", _HIDE_SCRIPT, "sh", *homes, "--", self.python, *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+
+def _hidden_home(tmp_path: Path) -> HiddenHome:
+    """The service user's home is root's passwd entry (systemd sets no $HOME for root), and
+    $HOME if set. The interpreter must not live there (a pyenv Python under /root does): then
+    Debian's /usr/bin/python3 runs this checkout and its installed packages instead. A home that
+    still holds something the pull needs cannot be covered; then $HOME points at an empty
+    directory that is, which is what asyncssh and Python's expanduser read."""
+    env = dict(os.environ)
+    passwd_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    candidates = {passwd_home, Path(env.get("HOME", passwd_home))}
+    python = sys.executable
+    debian = Path("/usr/bin/python3")
+    if any(_under(Path(python), h) for h in candidates) and debian.exists():
+        python = str(debian)
+        checkout = Path(borgtunnel.__file__).parent.parent
+        packages = Path(asyncssh.__file__).parent.parent
+        env["PYTHONPATH"] = os.pathsep.join((str(checkout), str(packages)))
+    needed = [
+        Path(python),
+        Path(borgtunnel.__file__),
+        Path(asyncssh.__file__),
+        Path(shutil.which("borg") or "/usr/bin/borg"),
+        tmp_path,
+    ]
+    homes = [h for h in candidates if h.is_dir() and not any(_under(n, h) for n in needed)]
+    if Path(env.get("HOME", passwd_home)) not in homes:
+        stand_in = tmp_path / "home"
+        stand_in.mkdir()
+        homes.append(stand_in)
+        env["HOME"] = str(stand_in)
+    return HiddenHome(sorted(homes), python, env)
+
+
+@pytest.fixture
+def hidden_home(tmp_path: Path) -> HiddenHome:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mounts a tmpfs in a private mount namespace")
+    missing = [p for p in ("unshare", "capsh") if shutil.which(p) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian util-linux, libcap2-bin)")
+    hidden = _hidden_home(tmp_path)
+    # The conditions hold: inside, even root gets EACCES on a stat under each covered home, and
+    # the interpreter still imports what the pull needs.
+    probe = "import os,sys,asyncssh,borgtunnel\nfor h in sys.argv[1:]: os.stat(h + '/.ssh')"
+    result = hidden.run(["-c", probe, *map(str, hidden.homes)])
+    assert "PermissionError" in result.stderr, result.stderr
+    return hidden
+
+
+def test_pull_works_with_the_home_unreadable(
+    tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome
+) -> None:
+    data = pullkit.make_client_data(tmp_path / "client-data")
+    repo = tmp_path / "repos" / "c1"
+    pullkit.init_repo(tmp_path, repo)
+    table = pullkit.client_table(sshd, "c1", repo, [data])
+    config = pullkit.write_config(
+        tmp_path / "bt.toml", clients={"c1": table}, **pullkit.base_config(tmp_path, sshd)
+    )
+    result = hidden_home.run([*pullkit.cli_argv(config)[1:], "pull", "c1"])
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("c1: ok archive="), result.stdout
+    names = pullkit.archives(tmp_path, repo)
+    assert len(names) == 1
+    pullkit.extract(tmp_path, repo, names[0], tmp_path / "restored")
+    pullkit.assert_same_tree(data, tmp_path / "restored")
+
+
+def test_trust_fetches_the_host_key_with_the_home_unreadable(
+    tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome
+) -> None:
+    known_hosts = tmp_path / "known_hosts-empty"
+    known_hosts.write_text("")
+    conf = pullkit.base_config(tmp_path, sshd)
+    conf["ssh"]["known_hosts"] = str(known_hosts)
+    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
+    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+    result = hidden_home.run([*pullkit.cli_argv(config)[1:], "trust", "c1"])
+
+    # trust shows the fingerprint it fetched (it asks before writing; no terminal here).
+    assert "SHA256:" in result.stdout + result.stderr, result.stdout + result.stderr

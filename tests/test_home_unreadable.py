@@ -9,12 +9,13 @@ nothing there, since no setting names a path in it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -41,7 +42,7 @@ def _under(path: Path, home: Path) -> bool:
     return path.resolve().is_relative_to(home.resolve())
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HiddenHome:
     """How to run a borgtunnel command with ``homes`` covered: ``python`` and ``env``."""
 
@@ -90,6 +91,9 @@ def _hidden_home(tmp_path: Path) -> HiddenHome:
         stand_in.mkdir()
         homes.append(stand_in)
         env["HOME"] = str(stand_in)
+    # systemd's PATH has no home in it either; a test runner's may (pyenv, cargo).
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    env["PATH"] = os.pathsep.join(p for p in path if not any(_under(Path(p), h) for h in homes))
     return HiddenHome(sorted(homes), python, env)
 
 
@@ -129,16 +133,41 @@ def test_pull_works_with_the_home_unreadable(
     pullkit.assert_same_tree(data, tmp_path / "restored")
 
 
-def test_trust_fetches_the_host_key_with_the_home_unreadable(
-    tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome
-) -> None:
-    known_hosts = tmp_path / "known_hosts-empty"
-    known_hosts.write_text("")
-    conf = pullkit.base_config(tmp_path, sshd)
-    conf["ssh"]["known_hosts"] = str(known_hosts)
-    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
-    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
-    result = hidden_home.run([*pullkit.cli_argv(config)[1:], "trust", "c1"])
+def _home_paths_touched(strace_log: Path, homes: list[Path]) -> list[str]:
+    """Paths under ``homes`` that a file system call named, except the interpreter's own
+    check of its user site-packages (Python does that at start-up, before any of our code)."""
 
-    # trust shows the fingerprint it fetched (it asks before writing; no terminal here).
-    assert "SHA256:" in result.stdout + result.stderr, result.stdout + result.stderr
+    def in_home(path: str) -> bool:
+        return any(Path(path).is_relative_to(h) for h in homes)
+
+    return [
+        line
+        for line in strace_log.read_text().splitlines()
+        if any(
+            in_home(p) and "/.local/lib/python" not in p for p in re.findall(r'"(/[^"]*)"', line)
+        )
+    ]
+
+
+@pytest.mark.parametrize(("command", "reached"), [("trust", "SHA256:"), ("doctor", "login user")])
+def test_nothing_reads_the_home(
+    tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome, command: str, reached: str
+) -> None:
+    """trust fetches the host key, doctor connects and tries the forward: every system call
+    that names a path is traced, and none may name one in the home (asyncssh swallows some of
+    these errors, so the outcome alone would not show it)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace (Debian strace) to see which paths are read")
+    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
+    config = pullkit.write_config(
+        tmp_path / "bt.toml", clients={"c1": table}, **pullkit.base_config(tmp_path, sshd)
+    )
+    log = tmp_path / "strace.log"
+    traced = ["-f", "-qq", "-e", "trace=%file", "-o", str(log), hidden_home.python]
+    tracing = dataclasses.replace(hidden_home, python=strace)
+
+    result = tracing.run([*traced, *pullkit.cli_argv(config)[1:], command, "c1"])
+
+    assert reached in result.stdout, result.stdout + result.stderr  # it got through to sshd
+    assert _home_paths_touched(log, hidden_home.homes) == []

@@ -10,6 +10,7 @@ nothing there, since no setting names a path in it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pwd
 import re
@@ -171,3 +172,23 @@ def test_nothing_reads_the_home(
 
     assert reached in result.stdout, result.stdout + result.stderr  # it got through to sshd
     assert _home_paths_touched(log, hidden_home.homes) == []
+
+
+def test_an_identity_in_the_unreadable_home_is_named_not_retried(
+    tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome
+) -> None:
+    """A setting that does name a path in the home: the pull fails at once, saying which file,
+    what was done with it and that it is this server's, at error level (not a lost link)."""
+    identity = hidden_home.homes[0] / ".ssh" / "borgtunnel_id"
+    conf = pullkit.base_config(tmp_path, sshd)
+    conf["ssh"]["identity"] = str(identity)
+    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
+    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+
+    result = hidden_home.run([*pullkit.cli_argv(config)[1:], "pull", "c1"])
+
+    assert result.returncode == 2, result.stderr
+    expected = f"identity {identity}: Permission denied (this server could not open it)"
+    assert expected in result.stdout, result.stdout
+    [failed] = [json.loads(line) for line in result.stderr.splitlines() if "pull_failed" in line]
+    assert failed["level"] == "error"  # a lost link is a warning, retried by the daemon

@@ -6,18 +6,29 @@ Kept apart from cli.py so that module stays what it says: parse, load, dispatch,
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-from borgtunnel import __version__
+from borgtunnel import __version__, logs
 from borgtunnel.ssh import enrol
 
 # argparse's own (private) type of what add_subparsers returns.
 Commands = argparse._SubParsersAction
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is an error line too: journald files it at error priority (logs.py)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        logs.print_error(f"{self.prog}: error: {message}")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser; each group below adds its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="borgtunnel",
         description="The backup server pulls borg archives from its clients over SSH.",
     )

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Final, NoReturn
 
 import structlog
 
-from borgtunnel import systemd
+from borgtunnel import logs, systemd
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.serve import BorgServeListener, SocketInUseError, bind_unix_socket
@@ -77,7 +76,7 @@ def run_serve(
         _check_limits(idle_timeout=idle_timeout, max_connections=max_connections)
         endpoints = open_endpoints(config, listen=listen, client=client)
     except ServeSetupError as exc:
-        print(f"borgtunnel serve: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel serve: {exc}")
         return exc.exit_code
     try:
         return asyncio.run(

@@ -92,7 +92,14 @@ def _backup_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     init = commands.add_parser("init", help="create a client's repository on this server")
     init.add_argument("client", metavar="NAME")
 
-    commands.add_parser("check-config", help="validate and print the effective config as JSON")
+    check = commands.add_parser(
+        "check-config", help="validate and print the effective config as JSON"
+    )
+    check.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing when it is valid (systemd's ExecReload= runs this before reloading)",
+    )
 
 
 def _reading_commands(commands: Commands[argparse.ArgumentParser]) -> None:

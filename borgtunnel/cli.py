@@ -60,8 +60,9 @@ _FAILED = (EXIT_FAILURE, EXIT_INTERNAL)
 log = structlog.get_logger("borgtunnel")
 
 
-def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) -> int:
-    print(json.dumps(config.redacted(), indent=2))
+def _cmd_check_config(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    if not args.quiet:  # valid: load_config raised ConfigError (exit 78) otherwise
+        print(json.dumps(config.redacted(), indent=2))
     return EXIT_OK
 
 

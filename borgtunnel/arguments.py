@@ -83,7 +83,8 @@ def _backup_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         "--idle-timeout",
         type=float,
         metavar="SECONDS",
-        help="exit after this long without a connection (systemd starts us again on the next)",
+        help="exit after this long without a connection; under socket activation 300 by "
+        "default (systemd starts it again on the next), 0 for never",
     )
     serve.add_argument(
         "--max-connections", type=int, default=8, metavar="N", help="served in parallel"

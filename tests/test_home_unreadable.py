@@ -156,17 +156,23 @@ def _home_paths_touched(strace_log: Path, homes: list[Path]) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(("command", "reached"), [("trust", "SHA256:"), ("doctor", "login user")])
+@pytest.mark.parametrize(
+    ("command", "reached"),
+    [("pull", "c1: ok archive="), ("trust", "SHA256:"), ("doctor", "login user")],
+)
 def test_nothing_reads_the_home(
     tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome, command: str, reached: str
 ) -> None:
-    """trust fetches the host key, doctor connects and tries the forward: every system call
-    that names a path is traced, and none may name one in the home (asyncssh swallows some of
-    these errors, so the outcome alone would not show it)."""
+    """A pull (with its borg serve), trust fetching the host key, doctor connecting and trying
+    the forward: every system call that names a path is traced, in every process, and none may
+    name one in the home (asyncssh swallows some of these errors, so the outcome alone would
+    not show it)."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("needs strace (Debian strace) to see which paths are read")
-    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
+    repo = tmp_path / "repos" / "c1"
+    pullkit.init_repo(tmp_path, repo)
+    table = pullkit.client_table(sshd, "c1", repo, [pullkit.make_client_data(tmp_path / "data")])
     config = pullkit.write_config(
         tmp_path / "bt.toml", clients={"c1": table}, **pullkit.base_config(tmp_path, sshd)
     )

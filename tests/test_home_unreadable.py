@@ -10,6 +10,7 @@ nothing there, since no setting names a path in it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pwd
 import re
@@ -73,7 +74,8 @@ def _hidden_home(tmp_path: Path) -> HiddenHome:
     candidates = {passwd_home, Path(env.get("HOME", passwd_home))}
     python = sys.executable
     debian = Path("/usr/bin/python3")
-    if any(_under(Path(python), h) for h in candidates) and debian.exists():
+    same_version = debian.resolve().name == "python{}.{}".format(*sys.version_info[:2])
+    if any(_under(Path(python), h) for h in candidates) and same_version:
         python = str(debian)
         checkout = Path(borgtunnel.__file__).parent.parent
         packages = Path(asyncssh.__file__).parent.parent
@@ -107,9 +109,14 @@ def hidden_home(tmp_path: Path) -> HiddenHome:
     hidden = _hidden_home(tmp_path)
     # The conditions hold: inside, even root gets EACCES on a stat under each covered home, and
     # the interpreter still imports what the pull needs.
-    probe = "import os,sys,asyncssh,borgtunnel\nfor h in sys.argv[1:]: os.stat(h + '/.ssh')"
-    result = hidden.run(["-c", probe, *map(str, hidden.homes)])
-    assert "PermissionError" in result.stderr, result.stderr
+    probe = "import os,sys\nprint('in')\nimport asyncssh,borgtunnel\nos.stat(sys.argv[1] + '/.ssh')"
+    for home in hidden.homes:
+        result = hidden.run(["-c", probe, str(home)])
+        if not result.stdout.startswith("in"):  # the namespace, mount or capsh failed
+            pytest.skip(
+                f"cannot hide the home here (container without CAP_SYS_ADMIN?): {result.stderr}"
+            )
+        assert "PermissionError" in result.stderr, result.stderr
     return hidden
 
 
@@ -149,17 +156,23 @@ def _home_paths_touched(strace_log: Path, homes: list[Path]) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(("command", "reached"), [("trust", "SHA256:"), ("doctor", "login user")])
+@pytest.mark.parametrize(
+    ("command", "reached"),
+    [("pull", "c1: ok archive="), ("trust", "SHA256:"), ("doctor", "login user")],
+)
 def test_nothing_reads_the_home(
     tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome, command: str, reached: str
 ) -> None:
-    """trust fetches the host key, doctor connects and tries the forward: every system call
-    that names a path is traced, and none may name one in the home (asyncssh swallows some of
-    these errors, so the outcome alone would not show it)."""
+    """A pull (with its borg serve), trust fetching the host key, doctor connecting and trying
+    the forward: every system call that names a path is traced, in every process, and none may
+    name one in the home (asyncssh swallows some of these errors, so the outcome alone would
+    not show it)."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("needs strace (Debian strace) to see which paths are read")
-    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
+    repo = tmp_path / "repos" / "c1"
+    pullkit.init_repo(tmp_path, repo)
+    table = pullkit.client_table(sshd, "c1", repo, [pullkit.make_client_data(tmp_path / "data")])
     config = pullkit.write_config(
         tmp_path / "bt.toml", clients={"c1": table}, **pullkit.base_config(tmp_path, sshd)
     )
@@ -171,3 +184,23 @@ def test_nothing_reads_the_home(
 
     assert reached in result.stdout, result.stdout + result.stderr  # it got through to sshd
     assert _home_paths_touched(log, hidden_home.homes) == []
+
+
+def test_an_identity_in_the_unreadable_home_is_named_not_retried(
+    tmp_path: Path, sshd: SshdServer, hidden_home: HiddenHome
+) -> None:
+    """A setting that does name a path in the home: the pull fails at once, saying which file,
+    what was done with it and that it is this server's, at error level (not a lost link)."""
+    identity = hidden_home.homes[0] / ".ssh" / "borgtunnel_id"
+    conf = pullkit.base_config(tmp_path, sshd)
+    conf["ssh"]["identity"] = str(identity)
+    table = pullkit.client_table(sshd, "c1", tmp_path / "repos" / "c1", ["/nonexistent"])
+    config = pullkit.write_config(tmp_path / "bt.toml", clients={"c1": table}, **conf)
+
+    result = hidden_home.run([*pullkit.cli_argv(config)[1:], "pull", "c1"])
+
+    assert result.returncode == 2, result.stderr
+    expected = f"identity {identity}: Permission denied (this server could not open it)"
+    assert expected in result.stdout, result.stdout
+    [failed] = [json.loads(line) for line in result.stderr.splitlines() if "pull_failed" in line]
+    assert failed["level"] == "error"  # a lost link is a warning, retried by the daemon

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from borgtunnel import logs
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History
 from borgtunnel.maintenance import retention
@@ -43,7 +44,7 @@ async def maintain_all(
                 accept_missing=accept_missing,
                 wait=wait,
             )
-            print(outcome.summary(), flush=True)
+            logs.print_summary(outcome.summary(), failed=outcome.exit_code >= 2)
             worst = max(worst, outcome.exit_code)
     return worst
 
@@ -53,7 +54,7 @@ async def list_archives(config: Config, client: ClientConfig, *, as_json: bool) 
     try:
         passphrase = await read_passphrase(client)
     except PassphraseError as exc:
-        print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: {exc}")
         return EXIT_FAILURE
     result = await run_local_borg(
         retention.info_argv(config.borg_for(client), client.repository, borg2=client.borg2),
@@ -62,12 +63,12 @@ async def list_archives(config: Config, client: ClientConfig, *, as_json: bool) 
         stop_timeout=config.server.serve_stop_timeout,
     )
     if result.status != 0:
-        print(f"borgtunnel: {client.name}: borg info {result.error_text()}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: borg info {result.error_text()}")
         return EXIT_FAILURE
     try:
         archives = retention.parse_archives(result.stdout)
     except ValueError as exc:
-        print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: {exc}")
         return EXIT_FAILURE
     if as_json or not sys.stdout.isatty():
         print(json.dumps(archives_json(archives), indent=2, ensure_ascii=False))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from borgtunnel import borg, borgexit
+from borgtunnel import borg, borgexit, oserrors
 from borgtunnel.client.remote import (
     GO,
     REQUEST_RESTORE,
@@ -233,7 +233,7 @@ async def restore(
         raise
     except (TunnelError, PassphraseError, StalledError, OSError) as exc:
         outcome.result = RunResult.FAILED
-        outcome.error = str(exc)
+        outcome.error = oserrors.describe(exc) if isinstance(exc, OSError) else str(exc)
     finally:
         outcome.duration = time.monotonic() - started
     report = run.log.info if outcome.result is RunResult.OK else run.log.warning

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import asyncssh
 
+from borgtunnel import oserrors
 from borgtunnel.client.remote import remove_command
 from borgtunnel.config import SSHSettings
 
@@ -73,6 +74,12 @@ class HostKeyError(TunnelError):
 
 class ConnectError(TunnelError):
     """The connection or authentication failed."""
+
+
+class LocalError(TunnelError):
+    """Something on this server, not the link or the client, stopped the connection before any
+    SSH traffic: a file it cannot read (its mode, ProtectHome=), a malformed key or known_hosts.
+    Not a ConnectError: retrying it as if the client were offline cannot help."""
 
 
 class ForwardError(TunnelError):
@@ -344,22 +351,24 @@ def _load_trust(target: Target) -> tuple[asyncssh.SSHKnownHosts, list[asyncssh.S
     ssh = target.ssh
     try:
         known_hosts = asyncssh.read_known_hosts(str(ssh.known_hosts))
-    except OSError as exc:
-        raise ConnectError(
+    except FileNotFoundError as exc:
+        raise LocalError(
             target,
-            f"known_hosts {ssh.known_hosts}: {exc.strerror or exc}; enrol the client's host key "
-            "there (see README: Preparing a client)",
+            f"{oserrors.describe(exc, 'known_hosts')}; enrol the client's host key there "
+            "(see README: Preparing a client)",
         ) from None
+    except OSError as exc:
+        raise LocalError(target, oserrors.describe(exc, "known_hosts")) from None
     except ValueError as exc:
-        raise ConnectError(target, f"known_hosts {ssh.known_hosts}: {exc}") from None
+        raise LocalError(target, f"known_hosts {ssh.known_hosts}: {exc}") from None
     keys: list[asyncssh.SSHKey] = []
     if ssh.identity is not None:
         try:
             keys = [asyncssh.read_private_key(str(ssh.identity))]
         except OSError as exc:
-            raise ConnectError(target, f"identity {ssh.identity}: {exc.strerror or exc}") from None
+            raise LocalError(target, oserrors.describe(exc, "identity")) from None
         except (asyncssh.KeyImportError, ValueError) as exc:
-            raise ConnectError(target, f"identity {ssh.identity}: {exc}") from None
+            raise LocalError(target, f"identity {ssh.identity}: {exc}") from None
     return known_hosts, keys
 
 
@@ -414,10 +423,17 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
     except TimeoutError:
         raise ConnectError(target, f"no answer within {ssh.connect_timeout:.0f}s") from None
     except OSError as exc:
-        # asyncio puts its own words ("Connect call failed …") in strerror; the errno says why.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConnectError(target, reason) from None
+        raise _connect_os_error(target, exc) from None
     return conn
+
+
+def _connect_os_error(target: Target, exc: OSError) -> TunnelError:
+    """A file on this server (e.g. one asyncssh looked for) or the network (refused,
+    unreachable, name not resolved: the only kind worth retrying)."""
+    if oserrors.is_local_file_error(exc):
+        return LocalError(target, f"{oserrors.describe(exc)}, while preparing the SSH connection")
+    # asyncio puts its own words ("Connect call failed …") in strerror; the errno says why.
+    return ConnectError(target, os.strerror(exc.errno) if exc.errno else str(exc))
 
 
 # --- host keys (borgtunnel trust) ----------------------------------------------------------
@@ -458,8 +474,7 @@ async def fetch_host_key(target: Target) -> HostKey:
     except asyncssh.Error as exc:
         raise ConnectError(target, f"SSH failed: {exc}") from None
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConnectError(target, reason) from None
+        raise _connect_os_error(target, exc) from None
     if key is None:
         raise ConnectError(target, "the server presented no host key")
     return _host_key(key)
@@ -472,8 +487,10 @@ def trusted_host_keys(target: Target) -> list[HostKey]:
         return []
     try:
         known = asyncssh.read_known_hosts(str(path))
-    except (OSError, ValueError) as exc:
-        raise ConnectError(target, f"known_hosts {path}: {exc}") from None
+    except OSError as exc:
+        raise LocalError(target, oserrors.describe(exc, "known_hosts")) from None
+    except ValueError as exc:
+        raise LocalError(target, f"known_hosts {path}: {exc}") from None
     port = None if target.port == 22 else target.port
     trusted, *_ = known.match(target.host, "", port)
     return [_host_key(key) for key in trusted]

@@ -140,7 +140,11 @@ def remove_nspawn_state(machine: str) -> None:
             directory.rmdir()
 
 
-def _boot_argv(machine: str, scratch: Path, binds: Sequence[tuple[Path, str]]) -> list[str]:
+# (host path, path inside, read-only)
+Bind = tuple[Path, str, bool]
+
+
+def _boot_argv(machine: str, scratch: Path, binds: Sequence[Bind]) -> list[str]:
     root = scratch / "root"
     layers = scratch / "layers"
     mount_script = (
@@ -153,7 +157,7 @@ def _boot_argv(machine: str, scratch: Path, binds: Sequence[tuple[Path, str]]) -
     nspawn = [
         "systemd-nspawn", "-D", str(root), f"--machine={machine}",
         "--register=no", "--keep-unit", "-b", "--private-network", "--console=passive",
-        *(f"--bind-ro={host}:{inside}" for host, inside in binds),
+        *(f"--bind{'-ro' if ro else ''}={host}:{inside}" for host, inside, ro in binds),
         "systemd.unit=multi-user.target", *masks,
     ]  # fmt: skip
     return [
@@ -177,9 +181,7 @@ def _container_pid1(nspawn_pid: int) -> int:
 
 
 @contextlib.contextmanager
-def booted(
-    machine: str, scratch: Path, *, binds: Sequence[tuple[Path, str]] = ()
-) -> Iterator[Container]:
+def booted(machine: str, scratch: Path, *, binds: Sequence[Bind] = ()) -> Iterator[Container]:
     """Boot a container of this machine's root; always shut it down and clean up."""
     (scratch / "root").mkdir(parents=True)
     (scratch / "layers").mkdir()

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ pytestmark = [
 CHECKOUT = Path(__file__).resolve().parent.parent
 README = CHECKOUT / "README.md"
 WHEELS_INSIDE = "/opt/bt-test-wheels"
+CHECKOUT_INSIDE = "/usr/local/src/borgtunnel"
 CLIENT = "/srv/bt-client"  # the loopback client's sshd, keys and data, inside the container
 REPOS = "/var/backups/borg"  # as in the README's ReadWritePaths= drop-in
 SSH_PORT = 2222
@@ -70,11 +72,29 @@ def readme_block(name: str) -> str:
     return match.group(1)
 
 
-def build_wheels(target: Path) -> None:
+def copy_checkout(target: Path) -> None:
+    """The checkout's files as a fresh clone (plus uncommitted work) would have them: tracked
+    and untracked-but-not-ignored files, no .venv, caches or build output. The README's
+    commands run in this copy, which also makes them independent of which file system the
+    checkout is on (the container sees only the root file system and what is bound in)."""
+    listed = subprocess.run(
+        ["git", "-C", str(CHECKOUT), "ls-files", "-z", "--cached", "--others",
+         "--exclude-standard"],
+        capture_output=True, check=True,
+    ).stdout.decode()  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = CHECKOUT / name
+        if source.is_symlink() or not source.is_file():  # .borg -> the shared builds; deleted
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target / name)
+
+
+def build_wheels(target: Path, checkout: Path) -> None:
     """Wheels of borgtunnel's dependencies and build backend, for pip inside (no network
     there). borgtunnel itself is left out: the README's commands build it from the checkout."""
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(target), str(CHECKOUT),
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(target), str(checkout),
          "setuptools>=77", "wheel"],
         capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
@@ -161,8 +181,12 @@ def wait_for(what: str, probe: Callable[[], bool], timeout: float, box: nspawn.C
         if probe():
             return
         time.sleep(0.5)
-    journal = box.run("journalctl -b --no-pager -n 60 -u 'borgtunnel*'", check=False).stdout
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{journal}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{journal(box)}")
+
+
+def journal(box: nspawn.Container) -> str:
+    """The units' recent journal, for failure messages."""
+    return box.run("journalctl -b --no-pager -n 60 -u 'borgtunnel*'", check=False).stdout
 
 
 def history(box: nspawn.Container, client: str) -> list[dict[str, Any]]:
@@ -192,11 +216,17 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Container]:
     missing = nspawn.missing_tools()
     assert not missing, f"missing {missing}: ./scripts/setup installs systemd-container"
     scratch = tmp_path_factory.mktemp("nspawn")
+    checkout = scratch / "checkout"
+    copy_checkout(checkout)
     wheels = scratch / "wheels"
-    build_wheels(wheels)
+    build_wheels(wheels, checkout)
+    # The wheel build left build/ and *.egg-info in the copy; the README's commands start clean.
+    for leftover in (checkout / "build", *checkout.glob("*.egg-info")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    binds = [(wheels, WHEELS_INSIDE, True), (checkout, CHECKOUT_INSIDE, False)]
     machine = f"bt-{os.getpid()}"
     try:
-        with nspawn.booted(machine, scratch / "boot", binds=[(wheels, WHEELS_INSIDE)]) as box:
+        with nspawn.booted(machine, scratch / "boot", binds=binds) as box:
             box.run(f"printf '{APT_OFFLINE}' > /etc/apt/apt.conf.d/99bt-test-offline")
             yield box
     except nspawn.NspawnUnusableError as exc:
@@ -212,15 +242,15 @@ def installed(box: nspawn.Container) -> nspawn.Container:
 def install(box: nspawn.Container) -> None:
     """README's install and repositories blocks, the config and the client, README's start."""
     pip_offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS_INSIDE}
-    box.run(readme_block("install"), cwd=str(CHECKOUT), env=pip_offline, timeout=300)
-    box.run(readme_block("repositories"), cwd=str(CHECKOUT))
+    box.run(readme_block("install"), cwd=CHECKOUT_INSIDE, env=pip_offline, timeout=300)
+    box.run(readme_block("repositories"), cwd=CHECKOUT_INSIDE)
     start_client(box)
     box.run("umask 077; printf 'web1 passphrase %s\\n' $RANDOM$RANDOM > /etc/borgtunnel/web1.pass")
     write_config(box, config_toml(schedule="* * * * *"))
     fingerprint = box.run(f"ssh-keygen -lf {CLIENT}/host_key.pub").stdout.split()[1]
     box.run(f"borgtunnel trust web1 --fingerprint {fingerprint}")
     box.run("for c in db1 slow web2; do borgtunnel init $c; done")
-    box.run(readme_block("start"), cwd=str(CHECKOUT))
+    box.run(readme_block("start"), cwd=CHECKOUT_INSIDE)
 
 
 # --- install -----------------------------------------------------------------------------------
@@ -303,9 +333,9 @@ def test_pull_at_service_and_timer(installed: nspawn.Container) -> None:
     box = installed
     done = box.run("systemctl start borgtunnel-pull@db1.service", check=False, timeout=120)
     runs = history(box, "db1")
-    assert done.returncode == 0, (done.stderr, runs)
+    assert done.returncode == 0, journal(box)
     assert runs, "no run recorded"
-    assert runs[0]["result"] == "ok", runs
+    assert runs[0]["result"] == "ok", runs[0]
     assert unit_property(box, "borgtunnel-pull@db1.service", "Result") == "success"
     assert runs[0]["archive"] in server_borg(box, f"list --short {REPOS}/db1").split()
     # The timer: a stamp from two days ago is a missed daily run. Persistent=yes schedules the
@@ -432,7 +462,7 @@ def test_scheduled_pull_ok_and_read_back(installed: nspawn.Container) -> None:
         box,
     )
     finished = [r for r in daemon_runs() if r["result"] != "running"]
-    assert finished[-1]["result"] == "ok", finished
+    assert finished[-1]["result"] == "ok", (finished[-1], journal(box))
     archive = finished[-1]["archive"]
     box.run(f"""
         mkdir /tmp/bt-restore && cd /tmp/bt-restore
@@ -459,7 +489,7 @@ def test_stop_during_a_pull_leaves_nothing(installed: nspawn.Container) -> None:
     wait_for("the daemon's pull of slow to block on its FIFO", slow_running, 75, box)
     time.sleep(1)  # let the remote borg create reach the FIFO
     running = borg_processes(box)
-    assert "borg create" in running, running
+    assert "borg create" in running, (history(box, "slow")[:1], journal(box))
     assert "borg serve" in running, running
     started = time.monotonic()
     box.run("systemctl stop borgtunnel", timeout=180)

@@ -6,18 +6,29 @@ Kept apart from cli.py so that module stays what it says: parse, load, dispatch,
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-from borgtunnel import __version__
+from borgtunnel import __version__, logs
 from borgtunnel.ssh import enrol
 
 # argparse's own (private) type of what add_subparsers returns.
 Commands = argparse._SubParsersAction
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is an error line too: journald files it at error priority (logs.py)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        logs.print_error(f"{self.prog}: error: {message}")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser; each group below adds its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="borgtunnel",
         description="The backup server pulls borg archives from its clients over SSH.",
     )
@@ -72,7 +83,8 @@ def _backup_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         "--idle-timeout",
         type=float,
         metavar="SECONDS",
-        help="exit after this long without a connection (systemd starts us again on the next)",
+        help="exit after this long without a connection; under socket activation 300 by "
+        "default (systemd starts it again on the next), 0 for never",
     )
     serve.add_argument(
         "--max-connections", type=int, default=8, metavar="N", help="served in parallel"
@@ -81,7 +93,14 @@ def _backup_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     init = commands.add_parser("init", help="create a client's repository on this server")
     init.add_argument("client", metavar="NAME")
 
-    commands.add_parser("check-config", help="validate and print the effective config as JSON")
+    check = commands.add_parser(
+        "check-config", help="validate and print the effective config as JSON"
+    )
+    check.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing when it is valid (systemd's ExecReload= runs this before reloading)",
+    )
 
 
 def _reading_commands(commands: Commands[argparse.ArgumentParser]) -> None:

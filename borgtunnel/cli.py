@@ -54,11 +54,15 @@ EXIT_CONFIG = 78
 # Which exit code wins when `pull` ran several clients: a bug, then any failure, then a skip.
 _EXIT_RANK = {EXIT_OK: 0, EXIT_WARNING: 1, EXIT_SKIPPED: 2, EXIT_FAILURE: 3, EXIT_INTERNAL: 4}
 
+# Exit codes whose summary line is an error line (journald priority err).
+_FAILED = (EXIT_FAILURE, EXIT_INTERNAL)
+
 log = structlog.get_logger("borgtunnel")
 
 
-def _cmd_check_config(_args: argparse.Namespace, _path: Path, config: Config) -> int:
-    print(json.dumps(config.redacted(), indent=2))
+def _cmd_check_config(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    if not args.quiet:  # valid: load_config raised ConfigError (exit 78) otherwise
+        print(json.dumps(config.redacted(), indent=2))
     return EXIT_OK
 
 
@@ -131,9 +135,7 @@ def _cmd_list(args: argparse.Namespace, _path: Path, config: Config) -> int:
 def _cmd_restore(args: argparse.Namespace, _path: Path, config: Config) -> int:
     client = config.client(args.client)
     if not args.target.startswith("/") or "\0" in args.target:
-        print(
-            f"borgtunnel: --target must be an absolute path, got {args.target!r}", file=sys.stderr
-        )
+        logs.print_error(f"borgtunnel: --target must be an absolute path, got {args.target!r}")
         return EXIT_FAILURE
     return _run(_restore(config, client, args))
 
@@ -149,7 +151,7 @@ async def _restore(config: Config, client: ClientConfig, args: argparse.Namespac
         force=args.force,
         wait=args.wait,
     )
-    print(outcome.summary(), flush=True)
+    logs.print_summary(outcome.summary(), failed=outcome.exit_code in _FAILED)
     if outcome.tampering is not None:
         await _notify_tampering(config, client, outcome.tampering, run_id=outcome.run_id)
     return outcome.exit_code
@@ -179,7 +181,7 @@ def _cmd_authorized_key(args: argparse.Namespace, _path: Path, config: Config) -
         client = config.client(args.client)
         print(enrol.authorized_key_line(config, client, command=args.forced_command))
     except enrol.PublicKeyError as exc:
-        print(f"borgtunnel: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -220,14 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(path)
         return COMMANDS[args.command](args, path, config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        logs.print_error(exc)
         return EXIT_CONFIG
     except UnknownClientError as exc:
-        print(f"borgtunnel: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {exc}")
         return EXIT_CONFIG
     except Exception as exc:
         log.exception("internal_error", command=args.command)
-        print(f"borgtunnel: internal error: {exc!r} (a bug: please report it)", file=sys.stderr)
+        logs.print_error(f"borgtunnel: internal error: {exc!r} (a bug: please report it)")
         return EXIT_INTERNAL
 
 
@@ -278,7 +280,7 @@ async def _pull_all(
                     if live is not None:
                         live.done(client.name, outcome.summary())
                     else:
-                        print(outcome.summary(), flush=True)
+                        logs.print_summary(outcome.summary(), failed=outcome.exit_code in _FAILED)
                     reporter.after_run(client, outcome)
                     worst = max(worst, outcome.exit_code, key=_EXIT_RANK.__getitem__)
         finally:
@@ -290,12 +292,12 @@ async def _init(config: Config, client: ClientConfig) -> int:
     try:
         status = await init_repository(config, client)
     except (PassphraseError, KeyGuardError) as exc:
-        print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: {exc}")
         return EXIT_FAILURE
     if status == 0:
         print(f"{client.name}: repository {client.repository} created ({client.encryption})")
         return EXIT_OK
-    print(f"{client.name}: borg init failed with status {status}", file=sys.stderr)
+    logs.print_error(f"{client.name}: borg init failed with status {status}")
     return EXIT_FAILURE
 
 

@@ -35,6 +35,32 @@ def _journald_priority(_logger: object, method: str, rendered: object) -> str:
     return f"<{_PRIORITY.get(method, 6)}>{rendered}"
 
 
+def _on_the_journal(stream: TextIO) -> bool:
+    try:
+        return journal_stream_matches(stream.fileno())
+    except (OSError, ValueError):  # no file descriptor (a StringIO, a closed stream)
+        return False
+
+
+def print_error(text: object, *, file: TextIO | None = None) -> None:
+    """Print an error message for a person (stderr unless ``file``). On the journal's stream
+    every line gets the ``<3>`` prefix, so ``journalctl -p err`` shows why a command or unit
+    failed, not only systemd's "Failed to start"; elsewhere the text is printed as it is."""
+    out = file if file is not None else sys.stderr
+    lines = str(text).splitlines() or [""]
+    if _on_the_journal(out):
+        lines = [f"<{_PRIORITY['error']}>{line}" for line in lines]
+    print("\n".join(lines), file=out, flush=True)
+
+
+def print_summary(text: str, *, failed: bool) -> None:
+    """A run's one-line result on stdout; a failure is an error line (see print_error)."""
+    if failed:
+        print_error(text, file=sys.stdout)
+    else:
+        print(text, flush=True)
+
+
 def _escape_for_terminal(
     _logger: object, _method: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:

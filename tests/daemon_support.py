@@ -22,7 +22,7 @@ from typing import Any
 
 from borgtunnel.history import History, RunRecord, RunResult
 from borgtunnel.scheduling.daemon import Daemon
-from tests.sshd import SshdServer, is_alive
+from tests.sshd import SshdServer, generate_key, is_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BORGTUNNEL = str(Path(sys.executable).parent / "borgtunnel")
@@ -98,6 +98,13 @@ def write_config(
             "known_hosts": sshd.known_hosts,
             "connect_timeout": 10,
         }
+    else:
+        # Real (empty) trust files, so that a pull gets as far as the network: a missing file
+        # is a local error, which is not retried like an offline client.
+        tables["ssh"] = {"identity": root / "id_ed25519", "known_hosts": root / "known_hosts"}
+        if not (root / "id_ed25519").exists():
+            generate_key(root / "id_ed25519", "borgtunnel-test")
+            (root / "known_hosts").write_text("")
     for name, keys in clients.items():
         tables[f"clients.{name}"] = keys
     path.write_text(render_config(tables))

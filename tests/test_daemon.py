@@ -224,6 +224,27 @@ async def test_a_borg_failure_is_not_retried(tmp_path):
         assert daemon.next_runs() == {"web1": NEXT_DAY}
 
 
+async def test_a_local_file_error_is_named_and_not_retried_like_an_offline_client(tmp_path):
+    """A real pull whose identity file is missing on this server: no retry every retry_wait as
+    for a lost link, an error-level log, and a message with the path and what was done."""
+    client = offline_client(tmp_path / "r", schedule="0 2 * * *", retries=3, retry_wait=0.05)
+    config = config_with(tmp_path, {"web1": client})
+    identity = tmp_path / "id_ed25519"
+    identity.unlink()
+    daemon = daemon_firing_in(config, 0.5)
+    with capture_logs() as logs:
+        async with serving(daemon):
+            await eventually(lambda: events(logs, "run_finished"), within=10, what="the run")
+            await asyncio.sleep(0.5)  # ten retry_waits: a retry would have started
+            assert daemon.next_runs() == {"web1": NEXT_DAY}
+    [run] = finished_runs(config.server.state_dir, "web1")
+    expected = f"identity {identity}: No such file or directory (this server could not open it)"
+    assert expected in (run.error or "")
+    assert events(logs, "retry_scheduled") == []
+    assert events(logs, "client_unreachable") == []
+    assert [e["log_level"] for e in events(logs, "pull_failed")] == ["error"]
+
+
 async def test_a_busy_client_skips_the_slot_and_keeps_its_schedule(tmp_path):
     """Another holder (as a one-shot ``borgtunnel pull`` would) has the client's real lock."""
     config = config_with(tmp_path, {"web1": offline_client(tmp_path / "r", schedule="0 2 * * *")})

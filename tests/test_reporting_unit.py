@@ -430,13 +430,9 @@ async def test_daemon_notifies_a_failure_only_after_its_retries(tmp_path):
 
     client = offline_client(tmp_path / "r", schedule="0 2 * * *", retries=1, retry_wait=0.5)
     path = write_config(tmp_path / "bt.toml", tmp_path, clients={"web1": client})
-    # An empty known_hosts: the connection itself is refused (port 9), a retryable failure.
-    (tmp_path / "known_hosts").write_text("")
-    path.write_text(
-        path.read_text()
-        + f'[ssh]\nknown_hosts = "{tmp_path / "known_hosts"}"\nconnect_timeout = 5\n'
-        + '[notify]\nurls = ["json://127.0.0.1:1/x"]\n'
-    )
+    # write_config's trust files are real and empty: the connection itself is refused (port 9),
+    # a retryable failure.
+    path.write_text(path.read_text() + '[notify]\nurls = ["json://127.0.0.1:1/x"]\n')
     config = load_config(path)
     sender = FakeSender()
     daemon = Daemon(

@@ -22,7 +22,12 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.config import UnknownClientError, load_config
-from borgtunnel.server.socketserve import ServeSetupError, adopt_listen_fds, run_serve
+from borgtunnel.server.socketserve import (
+    ACTIVATED_IDLE_TIMEOUT,
+    ServeSetupError,
+    adopt_listen_fds,
+    run_serve,
+)
 from borgtunnel.systemd import ListenFd
 from tests.socketserve_kit import (
     BORG_TIMEOUT,
@@ -273,6 +278,77 @@ def test_idle_timeout_exits_0(harness: Harness) -> None:
     assert not path.exists()  # we created it, so we removed it
 
 
+def _listening(serve: ServeProcess) -> dict[str, object]:
+    wait_until(lambda: any(_is_listening(e) for e in serve.events()), 20, "serve_listening")
+    return next(e for e in serve.events() if _is_listening(e))
+
+
+def _is_listening(event: dict[str, object]) -> bool:
+    return event.get("event") == "serve_listening"
+
+
+def _activate(sock: Path) -> None:
+    """Connect once (which starts serve) and hang up. The socket file appears at bind(), a
+    moment before systemd-socket-activate listens: until then a connection is refused."""
+    wait_for_socket(sock)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            connect(sock).close()
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            return
+
+
+def test_activated_serve_exits_when_idle_by_default(harness: Harness) -> None:
+    """Started on demand by the socket, without --idle-timeout (as the shipped unit starts it):
+    it must not stay forever. 300 s is too long to wait for here, so the effective timeout is
+    read from its log, and the idle exit under activation is shown with a short one below."""
+    sock = harness.socks / "web1.sock"
+    serve = harness.serve(activate=[(sock, "web1")])
+    _activate(sock)  # the first connection starts serve
+
+    assert _listening(serve)["idle_timeout"] == ACTIVATED_IDLE_TIMEOUT
+    assert 0 < ACTIVATED_IDLE_TIMEOUT <= 3600
+    assert serve.process.poll() is None
+
+
+@pytest.mark.parametrize(("given", "effective"), [("0", None), ("7.5", 7.5)])
+def test_activated_serve_takes_an_explicit_idle_timeout(
+    harness: Harness, given: str, effective: float | None
+) -> None:
+    sock = harness.socks / "web1.sock"
+    serve = harness.serve(activate=[(sock, "web1")], args=["--idle-timeout", given])
+    _activate(sock)
+
+    assert _listening(serve)["idle_timeout"] == effective
+
+
+def test_listen_serve_has_no_default_idle_timeout(harness: Harness) -> None:
+    """On its own --listen socket nothing would start it again: it serves until stopped."""
+    path = harness.socks / "listen" / "web1.sock"
+    serve = harness.serve(args=["--listen", str(path), "--client", "web1"])
+
+    assert _listening(serve)["idle_timeout"] is None
+
+
+def test_activated_serve_exits_when_idle_and_leaves_the_socket(harness: Harness) -> None:
+    sock = harness.socks / "web1.sock"
+    serve = harness.serve(activate=[(sock, "web1")], args=["--idle-timeout", "1"])
+    _activate(sock)
+
+    assert serve.wait(timeout=20) == 0, serve.stderr()
+    assert [e["event"] for e in serve.events()][-3:] == [
+        "serve_idle",
+        "serve_stopping",
+        "serve_stopped",
+    ]
+    assert stat.S_ISSOCK(sock.lstat().st_mode)  # systemd's socket: not ours to remove
+
+
 def test_idle_timeout_waits_for_the_active_connection(harness: Harness) -> None:
     path = harness.socks / "listen" / "web1.sock"
     notify = harness.notify_socket()
@@ -387,7 +463,8 @@ class UsageCase:
         UsageCase(listen=True, client=None, message="--listen PATH and --client NAME must be"),
         UsageCase(listen=False, client="web1", message="--listen PATH and --client NAME must be"),
         UsageCase(True, "web1", "--max-connections must be at least 1", max_connections=0),
-        UsageCase(True, "web1", "--idle-timeout must be positive", idle_timeout=0.0),
+        UsageCase(True, "web1", "--idle-timeout must be 0 (never) or a", idle_timeout=-1.0),
+        UsageCase(True, "web1", "--idle-timeout must be 0 (never) or a", idle_timeout=float("nan")),
     ],
     ids=lambda case: case.message,
 )

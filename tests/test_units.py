@@ -15,12 +15,15 @@ from __future__ import annotations
 import ctypes.util
 import errno
 import json
+import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -120,7 +123,10 @@ def test_exec_lines(units):
     daemon = units["borgtunnel.service"]
     assert values(daemon, "Service", "Type") == ["notify"]
     assert values(daemon, "Service", "ExecStart") == [f"{INSTALLED_EXECUTABLE} daemon"]
-    assert values(daemon, "Service", "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    assert values(daemon, "Service", "ExecReload") == [
+        f"{INSTALLED_EXECUTABLE} check-config --quiet",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert values(daemon, "Service", "Restart") == ["on-failure"]
     assert values(daemon, "Service", "RestartPreventExitStatus") == ["78"]
     assert values(daemon, "Service", "WatchdogSec") == ["5min"]
@@ -188,6 +194,74 @@ def test_stop_timeout_covers_the_daemons_own_shutdown(units):
         [timeout] = values(units[name], "Service", "TimeoutStopSec")
         assert timeout.endswith("s")
         assert float(timeout.removesuffix("s")) >= own + 10, name
+
+
+# A stand-in for the daemon's main process: it only records the signals it gets.
+_MAIN_PROCESS = """
+import signal, sys, time
+signal.signal(signal.SIGHUP, lambda *_: open(sys.argv[1], "a").write("HUP\\n"))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _reload_as_systemd_does(config: Path, mainpid: int) -> list[int]:
+    """Run borgtunnel.service's ExecReload= lines in order, as systemd does: the first that
+    fails ends the reload (and `systemctl reload` exits non-zero). Exit status of each run."""
+    borgtunnel = f"{shlex.quote(sys.executable)} -m borgtunnel"
+    statuses = []
+    for line in values(parse_unit(UNIT_DIR / "borgtunnel.service"), "Service", "ExecReload"):
+        command = line.replace(INSTALLED_EXECUTABLE, borgtunnel).replace("$MAINPID", str(mainpid))
+        result = subprocess.run(
+            shlex.split(command),
+            env={**os.environ, "BORGTUNNEL_CONFIG": str(config)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.stdout == "", "nothing for the journal when all is well"
+        statuses.append(result.returncode)
+        if result.returncode != 0:
+            break
+    return statuses
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_reload_fails_on_a_broken_config_without_signalling(tmp_path, broken):
+    config = tmp_path / "borgtunnel.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[clients.web1]\nhost = "web1.example"\nrepository = "/srv/borg/web1"\n'
+        'paths = ["/etc"]\nencryption = "none"\n'
+    )
+    if broken:
+        config.write_text(config.read_text().replace('"web1.example"', "web1.example"))
+    signals = tmp_path / "signals"
+    main = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_PROCESS, str(signals)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert main.stdout is not None
+        assert main.stdout.readline() == "ready\n"  # its SIGHUP handler is in place
+
+        statuses = _reload_as_systemd_does(config, main.pid)
+
+        if broken:
+            assert statuses == [78]  # check-config refused it; kill never ran
+            time.sleep(0.2)
+            assert not signals.exists()
+        else:
+            assert statuses == [0, 0]
+            deadline = time.monotonic() + 10
+            while not signals.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert signals.read_text() == "HUP\n"
+    finally:
+        main.kill()
+        main.wait()
+        if main.stdout is not None:
+            main.stdout.close()
 
 
 # --- systemd-analyze -----------------------------------------------------------------------------

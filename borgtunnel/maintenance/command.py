@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from borgtunnel import logs
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History
 from borgtunnel.maintenance import retention
@@ -44,7 +45,7 @@ async def maintain_all(
                 wait=wait,
             )
             # Archive names (prune, tamper report) and borg's messages are the client's text.
-            print(printable(outcome.summary()), flush=True)
+            logs.print_summary(printable(outcome.summary()), failed=outcome.exit_code >= 2)
             worst = max(worst, outcome.exit_code)
     return worst
 
@@ -54,7 +55,7 @@ async def list_archives(config: Config, client: ClientConfig, *, as_json: bool) 
     try:
         passphrase = await read_passphrase(client)
     except PassphraseError as exc:
-        print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: {exc}")
         return EXIT_FAILURE
     result = await run_local_borg(
         retention.info_argv(config.borg_for(client), client.repository, borg2=client.borg2),
@@ -63,15 +64,12 @@ async def list_archives(config: Config, client: ClientConfig, *, as_json: bool) 
         stop_timeout=config.server.serve_stop_timeout,
     )
     if result.status != 0:
-        print(
-            f"borgtunnel: {client.name}: borg info {printable(result.error_text())}",
-            file=sys.stderr,
-        )
+        logs.print_error(f"borgtunnel: {client.name}: borg info {printable(result.error_text())}")
         return EXIT_FAILURE
     try:
         archives = retention.parse_archives(result.stdout)
     except ValueError as exc:
-        print(f"borgtunnel: {client.name}: {printable(str(exc))}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: {printable(str(exc))}")
         return EXIT_FAILURE
     if as_json or not sys.stdout.isatty():
         # ASCII: a name's control characters (C1 ones too, which JSON leaves raw) as \u escapes.

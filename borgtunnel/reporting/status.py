@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any, TypeVar
 
+from borgtunnel import logs
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.durations import format_duration
 from borgtunnel.history import (
@@ -177,10 +178,7 @@ def _read(config: Config, query: Callable[[History], T]) -> T | None:
         with History.open(config.server.state_dir) as history:
             return query(history)
     except (OSError, sqlite3.Error, HistoryError) as exc:
-        print(
-            f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}",
-            file=sys.stderr,
-        )
+        logs.print_error(f"borgtunnel: cannot read the history in {config.server.state_dir}: {exc}")
         return None
 
 
@@ -247,7 +245,7 @@ def history_table(runs: Sequence[RunRecord], zone: tzinfo) -> str:
 
 def show_history(config: Config, client: ClientConfig, *, limit: int, as_json: bool) -> int:
     if limit < 1:
-        print(f"borgtunnel: --limit must be at least 1, got {limit}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: --limit must be at least 1, got {limit}")
         return EXIT_FAILURE
     runs = _read(config, lambda history: history.last_runs(client.name, limit))
     if runs is None:

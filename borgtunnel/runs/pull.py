@@ -19,7 +19,7 @@ from enum import StrEnum
 
 import structlog
 
-from borgtunnel import borg, borgexit, clientborg
+from borgtunnel import borg, borgexit, clientborg, oserrors
 from borgtunnel.client.remote import (
     GO,
     parse_pid_line,
@@ -286,7 +286,9 @@ async def pull(
     ) as exc:
         run.outcome.result = RunResult.FAILED
         run.outcome.stats = None
-        run.outcome.error = str(exc)
+        # A file or program of this server names its path and operation (oserrors).
+        run.outcome.error = oserrors.describe(exc) if isinstance(exc, OSError) else str(exc)
+        # Only the link may come back by itself; a LocalError (a file here) is not retried.
         run.outcome.link_lost = isinstance(exc, ConnectError)
     if run.outcome.tampering is not None:
         run.outcome.result = RunResult.FAILED

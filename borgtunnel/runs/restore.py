@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from borgtunnel import borg, borgexit
+from borgtunnel import borg, borgexit, oserrors
 from borgtunnel.client.remote import (
     GO,
     REQUEST_RESTORE,
@@ -249,7 +249,7 @@ async def restore(
         raise
     except (TunnelError, PassphraseError, StalledError, OSError) as exc:
         outcome.result = RunResult.FAILED
-        outcome.error = str(exc)
+        outcome.error = oserrors.describe(exc) if isinstance(exc, OSError) else str(exc)
     finally:
         # Whatever happened, a tunnel may have been open: look at what the client did with it.
         await _check_repository(run, before)
@@ -353,7 +353,7 @@ async def _extract_remotely(run: _Run, command: str, passphrase: bytes | None) -
                 await _finish(run, rr, listener)
         finally:
             await stop_serve(listener, remote_finished=run.remote_finished)
-            run.refused = list(listener.stats.refused)
+            run.refused = list(listener.stats.refused_requests)
             if not run.remote_finished:
                 await abandon_remote(tunnel, run.remote_pid, remote.path, run.log)
 

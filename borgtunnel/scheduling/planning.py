@@ -64,8 +64,9 @@ def is_retryable(outcome: PullOutcome) -> bool:
     worth another try. Retrying a dropped run is safe: the next run stops the borg create the
     dead session left on the client (borgtunnel/client/remote.py).
 
-    Anything else (borg error, refused prepare step, host key, bad passphrase) would fail the
-    same way again, so it waits for the next scheduled run.
+    Anything else (borg error, refused prepare step, host key, bad passphrase, a file or program
+    of this server that cannot be read or run) would fail the same way again, so it waits for
+    the next scheduled run.
     """
     return outcome.result is RunResult.FAILED and outcome.link_lost
 

@@ -111,7 +111,7 @@ class ServeStats:
     last_stderr: str | None = None
     exit_codes: list[int] = field(default_factory=list)
     # Requests a restore's read-only filter refused (server/rpcfilter.py says so on stderr).
-    refused: list[str] = field(default_factory=list)
+    refused_requests: list[str] = field(default_factory=list)
 
 
 class BorgServeListener:
@@ -254,7 +254,7 @@ class BorgServeListener:
             line = chunk.decode("utf-8", "replace").rstrip()
             if line.startswith(REFUSED_PREFIX):
                 reason = line[len(REFUSED_PREFIX) :]
-                self.stats.refused.append(reason)
+                self.stats.refused_requests.append(reason)
                 self.log.error("serve_request_refused", connection=number, reason=reason)
             elif line:
                 self.stats.last_stderr = line[:500]

@@ -7,7 +7,11 @@ for that client's repository, with the connection as the child's stdin/stdout
 (:class:`~borgtunnel.server.serve.BorgServeListener`, shared with the pull path). Connections are
 served in parallel, up to ``--max-connections`` per socket; further ones wait in the backlog.
 
-Exit statuses: 0 after SIGTERM/SIGINT or ``--idle-timeout``; 2 for usage errors and a
+Idle exit: started by systemd (socket activation) it exits after ACTIVATED_IDLE_TIMEOUT without
+a connection unless ``--idle-timeout`` says otherwise (0: never), since systemd starts it again
+on the next connection; on its own ``--listen`` socket it serves until stopped unless given one.
+
+Exit statuses: 0 after SIGTERM/SIGINT or the idle timeout; 2 for usage errors and a
 ``--listen`` socket we cannot take (something still listens there, or no permission); 78 for
 configuration errors, including a passed socket whose name is not a configured client or that
 is not a listening unix stream socket. All checks happen before anything is served.
@@ -19,7 +23,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Final, NoReturn
 
 import structlog
 
-from borgtunnel import systemd
+from borgtunnel import logs, systemd
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.server.policy import serve_argv
 from borgtunnel.server.serve import BorgServeListener, SocketInUseError, bind_unix_socket
@@ -40,6 +43,11 @@ EXIT_CONFIG: Final = 78
 # "connection accepted" hook, so activity is sampled; a connection that comes and goes between
 # two samples still moves the connection counter and resets the idle clock.
 MONITOR_INTERVAL: Final = 0.5
+
+# Socket activation starts serve on demand, so it need not wait for long: a run's connections
+# (borg create, then its own prune/check if any) come seconds apart, and a restart costs about
+# half a second. Without a default an activated serve would stay until the next reboot.
+ACTIVATED_IDLE_TIMEOUT: Final = 300.0
 
 log = structlog.get_logger("borgtunnel.server.socketserve")
 
@@ -77,8 +85,9 @@ def run_serve(
         _check_limits(idle_timeout=idle_timeout, max_connections=max_connections)
         endpoints = open_endpoints(config, listen=listen, client=client)
     except ServeSetupError as exc:
-        print(f"borgtunnel serve: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel serve: {exc}")
         return exc.exit_code
+    idle_timeout = effective_idle_timeout(idle_timeout, activated=endpoints[0].created is None)
     try:
         return asyncio.run(
             _serve(config, endpoints, idle_timeout=idle_timeout, max_connections=max_connections)
@@ -93,8 +102,20 @@ def _check_limits(*, idle_timeout: float | None, max_connections: int) -> None:
         raise ServeSetupError(
             f"--max-connections must be at least 1, got {max_connections}", EXIT_USAGE
         )
-    if idle_timeout is not None and not idle_timeout > 0:
-        raise ServeSetupError(f"--idle-timeout must be positive, got {idle_timeout}", EXIT_USAGE)
+    if idle_timeout is not None and not 0 <= idle_timeout < float("inf"):
+        raise ServeSetupError(
+            f"--idle-timeout must be 0 (never) or a positive number of seconds, got {idle_timeout}",
+            EXIT_USAGE,
+        )
+
+
+def effective_idle_timeout(given: float | None, *, activated: bool) -> float | None:
+    """Seconds of idleness before exiting, None for never: ``--idle-timeout`` if given (0 is
+    never), else ACTIVATED_IDLE_TIMEOUT under socket activation and never on a --listen socket
+    (nothing would start it again)."""
+    if given is None:
+        return ACTIVATED_IDLE_TIMEOUT if activated else None
+    return given or None
 
 
 def open_endpoints(config: Config, *, listen: Path | None, client: str | None) -> list[Endpoint]:
@@ -267,6 +288,7 @@ async def _serve(
                 client=endpoint.client.name,
                 socket=endpoint.where,
                 repository=str(endpoint.client.repository),
+                idle_timeout=idle_timeout,
             )
         notifier.ready(_status(clients, listeners))
         reason = await _monitor(clients, listeners, signals, idle_timeout, notifier)

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from borgtunnel import logs
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.ssh.tunnel import HostKey, Target, TunnelError, fetch_host_key, trusted_host_keys
 
@@ -109,7 +110,7 @@ async def trust(
         offered = await fetch_host_key(target)
         old = trusted_host_keys(target)
     except TunnelError as exc:
-        print(f"borgtunnel: {client.name}: {exc}", file=sys.stderr)
+        logs.print_error(f"borgtunnel: {client.name}: {exc}")
         return EXIT_FAILURE
     name = host_pattern(client.host, client.port)
     print(f"{client.name} ({name}) offers a {offered.algorithm} key {offered.fingerprint}")

@@ -15,10 +15,11 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncssh
 
+from borgtunnel import oserrors
 from borgtunnel.client.remote import remove_command
 from borgtunnel.config import SSHSettings
 
@@ -73,6 +74,12 @@ class HostKeyError(TunnelError):
 
 class ConnectError(TunnelError):
     """The connection or authentication failed."""
+
+
+class LocalError(TunnelError):
+    """Something on this server, not the link or the client, stopped the connection before any
+    SSH traffic: a file it cannot read (its mode, ProtectHome=), a malformed key or known_hosts.
+    Not a ConnectError: retrying it as if the client were offline cannot help."""
 
 
 class ForwardError(TunnelError):
@@ -438,23 +445,38 @@ def _load_trust(target: Target) -> tuple[asyncssh.SSHKnownHosts, list[asyncssh.S
     ssh = target.ssh
     try:
         known_hosts = asyncssh.read_known_hosts(str(ssh.known_hosts))
-    except OSError as exc:
-        raise ConnectError(
+    except FileNotFoundError as exc:
+        raise LocalError(
             target,
-            f"known_hosts {ssh.known_hosts}: {exc.strerror or exc}; enrol the client's host key "
-            "there (see README: Preparing a client)",
+            f"{oserrors.describe(exc, 'known_hosts')}; enrol the client's host key there "
+            "(see README: Preparing a client)",
         ) from None
+    except OSError as exc:
+        raise LocalError(target, oserrors.describe(exc, "known_hosts")) from None
     except ValueError as exc:
-        raise ConnectError(target, f"known_hosts {ssh.known_hosts}: {exc}") from None
+        raise LocalError(target, f"known_hosts {ssh.known_hosts}: {exc}") from None
     keys: list[asyncssh.SSHKey] = []
     if ssh.identity is not None:
         try:
             keys = [asyncssh.read_private_key(str(ssh.identity))]
         except OSError as exc:
-            raise ConnectError(target, f"identity {ssh.identity}: {exc.strerror or exc}") from None
+            raise LocalError(target, oserrors.describe(exc, "identity")) from None
         except (asyncssh.KeyImportError, ValueError) as exc:
-            raise ConnectError(target, f"identity {ssh.identity}: {exc}") from None
+            raise LocalError(target, f"identity {ssh.identity}: {exc}") from None
     return known_hosts, keys
+
+
+# Nothing borgtunnel does may read the service user's home: under ProtectHome=yes without
+# capabilities even a stat of /root fails (PermissionError), and a daemon must use only what its
+# settings name. So every asyncssh default that looks under ~/.ssh is turned off explicitly: no
+# ~/.ssh/config; no default keys (client_keys None, not []: [] loads ~/.ssh/id_*); no X.509 CA
+# bundle ~/.ssh/ca-bundle.crt or cert directory ~/.ssh/crt (stat'ed while the options are
+# prepared, even for a server without X.509 host keys).
+_NO_HOME_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "x509_trusted_certs": None,
+    "x509_trusted_cert_paths": [],
+}
 
 
 async def _open(target: Target) -> asyncssh.SSHClientConnection:
@@ -467,12 +489,19 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
             target.host,
             target.port,
             username=target.user,
+            # known_hosts and the identity were read above, from the paths the settings name.
             known_hosts=known_hosts,
             client_keys=keys or None,
-            # A daemon must not read ~/.ssh/config or whatever agent its environment has.
-            config=None,
             agent_path=() if ssh.agent else None,
+            **_NO_HOME_DEFAULTS,
+            # Public-key authentication only: no password or keyboard prompts, no host-based
+            # (local host keys) or GSSAPI (Kerberos credential caches) attempts.
             password=None,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_auth=False,
+            gss_kex=False,
             keepalive_interval=ssh.keepalive_interval,
             keepalive_count_max=ssh.keepalive_count_max,
             connect_timeout=ssh.connect_timeout,
@@ -488,10 +517,17 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
     except TimeoutError:
         raise ConnectError(target, f"no answer within {ssh.connect_timeout:.0f}s") from None
     except OSError as exc:
-        # asyncio puts its own words ("Connect call failed …") in strerror; the errno says why.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConnectError(target, reason) from None
+        raise _connect_os_error(target, exc) from None
     return conn
+
+
+def _connect_os_error(target: Target, exc: OSError) -> TunnelError:
+    """A file on this server (e.g. one asyncssh looked for) or the network (refused,
+    unreachable, name not resolved: the only kind worth retrying)."""
+    if oserrors.is_local_file_error(exc):
+        return LocalError(target, f"{oserrors.describe(exc)}, while preparing the SSH connection")
+    # asyncio puts its own words ("Connect call failed …") in strerror; the errno says why.
+    return ConnectError(target, os.strerror(exc.errno) if exc.errno else str(exc))
 
 
 # --- host keys (borgtunnel trust) ----------------------------------------------------------
@@ -511,18 +547,28 @@ def _host_key(key: asyncssh.SSHKey) -> HostKey:
     return HostKey(algorithm, key.get_fingerprint("sha256"), f"{algorithm} {blob}")
 
 
+def _host_key_fetch_options() -> asyncssh.SSHClientConnectionOptions:
+    """Options for only fetching a host key: get_server_host_key turns off known_hosts and
+    X.509 itself, but would still load the default keys from ~/.ssh and the agent's path.
+    (``config=None`` goes in the call too: its default ``()`` there would override this.)"""
+    return asyncssh.SSHClientConnectionOptions(
+        client_keys=None, agent_path=None, **_NO_HOME_DEFAULTS
+    )
+
+
 async def fetch_host_key(target: Target) -> HostKey:
     """The key the client's sshd presents, without authenticating or trusting it."""
     try:
         async with asyncio.timeout(target.ssh.connect_timeout):
-            key = await asyncssh.get_server_host_key(target.host, target.port, config=None)
+            key = await asyncssh.get_server_host_key(
+                target.host, target.port, config=None, options=_host_key_fetch_options()
+            )
     except TimeoutError:
         raise ConnectError(target, f"no answer within {target.ssh.connect_timeout:.0f}s") from None
     except asyncssh.Error as exc:
         raise ConnectError(target, f"SSH failed: {exc}") from None
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConnectError(target, reason) from None
+        raise _connect_os_error(target, exc) from None
     if key is None:
         raise ConnectError(target, "the server presented no host key")
     return _host_key(key)
@@ -535,8 +581,10 @@ def trusted_host_keys(target: Target) -> list[HostKey]:
         return []
     try:
         known = asyncssh.read_known_hosts(str(path))
-    except (OSError, ValueError) as exc:
-        raise ConnectError(target, f"known_hosts {path}: {exc}") from None
+    except OSError as exc:
+        raise LocalError(target, oserrors.describe(exc, "known_hosts")) from None
+    except ValueError as exc:
+        raise LocalError(target, f"known_hosts {path}: {exc}") from None
     port = None if target.port == 22 else target.port
     trusted, *_ = known.match(target.host, "", port)
     return [_host_key(key) for key in trusted]

@@ -254,7 +254,8 @@ def test_reload_fails_on_a_broken_config_without_signalling(tmp_path, broken):
         else:
             assert statuses == [0, 0]
             deadline = time.monotonic() + 10
-            while not signals.exists() and time.monotonic() < deadline:
+            # open(..., "a") creates the file a moment before the write: wait for the text.
+            while not (signals.exists() and signals.read_text()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert signals.read_text() == "HUP\n"
     finally:

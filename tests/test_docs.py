@@ -68,12 +68,35 @@ def anchors(path: Path) -> set[str]:
 
 
 def links(path: Path) -> Iterator[str]:
+    return links_in(path.read_text())
+
+
+def links_in(markdown: str) -> Iterator[str]:
     """Link targets in the prose, not inside code blocks or code spans."""
-    text = prose(path.read_text())
+    text = prose(markdown)
     spans = [match.span() for match in CODE_SPAN.finditer(text)]
     for match in LINK.finditer(text):
         if not any(start <= match.start() < end for start, end in spans):
             yield match.group(1)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=rel)
+def test_a_doc_opens_with_its_summary_and_the_way_back(path: Path) -> None:
+    title, blank, summary = path.read_text().split("\n")[:3]
+    assert title.startswith("# "), f"{rel(path)}: the first line is not a title"
+    assert blank == "", f"{rel(path)}: no blank line after the title"
+    assert "](../README.md#documentation)" in summary, (
+        f"{rel(path)}: the line after the title is not a summary linking back to the README map"
+    )
+
+
+def test_every_doc_is_in_the_readme_map() -> None:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Documentation\n")
+    end = text.find("\n## ", start + 1)
+    mapped = set(links_in(text[start : end if end != -1 else None]))
+    missing = [rel(path) for path in DOCS if rel(path) not in mapped]
+    assert not missing, f"docs files not in the README's Documentation table: {missing}"
 
 
 def test_github_slug_matches_what_github_makes() -> None:

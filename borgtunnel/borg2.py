@@ -2,7 +2,7 @@
 
 borg 2 keeps a repository in borgstore namespaces (``archives/``, ``packs/``, ``keys/`` …) and
 has no ``--append-only``: the server's policy is ``borg serve --rest`` on the one backend
-``FILE:REPO`` with ``--permissions`` (README "borg versions" has what each one allows, measured).
+``FILE:REPO`` with ``--permissions`` (docs/borg-versions.md has what each one allows, measured).
 The client still reaches it through ``BORG_RSH`` (borg copies it into ``BORGSTORE_RSH``) ending
 in ``sh -c '…'``, which drops the words borg appends: the client cannot pick the backend, the
 path or the permissions. Repository and archive are options and a positional of their own

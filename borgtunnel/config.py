@@ -85,7 +85,7 @@ BORG2_ENCRYPTIONS: tuple[str, ...] = get_args(Borg2Encryption)
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 # borg 2 (`borg serve --rest --permissions P`): what each permission lets a client do through its
-# tunnel, measured with 2.0.0b25 (README "borg versions"). Only those a pull works with and that
+# tunnel, measured with 2.0.0b25 (docs/borg-versions.md). Only those a pull works with and that
 # keep the client from deleting are allowed.
 BORG2_PERMISSIONS = ("write-only", "no-delete")
 BORG2_DEFAULT_PERMISSIONS = "write-only"
@@ -252,7 +252,7 @@ class ClientConfig(_Model):
     # (borg 2's repositories, served --rest with `permissions`). Declared before the settings
     # whose meaning depends on it, so their validators see it.
     borg_version: Literal[1, 2] = 1
-    # borg 2 only: `borg serve --permissions` for the client's tunnel (README "borg versions").
+    # borg 2 only: `borg serve --permissions` for the client's tunnel (docs/borg-versions.md).
     permissions: str | None = None
     paths: tuple[str, ...] = Field(min_length=1)
     exclude: tuple[str, ...] = ()

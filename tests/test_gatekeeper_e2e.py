@@ -4,7 +4,8 @@ The client key's authorized_keys line is what `borgtunnel authorized-key` prints
 the program `borgtunnel gatekeeper` prints, run by the system python3 (standard library only).
 ``logger`` is a fake on the gatekeeper's PATH that appends its arguments to a file, so each
 refusal's log line can be checked. The sshd allows only remote (-R) unix forwards, no local
-(-L) TCP forwards and no TCP listens: the lock-down the README recommends next to the gatekeeper.
+(-L) TCP forwards and no TCP listens: the lock-down docs/clients.md recommends next to the
+gatekeeper.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The README's reporting example is a configuration borgtunnel accepts, with the values the
-README says it has (a stale example would teach administrators a broken file)."""
+"""The reporting example in docs/reporting.md is a configuration borgtunnel accepts, with the
+values the text says it has (a stale example would teach administrators a broken file)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 from borgtunnel.config import parse_config
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPORTING_DOC = Path(__file__).resolve().parent.parent / "docs" / "reporting.md"
 
 
 def test_reporting_example_loads():
-    text = README.read_text()
+    text = REPORTING_DOC.read_text()
     match = re.search(r"```toml\n# example: reporting[^\n]*\n(.*?)```", text, re.DOTALL)
-    assert match, "the reporting example block is gone from the README"
+    assert match, "the reporting example block is gone from docs/reporting.md"
     config = parse_config(tomllib.loads(match.group(1)))
     web1 = config.clients["web1"]
     assert config.max_age_for(web1) == 2 * 86400

@@ -1,13 +1,13 @@
-"""The shipped units under a real systemd 252 as PID 1, installed the way README.md says.
+"""The shipped units under a real systemd 252 as PID 1, installed the way docs/install.md says.
 
 One container per module (tests/nspawn.py: this machine's root under a throwaway overlay,
 booted with ``systemd-nspawn``), checks in order, each its own test:
 
-* the README's marked install blocks run word for word, in a copy of the checkout's files at
+* docs/install.md's marked install blocks run word for word, in a copy of the checkout's files at
   /usr/local/src/borgtunnel (the only difference: pip finds the
   wheels in a directory built on the host, ``PIP_NO_INDEX``/``PIP_FIND_LINKS``, and apt must not
   download, because the container has no network); the repositories live under
-  ``/var/backups/borg``, writable only through the README's ``ReadWritePaths=`` drop-in;
+  ``/var/backups/borg``, writable only through docs/install.md's ``ReadWritePaths=`` drop-in;
 * the daemon: READY (``enable --now`` returns), STATUS, a scheduled pull ``ok`` and read back,
   ``status``/``history``, reload with a good and a broken config, stop during a pull that blocks
   on a FIFO, the watchdog;
@@ -52,31 +52,31 @@ pytestmark = [
 ]
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-README = CHECKOUT / "README.md"
+INSTALL_DOC = CHECKOUT / "docs" / "install.md"
 WHEELS_INSIDE = "/opt/bt-test-wheels"
 CHECKOUT_INSIDE = "/usr/local/src/borgtunnel"
 CLIENT = "/srv/bt-client"  # the loopback client's sshd, keys and data, inside the container
-REPOS = "/var/backups/borg"  # as in the README's ReadWritePaths= drop-in
+REPOS = "/var/backups/borg"  # as in docs/install.md's ReadWritePaths= drop-in
 SSH_PORT = 2222
 DAEMON_STOP_TIMEOUT = 3
 # apt-get install with every package already there must not try to download or upgrade.
 APT_OFFLINE = 'APT::Get::Download "false";\nAPT::Get::Upgrade "false";\n'
 
 
-def readme_block(name: str) -> str:
-    """The ```sh block right after ``<!-- tested: NAME -->`` in README.md."""
+def install_block(name: str) -> str:
+    """The ```sh block right after ``<!-- tested: NAME -->`` in docs/install.md."""
     match = re.search(
         rf"^<!-- tested: {re.escape(name)} -->\n```sh\n(.*?)^```$",
-        README.read_text(),
+        INSTALL_DOC.read_text(),
         flags=re.MULTILINE | re.DOTALL,
     )
-    assert match, f"README.md has no block marked <!-- tested: {name} -->"
+    assert match, f"docs/install.md has no block marked <!-- tested: {name} -->"
     return match.group(1)
 
 
 def copy_checkout(target: Path) -> None:
     """The checkout's files as a fresh clone (plus uncommitted work) would have them: tracked
-    and untracked-but-not-ignored files, no .venv, caches or build output. The README's
+    and untracked-but-not-ignored files, no .venv, caches or build output. The install
     commands run in this copy, which also makes them independent of which file system the
     checkout is on (the container sees only the root file system and what is bound in)."""
     listed = subprocess.run(
@@ -94,7 +94,7 @@ def copy_checkout(target: Path) -> None:
 
 def build_wheels(target: Path, checkout: Path) -> None:
     """Wheels of borgtunnel's dependencies and build backend, for pip inside (no network
-    there). borgtunnel itself is left out: the README's commands build it from the checkout."""
+    there). borgtunnel itself is left out: the install commands build it from the checkout."""
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(target), str(checkout),
          "setuptools>=77", "wheel"],
@@ -145,7 +145,7 @@ def write_config(box: nspawn.Container, text: str) -> None:
 
 def start_client(box: nspawn.Container) -> None:
     """The loopback client: sample data, a FIFO, and an sshd on 127.0.0.1 that lets the
-    server's key in (restrict,port-forwarding as the README recommends)."""
+    server's key in (restrict,port-forwarding as docs/clients.md recommends)."""
     box.run(f"""
         install -d -m 0700 {CLIENT}
         mkdir -p {CLIENT}/web1/docs {CLIENT}/db1 {CLIENT}/slow
@@ -225,7 +225,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Container]:
     copy_checkout(checkout)
     wheels = scratch / "wheels"
     build_wheels(wheels, checkout)
-    # The wheel build left build/ and *.egg-info in the copy; the README's commands start clean.
+    # The wheel build left build/ and *.egg-info in the copy; the install commands start clean.
     for leftover in (checkout / "build", *checkout.glob("*.egg-info")):
         shutil.rmtree(leftover, ignore_errors=True)
     binds = [(wheels, WHEELS_INSIDE, True), (checkout, CHECKOUT_INSIDE, False)]
@@ -245,17 +245,17 @@ def installed(box: nspawn.Container) -> nspawn.Container:
 
 
 def install(box: nspawn.Container) -> None:
-    """README's install and repositories blocks, the config and the client, README's start."""
+    """docs/install.md's install and repositories blocks, the config and the client, its start."""
     pip_offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS_INSIDE}
-    box.run(readme_block("install"), cwd=CHECKOUT_INSIDE, env=pip_offline, timeout=300)
-    box.run(readme_block("repositories"), cwd=CHECKOUT_INSIDE)
+    box.run(install_block("install"), cwd=CHECKOUT_INSIDE, env=pip_offline, timeout=300)
+    box.run(install_block("repositories"), cwd=CHECKOUT_INSIDE)
     start_client(box)
     box.run("umask 077; printf 'web1 passphrase %s\\n' $RANDOM$RANDOM > /etc/borgtunnel/web1.pass")
     write_config(box, config_toml(schedule="* * * * *"))
     fingerprint = box.run(f"ssh-keygen -lf {CLIENT}/host_key.pub").stdout.split()[1]
     box.run(f"borgtunnel trust web1 --fingerprint {fingerprint}")
     box.run("for c in db1 slow web2; do borgtunnel init $c; done")
-    box.run(readme_block("start"), cwd=CHECKOUT_INSIDE)
+    box.run(install_block("start"), cwd=CHECKOUT_INSIDE)
 
 
 # --- install -----------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_install_puts_the_command_where_the_units_run_it(installed: nspawn.Conta
 
 
 def test_without_the_drop_in_the_repositories_are_read_only(installed: nspawn.Container) -> None:
-    """The README's drop-in is what makes a repository outside /srv/borg writable: the same
+    """docs/install.md's drop-in is what makes a repository outside /srv/borg writable: the same
     pull@ unit without it fails on the read-only file system."""
     box = installed
     drop_in = "/etc/systemd/system/borgtunnel-pull@.service.d/repositories.conf"

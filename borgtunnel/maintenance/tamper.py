@@ -61,8 +61,9 @@ class TamperReport:
             f"under {repo / 'data'} and {repo}/index.*, hints.*, integrity.*; run borg check; "
             "then remove this repository's borg cache (.cache/borg/ID) and "
             ".config/borg/security/ID/manifest-timestamp, which are newer than the rolled-back "
-            "repository, on the server (in state_dir/borg) and on the client (README: 'Rolling "
-            "back a client's deletes'). Look at the client: it deleted through its tunnel. If "
+            "repository, on the server (in state_dir/borg) and on the client "
+            "(docs/maintenance.md: 'Rolling back a client's deletes'). Look at the client: it "
+            "deleted through its tunnel. If "
             f"the removal was intended: `borgtunnel maintain {self.client} --accept-missing`."
         )
 

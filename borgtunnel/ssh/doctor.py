@@ -101,7 +101,10 @@ class DoctorReport:
     def gatekeeper_text(self) -> str:
         version = self.facts.get("gatekeeper")
         if version is None:
-            return "none: the server's key can run any command on this client (README: Gatekeeper)"
+            return (
+                "none: the server's key can run any command on this client "
+                "(docs/clients.md: Gatekeeper)"
+            )
         try:
             policy = json.loads(self.facts.get("policy", "{}"))
         except (ValueError, RecursionError):
@@ -125,7 +128,8 @@ class DoctorReport:
         if self.local_forwarding:
             return (
                 "ALLOWED: this key can connect to unix sockets on the client (e.g. "
-                "/run/docker.sock); set AllowStreamLocalForwarding remote (README: Gatekeeper)"
+                "/run/docker.sock); set AllowStreamLocalForwarding remote "
+                "(docs/clients.md: Gatekeeper)"
             )
         return "refused (good: a pull only needs the reverse forward)"
 

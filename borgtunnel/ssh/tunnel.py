@@ -449,7 +449,7 @@ def _load_trust(target: Target) -> tuple[asyncssh.SSHKnownHosts, list[asyncssh.S
         raise LocalError(
             target,
             f"{oserrors.describe(exc, 'known_hosts')}; enrol the client's host key there "
-            "(see README: Preparing a client)",
+            "(see docs/clients.md: Preparing a client)",
         ) from None
     except OSError as exc:
         raise LocalError(target, oserrors.describe(exc, "known_hosts")) from None

@@ -22,7 +22,13 @@ from borgtunnel.config import load_config
 from borgtunnel.ssh.enrol import gatekeeper_policy
 from tests import pullkit
 from tests.conftest import Spawn
-from tests.sshd import SshdFactory, SshdServer, install_authorized_key, public_key
+from tests.sshd import (
+    SshdFactory,
+    SshdServer,
+    generate_key,
+    install_authorized_key,
+    public_key,
+)
 
 PASSPHRASE = "enrol passphrase, never shown"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -150,6 +156,18 @@ def test_a_wrong_fingerprint_refuses_and_pins_nothing(tmp_path: Path, sshd: Sshd
     assert unconfirmed.returncode == 2, _output(unconfirmed)
     assert "pass --fingerprint" in unconfirmed.stdout
     assert not setup.known_hosts.exists()
+
+    # Another key pinned for this host before (the real client's?): never replaced here.
+    other = generate_key(tmp_path / "other_host_key", "other")
+    setup.known_hosts.parent.mkdir()
+    before = f"[{sshd.host}]:{sshd.port} {public_key(other)}\n"
+    setup.known_hosts.write_text(before)
+    conflict = setup.enroll("--fingerprint", sshd.host_key_fingerprint)
+    assert conflict.returncode == 2, _output(conflict)
+    assert "DIFFERENT key" in conflict.stdout
+    assert "borgtunnel trust c1 --replace" in conflict.stdout
+    assert setup.known_hosts.read_text() == before
+    assert not setup.repo.exists()
 
 
 @pytest.mark.sshd

@@ -206,7 +206,7 @@ def _enroll_command(commands: Commands[argparse.ArgumentParser]) -> None:
     )
     enroll.add_argument(
         "--wait-timeout",
-        type=float,
+        type=_seconds,
         default=900.0,
         metavar="SECONDS",
         help="how long --wait waits at most (default 900)",
@@ -221,3 +221,14 @@ def _enroll_command(commands: Commands[argparse.ArgumentParser]) -> None:
     enroll.add_argument(
         "--no-progress", action="store_true", help="no live progress of the first pull"
     )
+
+
+def _seconds(text: str) -> float:
+    """A non-negative, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0 or more), got {text!r}")
+    return value

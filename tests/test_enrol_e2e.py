@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from borgtunnel.arguments import build_parser
 from borgtunnel.client import gatekeeper
 from borgtunnel.config import load_config
 from borgtunnel.ssh.enrol import gatekeeper_policy
@@ -365,3 +366,13 @@ def test_a_missing_public_key_is_a_failure_naming_the_file(
     assert result.returncode == 2, _output(result)
     assert f"cannot read the public key {identity}.pub" in result.stderr
     assert not setup.repo.exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_wait_timeout_must_be_seconds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["enroll", "c1", "--wait-timeout", value])
+    assert exited.value.code == 2
+    assert f"--wait-timeout: must be a number of seconds (0 or more), got {value!r}" in (
+        capsys.readouterr().err
+    )

@@ -181,7 +181,54 @@ def _client_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help=f"the gatekeeper on the client (default {enrol.GATEKEEPER_PATH})",
     )
+    _enroll_command(commands)
     doctor_cmd = commands.add_parser(
         "doctor", help="connect to a client: borg, nc/socat, forwarding, gatekeeper and policy"
     )
     doctor_cmd.add_argument("client", metavar="NAME")
+
+
+def _enroll_command(commands: Commands[argparse.ArgumentParser]) -> None:
+    enroll = commands.add_parser(
+        "enroll",
+        help="host key, authorized key, repository, first pull: each step once (resumable)",
+    )
+    enroll.add_argument("client", metavar="NAME")
+    enroll.add_argument(
+        "--fingerprint",
+        metavar="SHA256:...",
+        help="pin the host key only if it has this fingerprint (else: confirm on a terminal)",
+    )
+    enroll.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the client accepts the server's key and passes doctor",
+    )
+    enroll.add_argument(
+        "--wait-timeout",
+        type=_seconds,
+        default=900.0,
+        metavar="SECONDS",
+        help="how long --wait waits at most (default 900)",
+    )
+    enroll.add_argument(
+        "--command",
+        dest="forced_command",  # not `command`: that names the subcommand
+        default=enrol.GATEKEEPER_PATH,
+        metavar="PATH",
+        help=f"the gatekeeper on the client, in the printed line (default {enrol.GATEKEEPER_PATH})",
+    )
+    enroll.add_argument(
+        "--no-progress", action="store_true", help="no live progress of the first pull"
+    )
+
+
+def _seconds(text: str) -> float:
+    """A non-negative, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0 or more), got {text!r}")
+    return value

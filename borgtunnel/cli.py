@@ -20,7 +20,7 @@ from typing import Any, TextIO, cast
 
 import structlog
 
-from borgtunnel import logs
+from borgtunnel import enrolment, logs
 from borgtunnel.arguments import build_parser
 from borgtunnel.config import (
     ClientConfig,
@@ -192,6 +192,23 @@ def _cmd_doctor(args: argparse.Namespace, _path: Path, config: Config) -> int:
     return report.exit_code
 
 
+def _cmd_enroll(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    client = config.client(args.client)
+    progress = not args.no_progress and sys.stdout.isatty()
+    if progress:  # as for pull: log lines go through the live display
+        logs.configure(
+            args.log_format, level=args.log_level, stream=cast("TextIO", CurrentStderr())
+        )
+    options = enrolment.EnrolOptions(
+        fingerprint=args.fingerprint,
+        wait=args.wait,
+        wait_timeout=args.wait_timeout,
+        command=args.forced_command,
+        progress=progress,
+    )
+    return _run(enrolment.enroll(config, client, options))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
@@ -206,6 +223,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "trust": _cmd_trust,
     "authorized-key": _cmd_authorized_key,
     "doctor": _cmd_doctor,
+    "enroll": _cmd_enroll,
     "notify-test": _cmd_notify_test,
 }
 

@@ -13,6 +13,13 @@ from borgtunnel.server.localborg import run_local_borg
 log = structlog.get_logger("borgtunnel.runs.repository")
 
 
+def repository_exists(client: ClientConfig) -> bool:
+    """Whether ``client.repository`` holds a borg repository: borg 1.x and 2 both keep a
+    ``config`` (a file, or borg 2's directory) at its top. A missing or empty directory does not;
+    anything else there makes ``borg init`` refuse on its own."""
+    return (client.repository / "config").exists()
+
+
 async def init_repository(config: Config, client: ClientConfig) -> int:
     """Create ``client.repository`` with its configured encryption (borg 2: ``repo-create``).
     Returns borg's exit status.

@@ -82,6 +82,8 @@ class DoctorReport:
     local_forwarding: bool | None = None
     other_output: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Why the doctor could not connect or finish, as raised (enroll tells a refused key apart).
+    error: TunnelError | None = None
 
     def said(self, line: str) -> None:
         """Keep one line of other output: the last MAX_OTHER_LINES, whatever a client sends."""
@@ -173,6 +175,7 @@ async def doctor(config: Config, client: ClientConfig) -> DoctorReport:
     try:
         await _examine(target, client, report)
     except TunnelError as exc:
+        report.error = exc
         report.problems.append(str(exc))
         return report
     if report.facts.get("borg", "missing") == "missing":

@@ -54,3 +54,35 @@ def authorized_key_line(
         raise PublicKeyError(client.name, pub, "the gatekeeper command must not contain '\"'")
     comment = " ".join(words[2:]) or "borgtunnel@server"
     return f'{KEY_OPTIONS},command="{command}" {words[0]} {words[1]} {comment}'
+
+
+def gatekeeper_policy(client: ClientConfig) -> str:
+    """A gatekeeper.conf that allows exactly what the client's config asks for: its paths, the
+    directory of its remote_socket and its remote_borg (when that is one word; a command such
+    as ``sudo -n borg`` is the server's choice, the gatekeeper runs ``borg``). Restores off."""
+    socket_dir = client.remote_socket_path.rsplit("/", 1)[0] or "/"
+    words = client.remote_borg.split()
+    borg = words[0] if len(words) == 1 else "borg"
+    paths = "".join(f"\n    {path}" for path in client.paths)
+    return f"[gatekeeper]\npaths ={paths}\nsocket_dir = {socket_dir}\nborg = {borg}\nrestore = no\n"
+
+
+def install_steps(config: Config, client: ClientConfig, *, command: str = GATEKEEPER_PATH) -> str:
+    """What to do on the client before its first pull, as shell an administrator can follow:
+    the gatekeeper program, its policy for this client, the authorized_keys line. Raises
+    PublicKeyError like authorized_key_line."""
+    line = authorized_key_line(config, client, command=command)
+    policy = gatekeeper_policy(client)
+    return (
+        f"# on the server: the gatekeeper program, to copy to {client.host}\n"
+        "borgtunnel gatekeeper > borgtunnel-gatekeeper\n"
+        f"# on the client, as root\n"
+        f"install -m 0755 borgtunnel-gatekeeper {GATEKEEPER_PATH}\n"
+        "install -d -m 0755 /etc/borgtunnel\n"
+        "cat > /etc/borgtunnel/gatekeeper.conf <<'CONF'\n"
+        f"{policy}"
+        "CONF\n"
+        f"# and this line in the authorized_keys of {client.user} "
+        f"(usually ~{client.user}/.ssh/authorized_keys):\n"
+        f"{line}\n"
+    )

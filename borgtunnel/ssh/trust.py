@@ -23,6 +23,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from borgtunnel import logs
@@ -87,11 +88,62 @@ def write_known_hosts(path: Path, text: str) -> None:
         raise
 
 
-def _ask_tty(question: str) -> bool:
+def ask_tty(question: str) -> bool:
     if not sys.stdin.isatty():
         return False
     answer = input(f"{question} [y/N] ")
     return answer.strip().lower() in {"y", "yes"}
+
+
+@dataclass(frozen=True)
+class HostKeyCheck:
+    """What the client offers against what its ``known_hosts`` already trusts for it."""
+
+    name: str  # the known_hosts pattern: ``host`` or ``[host]:port``
+    path: Path  # the client's known_hosts file
+    offered: HostKey
+    trusted: tuple[HostKey, ...]
+
+    @property
+    def pinned(self) -> bool:
+        """The offered key is the one already trusted: nothing to do."""
+        return any(key.public == self.offered.public for key in self.trusted)
+
+    @property
+    def conflicts(self) -> bool:
+        """known_hosts trusts other key(s) for this host, and not the offered one."""
+        return bool(self.trusted) and not self.pinned
+
+    def trusted_text(self) -> str:
+        return ", ".join(f"{key.algorithm} {key.fingerprint}" for key in self.trusted)
+
+
+async def check_host_key(config: Config, client: ClientConfig) -> HostKeyCheck:
+    """Connect once (no login) for the offered key; read what known_hosts trusts. Raises
+    TunnelError (unreachable, unreadable known_hosts)."""
+    ssh = config.ssh_for(client)
+    target = Target(client.host, client.port, client.user, ssh)
+    offered = await fetch_host_key(target)
+    return HostKeyCheck(
+        host_pattern(client.host, client.port),
+        ssh.known_hosts,
+        offered,
+        tuple(trusted_host_keys(target)),
+    )
+
+
+def pin_host_key(check: HostKeyCheck) -> None:
+    """Write the offered key for the host, replacing any entries it had."""
+    path = check.path
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    write_known_hosts(path, with_key(without_host(text, check.name), check.name, check.offered))
+
+
+def fingerprint_mismatch(check: HostKeyCheck, expected: str) -> str | None:
+    """The refusal when ``--fingerprint`` is not the offered key's; None when it matches."""
+    if expected == check.offered.fingerprint:
+        return None
+    return f"refused: the offered key is {check.offered.fingerprint}, not the expected {expected}"
 
 
 async def trust(
@@ -101,27 +153,24 @@ async def trust(
     fingerprint: str | None,
     yes: bool,
     replace: bool,
-    ask: Ask = _ask_tty,
+    ask: Ask = ask_tty,
 ) -> int:
     """Fetch, show, confirm, write. Exit 0 trusted (or already), 2 refused or failed."""
-    ssh = config.ssh_for(client)
-    target = Target(client.host, client.port, client.user, ssh)
     try:
-        offered = await fetch_host_key(target)
-        old = trusted_host_keys(target)
+        check = await check_host_key(config, client)
     except TunnelError as exc:
         logs.print_error(f"borgtunnel: {client.name}: {exc}")
         return EXIT_FAILURE
-    name = host_pattern(client.host, client.port)
+    offered, name = check.offered, check.name
     print(f"{client.name} ({name}) offers a {offered.algorithm} key {offered.fingerprint}")
-    if any(key.public == offered.public for key in old):
-        print(f"{client.name}: already trusted in {ssh.known_hosts}")
+    if check.pinned:
+        print(f"{client.name}: already trusted in {check.path}")
         return EXIT_OK
-    if old:
-        shown = ", ".join(f"{key.algorithm} {key.fingerprint}" for key in old)
+    if check.conflicts:
+        shown = check.trusted_text()
         if not replace:
             print(
-                f"{client.name}: refused: {ssh.known_hosts} already trusts a DIFFERENT key for "
+                f"{client.name}: refused: {check.path} already trusts a DIFFERENT key for "
                 f"{name}: {shown}; offered now: {offered.algorithm} {offered.fingerprint}. "
                 "This may be a man-in-the-middle. If the client was really re-installed, verify "
                 "the new fingerprint out of band and run again with --replace.",
@@ -129,11 +178,8 @@ async def trust(
             return EXIT_FAILURE
         print(f"{client.name}: replacing old key(s) {shown} with {offered.fingerprint}")
     if fingerprint is not None:
-        if fingerprint != offered.fingerprint:
-            print(
-                f"{client.name}: refused: the offered key is {offered.fingerprint}, "
-                f"not the expected {fingerprint}"
-            )
+        if (refusal := fingerprint_mismatch(check, fingerprint)) is not None:
+            print(f"{client.name}: {refusal}")
             return EXIT_FAILURE
     elif not yes and not ask(f"Trust {offered.fingerprint} for {name}?"):
         print(
@@ -142,8 +188,6 @@ async def trust(
             "/etc/ssh/ssh_host_ed25519_key.pub)"
         )
         return EXIT_FAILURE
-    path = ssh.known_hosts
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    write_known_hosts(path, with_key(without_host(text, name), name, offered))
-    print(f"{client.name}: added {offered.algorithm} {offered.fingerprint} to {path}")
+    pin_host_key(check)
+    print(f"{client.name}: added {offered.algorithm} {offered.fingerprint} to {check.path}")
     return EXIT_OK

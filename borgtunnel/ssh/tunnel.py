@@ -76,6 +76,11 @@ class ConnectError(TunnelError):
     """The connection or authentication failed."""
 
 
+class AuthenticationError(ConnectError):
+    """The client's sshd refused the server's key: it is not (yet) in the login user's
+    authorized_keys. A ConnectError still, for every caller that only asks "did it connect"."""
+
+
 class LocalError(TunnelError):
     """Something on this server, not the link or the client, stopped the connection before any
     SSH traffic: a file it cannot read (its mode, ProtectHome=), a malformed key or known_hosts.
@@ -511,7 +516,7 @@ async def _open(target: Target) -> asyncssh.SSHClientConnection:
         fingerprint = recorder.offered.get_fingerprint("sha256") if recorder.offered else None
         raise HostKeyError(target, _host_key_kind(target, known_hosts), fingerprint) from None
     except asyncssh.PermissionDenied as exc:
-        raise ConnectError(target, f"authentication failed: {exc.reason}") from None
+        raise AuthenticationError(target, f"authentication failed: {exc.reason}") from None
     except asyncssh.Error as exc:
         raise ConnectError(target, f"SSH failed: {exc}") from None
     except TimeoutError:

@@ -2,7 +2,8 @@
 
 On a terminal (``live=True``) a rich ``Live`` region holds one row per client (rows and their
 text come from live.py) and each client's summary line is printed above it when it finishes;
-the region is removed at the end, so the summary lines are what stays. Not on a terminal, or
+the region is removed at the end, so the summary lines (``PullOutcome.summary()``, escaped)
+are what stays. Not on a terminal, or
 with ``--no-progress``, only the summary lines are printed, one per client as it finishes.
 
 ``PullDisplay.feed`` (or ``show_pull_events`` for an async stream of them) is the one entry
@@ -99,7 +100,12 @@ class PullDisplay:
         self.rows.apply(event, now)
         if isinstance(event, Finished):
             self.finished.append(event)
-            logs.print_summary(event.summary, failed=event.failed)
+            if self._live is None:
+                logs.print_summary(event.summary, failed=event.failed)
+            else:
+                # Above the rows, as one line (soft_wrap: the terminal wraps it, rich does not
+                # break it up, so a copied summary line is still one line).
+                self._live.console.print(Text(event.summary), soft_wrap=True)
         if self._live is None:
             return
         if isinstance(event, FiguresSeen) and now - self._last_redraw < _MIN_REDRAW:

@@ -202,12 +202,20 @@ def test_the_finished_event_carries_the_summary_line(result: RunResult, failed: 
     assert event.summary.isprintable()
 
 
-def test_not_on_a_terminal_only_the_summary_lines_are_printed(capsys: pytest.CaptureFixture[str]):
+def test_not_on_a_terminal_only_the_summary_lines_in_the_order_named(
+    capsys: pytest.CaptureFixture[str],
+):
     with progress.PullDisplay(live=False) as display:
-        display.feed(Queued("a"))
+        for name in ("a", "b", "c", "d"):
+            display.feed(Queued(name))
         display.feed(PhaseChanged("a", Phase.BACKING_UP))
         display.feed(FiguresSeen("a", figures()))
-        display.feed(Finished("a", "a: ok archive=x", 0, failed=False))
         display.feed(Finished("b", "b: failed in state connecting", 2, failed=True))
-    assert capsys.readouterr().out == "a: ok archive=x\nb: failed in state connecting\n"
-    assert [f.client for f in display.finished] == ["a", "b"]
+        assert capsys.readouterr().out == ""  # a is still running
+        display.feed(Finished("a", "a: ok archive=x", 0, failed=False))
+        assert capsys.readouterr().out == "a: ok archive=x\nb: failed in state connecting\n"
+        display.feed(Finished("d", "d: ok archive=y", 0, failed=False))
+        assert capsys.readouterr().out == ""
+    # Interrupted while c ran: what finished is still printed.
+    assert capsys.readouterr().out == "d: ok archive=y\n"
+    assert [f.client for f in display.finished] == ["b", "a", "d"]

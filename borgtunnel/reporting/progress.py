@@ -4,7 +4,7 @@ On a terminal (``live=True``) a rich ``Live`` region holds one row per client (r
 text come from live.py) and each client's summary line is printed above it when it finishes;
 the region is removed at the end, so the summary lines (``PullOutcome.summary()``, escaped)
 are what stays. Not on a terminal, or
-with ``--no-progress``, only the summary lines are printed, one per client as it finishes.
+with ``--no-progress``, only the summary lines are printed, in the order the clients were named.
 
 ``PullDisplay.feed`` (or ``show_pull_events`` for an async stream of them) is the one entry
 point: events from this process's runs (``live.watch_run``) and events received from elsewhere
@@ -68,6 +68,8 @@ class PullDisplay:
         self.finished: list[Finished] = []
         self._clock = clock
         self._last_redraw = float("-inf")
+        self._held: dict[str, Finished] = {}
+        self._printed: set[str] = set()
         self._live: Live | None = None
         if live:
             console = Console(file=sys.stdout, highlight=False)
@@ -93,6 +95,21 @@ class PullDisplay:
     ) -> None:
         if self._live is not None:
             self._live.stop()
+        self._print_in_order(until_unfinished=False)  # interrupted: what did finish
+
+    def _print_in_order(self, *, until_unfinished: bool) -> None:
+        """Not on a terminal, summary lines come in the order the clients were named (as when
+        pulls ran one after another), each as soon as the ones before it are printed."""
+        for client in self.rows.rows:
+            if client in self._printed:
+                continue
+            event = self._held.pop(client, None)
+            if event is None:
+                if until_unfinished:
+                    return
+                continue
+            self._printed.add(client)
+            logs.print_summary(event.summary, failed=event.failed)
 
     def feed(self, event: PullEvent) -> None:
         """Show one event: update the client's row; a finished run prints its summary line."""
@@ -101,7 +118,8 @@ class PullDisplay:
         if isinstance(event, Finished):
             self.finished.append(event)
             if self._live is None:
-                logs.print_summary(event.summary, failed=event.failed)
+                self._held[event.client] = event
+                self._print_in_order(until_unfinished=True)
             else:
                 # Above the rows, as one line (soft_wrap: the terminal wraps it, rich does not
                 # break it up, so a copied summary line is still one line).

@@ -4,6 +4,8 @@ never reaches the terminal as control characters, and no line is wider than the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -219,3 +221,18 @@ def test_not_on_a_terminal_only_the_summary_lines_in_the_order_named(
     # Interrupted while c ran: what finished is still printed.
     assert capsys.readouterr().out == "d: ok archive=y\n"
     assert [f.client for f in display.finished] == ["b", "a", "d"]
+
+
+def test_the_readme_example_is_what_an_80_column_terminal_shows():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Live progress") :]
+    block = section.split("```\n")[1]
+    example = block.splitlines()[1:]  # after the command line
+    rows = Rows()
+    for name in ("web1", "db1"):
+        rows.apply(PhaseChanged(name, Phase.BACKING_UP), 0.0)
+    path = "/srv/www/uploads/2026/11/IMG_2291.jpg"
+    rows.apply(FiguresSeen("web1", figures(1843, 412_600_000, path)), 4.2937)
+    rows.apply(FiguresSeen("db1", figures(212, 2_100_000_000, "/var/lib/db")), 10.0)
+    rows.apply(PhaseChanged("db1", Phase.VERIFYING), 11.0)
+    assert render_rows(rows, 80) == example

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: console on a terminal, JSON lines otherwise",
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default info; warning for `pull` when stderr is a terminal",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _backup_commands(commands)

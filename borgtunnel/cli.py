@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -35,7 +34,8 @@ from borgtunnel.maintenance import command as maintenance_command
 from borgtunnel.maintenance.retention import requested_plan
 from borgtunnel.passphrase import PassphraseError
 from borgtunnel.reporting import notify, status
-from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
+from borgtunnel.reporting.live import PullEvent, Queued, finished_event, watch_run
+from borgtunnel.reporting.progress import CurrentStderr, PullDisplay
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.runs.jobs import run_recorded
 from borgtunnel.runs.keyguard import KeyGuardError
@@ -66,14 +66,24 @@ def _cmd_check_config(args: argparse.Namespace, _path: Path, config: Config) -> 
     return EXIT_OK
 
 
-def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
-    clients = [config.client(name) for name in args.clients]
-    progress = not args.no_progress and sys.stdout.isatty()
-    if progress:  # log lines go through the live display instead of tearing it
+def _log_for_a_person(args: argparse.Namespace, *, live: bool) -> None:
+    """A pull (or enroll) on a terminal: a person reads it."""
+    if live or sys.stderr.isatty():
+        # The event stream (serve_started, pull_finished …) stays in the journal or behind
+        # --log-level; warnings and errors still show. Through CurrentStderr, log lines pass
+        # above the live rows instead of tearing them.
+        level = args.log_level or ("warning" if sys.stderr.isatty() else "info")
         # CurrentStderr has the three methods structlog's PrintLogger uses, not all of TextIO.
-        stream = cast("TextIO", CurrentStderr())
-        logs.configure(args.log_format, level=args.log_level, stream=stream)
-    return _run(_pull_all(config, clients, wait=args.wait, progress=progress))
+        stream = cast("TextIO", CurrentStderr()) if live else None
+        logs.configure(args.log_format, level=level, stream=stream)
+
+
+def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    # A name given twice is pulled once: a second run would only find the first one's lock.
+    clients = [config.client(name) for name in dict.fromkeys(args.clients)]
+    live = not args.no_progress and sys.stdout.isatty()
+    _log_for_a_person(args, live=live)
+    return _run(_pull_all(config, clients, wait=args.wait, live=live))
 
 
 def _cmd_notify_test(args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -195,10 +205,7 @@ def _cmd_doctor(args: argparse.Namespace, _path: Path, config: Config) -> int:
 def _cmd_enroll(args: argparse.Namespace, _path: Path, config: Config) -> int:
     client = config.client(args.client)
     progress = not args.no_progress and sys.stdout.isatty()
-    if progress:  # as for pull: log lines go through the live display
-        logs.configure(
-            args.log_format, level=args.log_level, stream=cast("TextIO", CurrentStderr())
-        )
+    _log_for_a_person(args, live=progress)
     options = enrolment.EnrolOptions(
         fingerprint=args.fingerprint,
         wait=args.wait,
@@ -231,7 +238,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config once, dispatch. Config problems of any command exit 78."""
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_format, level=args.log_level)
+    logs.configure(args.log_format, level=args.log_level or "info")
     if args.command == "gatekeeper":  # for a client: needs no server configuration
         sys.stdout.write(enrol.gatekeeper_source())
         return EXIT_OK
@@ -270,9 +277,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _pull_all(
-    config: Config, clients: Sequence[ClientConfig], *, wait: bool, progress: bool = False
+    config: Config, clients: Sequence[ClientConfig], *, wait: bool, live: bool = False
 ) -> int:
-    """One after the other: a one-shot run should not compete with itself for bandwidth.
+    """Pull ``clients``, showing their progress events (``PullDisplay``); the worst exit code.
 
     Reporting (metrics textfile, notifications, pings) as in the daemon; before exiting, pending
     notifications get at most ``[notify] timeout`` seconds (the summaries are printed already).
@@ -281,29 +288,56 @@ async def _pull_all(
         history.recover_interrupted()
         reporter = Reporter(config, history, in_daemon=False)
         reporter.start()
-        worst = EXIT_OK
         try:
-            with contextlib.ExitStack() as stack:
-                live = stack.enter_context(LiveProgress(sys.stdout)) if progress else None
-                for client in clients:
-                    reporter.run_started(client)
-                    outcome = await run_recorded(
-                        config,
-                        client,
-                        trigger="pull",
-                        wait=wait,
-                        history=history,
-                        progress=live.track(client.name) if live else None,
-                    )
-                    if live is not None:
-                        live.done(client.name, outcome.summary())
-                    else:
-                        logs.print_summary(outcome.summary(), failed=outcome.exit_code in _FAILED)
-                    reporter.after_run(client, outcome)
-                    worst = max(worst, outcome.exit_code, key=_EXIT_RANK.__getitem__)
+            with PullDisplay(live=live) as display:
+                codes = await _pull_parallel(
+                    config, clients, history, reporter, wait=wait, emit=display.feed
+                )
         finally:
             await reporter.aclose()
-    return worst
+    return worst_exit_code(codes)
+
+
+async def _pull_parallel(
+    config: Config,
+    clients: Sequence[ClientConfig],
+    history: History,
+    reporter: Reporter,
+    *,
+    wait: bool,
+    emit: Callable[[PullEvent], None],
+) -> list[int]:
+    """At most ``[daemon] max_parallel`` at once, started in the order named (as the daemon
+    would: a one-shot pull competes for bandwidth no more than scheduled ones). Each run takes
+    its client's lock as always (``run_recorded``); one exit code per client."""
+    slots = asyncio.Semaphore(config.daemon.max_parallel)
+    for client in clients:
+        emit(Queued(client.name))
+
+    async def pull_one(client: ClientConfig) -> int:
+        async with slots:
+            reporter.run_started(client)
+            outcome = await run_recorded(
+                config,
+                client,
+                trigger="pull",
+                wait=wait,
+                history=history,
+                progress=watch_run(client.name, emit),
+            )
+            emit(finished_event(outcome))
+            reporter.after_run(client, outcome)
+            return outcome.exit_code
+
+    async with asyncio.TaskGroup() as group:
+        runs = [group.create_task(pull_one(client)) for client in clients]
+    return [run.result() for run in runs]
+
+
+def worst_exit_code(codes: Iterable[int]) -> int:
+    """The exit code of a command that ran several clients: a bug, then any failure, then a
+    skip, then warnings."""
+    return max(codes, key=_EXIT_RANK.__getitem__, default=EXIT_OK)
 
 
 async def _init(config: Config, client: ClientConfig) -> int:

@@ -21,8 +21,6 @@ Layer: a command made of the layers below it (ssh, runs, reporting); only the CL
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sys
 import time
 from dataclasses import dataclass
 
@@ -30,7 +28,8 @@ from borgtunnel import logs
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult
 from borgtunnel.passphrase import PassphraseError
-from borgtunnel.reporting.progress import LiveProgress
+from borgtunnel.reporting.live import Queued, finished_event, watch_run
+from borgtunnel.reporting.progress import PullDisplay
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.runs.jobs import run_recorded
 from borgtunnel.runs.keyguard import KeyGuardError
@@ -264,20 +263,17 @@ async def _pull_step(
         reporter = Reporter(config, history, in_daemon=False)
         reporter.start()
         try:
-            with contextlib.ExitStack() as stack:
-                live = stack.enter_context(LiveProgress(sys.stdout)) if options.progress else None
+            with PullDisplay(live=options.progress) as display:
+                display.feed(Queued(client.name))
                 reporter.run_started(client)
                 outcome = await run_recorded(
                     config,
                     client,
                     trigger="enroll",
                     history=history,
-                    progress=live.track(client.name) if live else None,
+                    progress=watch_run(client.name, display.feed),
                 )
-                if live is not None:
-                    live.done(client.name, outcome.summary())
-                else:
-                    logs.print_summary(outcome.summary(), failed=outcome.exit_code in _FAILED)
+                display.feed(finished_event(outcome))
                 reporter.after_run(client, outcome)
         finally:
             await reporter.aclose()

@@ -22,7 +22,6 @@ from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.reporting import metrics
 from borgtunnel.reporting.hooks import hook_env, substitute
 from borgtunnel.reporting.notify import apprise_send, open_problems, redact_url
-from borgtunnel.reporting.progress import progress_line
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.reporting.staleness import is_stale
 from borgtunnel.runs.pull import PullOutcome
@@ -131,7 +130,7 @@ def test_placeholders_never_make_a_second_word():
     assert env == {"PATH": "/bin", "BORGTUNNEL_CLIENT": "web1", "BORGTUNNEL_ARCHIVE": hostile}
 
 
-# --- progress parsing and the live line ----------------------------------------------------
+# --- progress parsing (the live rows: test_live_rows.py) -----------------------------------
 
 
 def test_progress_lines():
@@ -144,7 +143,6 @@ def test_progress_lines():
     assert (figures.nfiles, figures.original_size, figures.path) == (42, 5000000, "/srv/a")
     assert parse_progress('{"type": "log_message", "message": "archive_progress"}') is None
     assert parse_progress("not json archive_progress") is None
-    assert progress_line("web1", figures, 2.0) == "web1: 42 files, 5.0 MB, 2.5 MB/s, /srv/a"
 
 
 # --- notification decisions ---------------------------------------------------------------

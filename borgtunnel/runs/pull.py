@@ -151,7 +151,9 @@ def _size(n: int | None) -> str:
     return f"{n}B"  # pragma: no cover - loop always returns
 
 
-ProgressCallback = Callable[[borg.Progress], None]
+# What a run tells a display while it runs: its state on each change, borg's figures on each
+# progress line. Called synchronously; what it raises is ignored.
+ProgressCallback = Callable[[borg.Progress | State], None]
 
 # What of a client's record is logged: keys and texts are cut, values that are not plain
 # scalars (lists, objects, nested to any depth) are logged as a short repr.
@@ -216,6 +218,12 @@ class _Run:
     def enter(self, state: State) -> None:
         self.outcome.state = state
         self.log.debug("pull_state", state=str(state))
+        self._tell(state)
+
+    def _tell(self, update: borg.Progress | State) -> None:
+        if self.progress is not None:
+            with contextlib.suppress(Exception):  # a display problem must not break the pull
+                self.progress(update)
 
     def on_remote_line(self, line: str) -> None:
         if self.remote_pid is None:
@@ -223,8 +231,7 @@ class _Run:
             if self.remote_pid is not None:
                 return
         if self.progress is not None and (figures := borg.parse_progress(line)) is not None:
-            with contextlib.suppress(Exception):  # a display problem must not break the pull
-                self.progress(figures)
+            self._tell(figures)
         parsed = borg.parse_log_line(line)
         if parsed is None:
             return
@@ -263,7 +270,7 @@ async def pull(
     ``known_ids`` are the archive ids earlier runs recorded: a client naming one of them has
     not written a new archive. Cancellation (daemon shutdown, timeout) runs the full cleanup
     and is then re-raised; the caller records the run as interrupted. ``progress`` gets borg's
-    live figures (a terminal's display).
+    live figures and each state change (a terminal's display).
     """
     run = _Run(config, client, known_ids, progress)
     started = time.monotonic()

@@ -20,7 +20,7 @@ from typing import Any, TextIO, cast
 
 import structlog
 
-from borgtunnel import logs
+from borgtunnel import logs, steer
 from borgtunnel.arguments import build_parser
 from borgtunnel.config import (
     ClientConfig,
@@ -67,6 +67,8 @@ def _cmd_check_config(args: argparse.Namespace, _path: Path, config: Config) -> 
 
 
 def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    if (delegated := _pull_through_daemon(args, config)) is not None:
+        return delegated
     clients = [config.client(name) for name in args.clients]
     progress = not args.no_progress and sys.stdout.isatty()
     if progress:  # log lines go through the live display instead of tearing it
@@ -74,6 +76,31 @@ def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
         stream = cast("TextIO", CurrentStderr())
         logs.configure(args.log_format, level=args.log_level, stream=stream)
     return _run(_pull_all(config, clients, wait=args.wait, progress=progress))
+
+
+def _pull_through_daemon(args: argparse.Namespace, config: Config) -> int | None:
+    """A running daemon queues the pulls (docs/control.md); None: no daemon, pull here."""
+    codes = steer.pull_through_daemon(
+        config,
+        args.clients,
+        wait=args.wait,
+        progress=not args.no_progress and sys.stdout.isatty(),
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+    return None if codes is None else max(codes, key=_EXIT_RANK.__getitem__)
+
+
+def _cmd_cancel(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return steer.cancel(config, args.client)
+
+
+def _cmd_pause(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return steer.pause(config, args.client, args.until)
+
+
+def _cmd_resume(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return steer.resume(config, args.client)
 
 
 def _cmd_notify_test(args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -195,6 +222,9 @@ def _cmd_doctor(args: argparse.Namespace, _path: Path, config: Config) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
+    "cancel": _cmd_cancel,
+    "pause": _cmd_pause,
+    "resume": _cmd_resume,
     "init": _cmd_init,
     "daemon": _cmd_daemon,
     "status": _cmd_status,

@@ -1,0 +1,321 @@
+"""``borgtunnel pull`` through a running daemon, ``cancel``, ``pause`` and ``resume``
+(the CLI's side of the control socket, docs/control.md).
+
+``pull``: when a daemon answers on the control socket, each named client is queued in it (its
+``max_parallel``, its lock), its progress shown here, its summary printed here, and the exit
+code is the one-shot pull's. Ctrl-C (or SIGTERM) asks the daemon to cancel these pulls and
+waits for their cleanup; a second one stops waiting (the daemon still cancels them: the
+connection closed). Without a daemon, ``pull_through_daemon`` returns None and the CLI pulls
+in its own process as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+from borgtunnel import logs
+from borgtunnel.borg import Progress
+from borgtunnel.config import Config
+from borgtunnel.pauses import PauseFileError, clear_pause, parse_until, pauses_path, set_pause
+from borgtunnel.reporting.progress import CurrentStderr, LiveProgress
+from borgtunnel.runs.pull import ProgressCallback
+from borgtunnel.scheduling.control_client import (
+    ControlConnection,
+    ControlError,
+    NoDaemonError,
+    connect,
+)
+from borgtunnel.scheduling.control_protocol import (
+    CancelRequest,
+    Done,
+    Error,
+    Finished,
+    PauseRequest,
+    ProgressEvent,
+    PullRequest,
+    ResumeRequest,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 2
+EXIT_INTERNAL = 70
+# EX_UNAVAILABLE: `cancel` found no daemon to ask (there is nothing it could cancel).
+EXIT_NO_DAEMON = 69
+
+_ANSWER_TIMEOUT = 60.0
+
+
+def _interruptible(coro: Coroutine[Any, Any, Any]) -> Any:  # noqa: ANN401 - the coroutine's own
+    """asyncio.run with SIGINT/SIGTERM cancelling the main task (the coroutine decides what a
+    cancellation means)."""
+
+    async def guarded() -> Any:  # noqa: ANN401
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - we are inside a task
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            return await coro
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    return asyncio.run(guarded())
+
+
+# --- pull ------------------------------------------------------------------------------
+
+
+def pull_through_daemon(
+    config: Config,
+    names: Sequence[str],
+    *,
+    wait: bool,
+    progress: bool,
+    log_format: str,
+    log_level: str,
+) -> list[int] | None:
+    """Each client's exit code, or None when no daemon runs (pull in this process then)."""
+    for name in names:
+        config.client(name)  # an unknown name is a config error (78) before anything else
+    try:
+        return cast(
+            "list[int] | None",
+            _interruptible(
+                _pull_all(
+                    config,
+                    names,
+                    wait=wait,
+                    progress=progress,
+                    log_format=log_format,
+                    log_level=log_level,
+                )
+            ),
+        )
+    except asyncio.CancelledError:  # a second Ctrl-C: stop waiting for the cleanup
+        logs.print_error("borgtunnel: interrupted; the daemon cancels the pulls on its own")
+        return [EXIT_FAILURE]
+
+
+async def _pull_all(
+    config: Config,
+    names: Sequence[str],
+    *,
+    wait: bool,
+    progress: bool,
+    log_format: str,
+    log_level: str,
+) -> list[int] | None:
+    socket_dir = config.server.socket_dir
+    connections: list[ControlConnection] = []
+    try:
+        try:
+            connections.append(await connect(socket_dir))
+        except NoDaemonError:
+            return None
+        except ControlError as exc:
+            logs.print_error(f"borgtunnel: {exc}")
+            return [EXIT_FAILURE]
+        try:
+            connections.extend([await connect(socket_dir) for _ in names[1:]])
+        except (NoDaemonError, ControlError) as exc:
+            logs.print_error(f"borgtunnel: the daemon went away: {exc}")
+            return [EXIT_FAILURE]
+        if progress:  # log lines go through the live display instead of tearing it
+            logs.configure(
+                cast("logs.LogFormat", log_format),
+                level=log_level,
+                stream=cast("TextIO", CurrentStderr()),
+            )
+            with LiveProgress(sys.stdout) as live:
+                return await _pull_each(connections, names, wait, live)
+        return await _pull_each(connections, names, wait, None)
+    finally:
+        for connection in connections:
+            await connection.aclose()
+
+
+async def _pull_each(
+    connections: Sequence[ControlConnection],
+    names: Sequence[str],
+    wait: bool,
+    live: LiveProgress | None,
+) -> list[int]:
+    tasks = [
+        asyncio.create_task(_pull_one(connection, name, wait, live))
+        for connection, name in zip(connections, names, strict=True)
+    ]
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        logs.print_error(
+            "borgtunnel: cancelling the pulls in the daemon and waiting for their cleanup "
+            "(Ctrl-C again: stop waiting)"
+        )
+        for task in tasks:
+            task.cancel()  # each asks the daemon to cancel its pull and reads on
+        await asyncio.wait(tasks)
+    return [task.result() for task in tasks]
+
+
+async def _pull_one(
+    connection: ControlConnection,
+    name: str,
+    wait: bool,
+    live: LiveProgress | None,
+) -> int:
+    await connection.send(PullRequest(client=name, wait=wait, progress=live is not None))
+    update: ProgressCallback | None = live.track(name) if live is not None else None
+    cancel_sent = False
+    while True:
+        try:
+            message = await connection.receive()
+        except asyncio.CancelledError:
+            if cancel_sent:
+                raise
+            cancel_sent = True
+            await connection.send(CancelRequest(client=name))
+            continue
+        except ControlError as exc:
+            return _failed(live, name, str(exc))
+        match message:
+            case None:
+                return _failed(live, name, "the daemon closed the connection (stopped?)")
+            case ProgressEvent() if update is not None:
+                update(_figures(message))
+            case Finished():
+                if live is not None:
+                    live.done(name, message.summary)
+                else:
+                    logs.print_summary(
+                        message.summary, failed=message.exit_code in (EXIT_FAILURE, EXIT_INTERNAL)
+                    )
+                return message.exit_code
+            case Error():
+                return _failed(live, name, f"the daemon refused: {message.message}")
+            case _:  # queued, started, progress nobody shows
+                continue
+
+
+def _figures(event: ProgressEvent) -> Progress:
+    return Progress(
+        original_size=event.original_size,
+        compressed_size=event.compressed_size,
+        deduplicated_size=event.deduplicated_size,
+        nfiles=event.nfiles,
+        path=event.path,
+        finished=event.finished,
+    )
+
+
+def _failed(live: LiveProgress | None, name: str, why: str) -> int:
+    text = f"{name}: failed: {why}"
+    if live is not None:
+        live.done(name, text)
+    else:
+        logs.print_summary(text, failed=True)
+    return EXIT_FAILURE
+
+
+# --- cancel, pause, resume --------------------------------------------------------------
+
+
+async def _ask(
+    socket_dir: Path,
+    request: PullRequest | CancelRequest | PauseRequest | ResumeRequest,
+    limit: float | None,
+) -> Done | Error:
+    async with await connect(socket_dir) as connection:
+        await connection.send(request)
+        async with asyncio.timeout(limit):
+            answer = await connection.receive()
+    if isinstance(answer, Done | Error):
+        return answer
+    raise ControlError(f"unexpected answer from the daemon: {answer!r}")
+
+
+def _report(answer: Done | Error) -> int:
+    if isinstance(answer, Done) and answer.ok:
+        print(answer.message)
+        return EXIT_OK
+    text = answer.message
+    logs.print_error(f"borgtunnel: {text}")
+    return EXIT_FAILURE
+
+
+def cancel(config: Config, name: str) -> int:
+    """``borgtunnel cancel NAME``: 0 cancelled (cleanup done), 2 nothing to cancel or the
+    socket unusable, 69 no daemon runs."""
+    config.client(name)
+    try:
+        # No time limit: the answer comes once the run's cleanup is done.
+        answer = _interruptible(_ask(config.server.socket_dir, CancelRequest(client=name), None))
+    except NoDaemonError as exc:
+        logs.print_error(
+            f"borgtunnel: {exc}; nothing to cancel. A one-shot `borgtunnel pull` in another "
+            "terminal stops with Ctrl-C (or SIGTERM), cleaning up the same way."
+        )
+        return EXIT_NO_DAEMON
+    except (ControlError, TimeoutError, OSError) as exc:
+        logs.print_error(f"borgtunnel: {exc}")
+        return EXIT_FAILURE
+    return _report(cast("Done | Error", answer))
+
+
+def pause(config: Config, name: str, until_text: str | None) -> int:
+    """``borgtunnel pause NAME [--until T]``: through the daemon, or into the file."""
+    config.client(name)
+    now = datetime.now(UTC)
+    try:
+        until = parse_until(until_text, now, config.daemon.zone()) if until_text else None
+    except ValueError as exc:
+        logs.print_error(f"borgtunnel: {exc}")
+        return EXIT_FAILURE
+    request = PauseRequest(client=name, until=until)
+    try:
+        answer = _interruptible(_ask(config.server.socket_dir, request, _ANSWER_TIMEOUT))
+    except NoDaemonError:
+        return _offline(config, name, lambda: set_pause(config.server.state_dir, name, until, now))
+    except (ControlError, TimeoutError, OSError) as exc:
+        logs.print_error(f"borgtunnel: {exc}")
+        return EXIT_FAILURE
+    return _report(cast("Done | Error", answer))
+
+
+def resume(config: Config, name: str) -> int:
+    config.client(name)
+    try:
+        answer = _interruptible(
+            _ask(config.server.socket_dir, ResumeRequest(client=name), _ANSWER_TIMEOUT)
+        )
+    except NoDaemonError:
+        now = datetime.now(UTC)
+        return _offline(config, name, lambda: clear_pause(config.server.state_dir, name, now))
+    except (ControlError, TimeoutError, OSError) as exc:
+        logs.print_error(f"borgtunnel: {exc}")
+        return EXIT_FAILURE
+    return _report(cast("Done | Error", answer))
+
+
+def _offline(config: Config, name: str, write: Any) -> int:  # noqa: ANN401
+    path = pauses_path(config.server.state_dir)
+    try:
+        result = write()
+    except (PauseFileError, OSError) as exc:
+        logs.print_error(f"borgtunnel: {exc}")
+        return EXIT_FAILURE
+    if isinstance(result, bool):
+        what = "resumed" if result else "was not paused"
+    else:
+        what = (
+            f"paused until {result.until.isoformat()}" if result.until else "paused until resumed"
+        )
+    print(f"{name}: {what} (no daemon runs: written to {path}; a daemon started later honours it)")
+    return EXIT_OK

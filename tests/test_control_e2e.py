@@ -70,7 +70,9 @@ def server_borg_env(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def setup(tmp_path: Path, sshd: Any, *, slow: bool = False, **extra: Any) -> tuple[Path, Path, Path]:
+def setup(
+    tmp_path: Path, sshd: Any, *, slow: bool = False, **extra: Any
+) -> tuple[Path, Path, Path]:
     """One client web1 (no schedule unless given); returns (config path, repo, data)."""
     repo = make_repo(tmp_path, "web1")
     data = make_data(tmp_path, "web1", random_bytes=3_000_000 if slow else 100_000)
@@ -175,22 +177,23 @@ async def test_ctrl_c_of_the_caller_cancels_its_pull_in_the_daemon(sshd, tmp_pat
     remote_socket = Path(sshd_client(sshd, "web1", repo, repo)["remote_socket"])
     daemon = Daemon(config, config_path=path, notifier=QUIET)
     async with serving(daemon):
-        caller = subprocess.Popen(
-            [BORGTUNNEL, "--config", str(path), "pull", "web1"],
+        caller = await asyncio.create_subprocess_exec(
+            *(BORGTUNNEL, "--config", str(path), "pull", "web1"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
         )
         try:
             await eventually(lambda: len(borg_processes(repo)) >= 2, within=30, what="borg")
             await eventually(remote_socket.exists, within=10, what="the remote socket")
             caller.send_signal(signal.SIGINT)
-            out, err = await asyncio.to_thread(caller.communicate, timeout=60)
+            async with asyncio.timeout(60):
+                raw_out, raw_err = await caller.communicate()
         finally:
-            if caller.poll() is None:
+            if caller.returncode is None:
                 caller.kill()
-                caller.wait()
+                await caller.wait()
+        out, err = raw_out.decode(), raw_err.decode()
         assert caller.returncode == 2, out + err
         assert out.startswith("web1: interrupted"), out + err
         assert "cancelling the pulls in the daemon" in err

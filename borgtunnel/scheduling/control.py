@@ -216,7 +216,7 @@ class ControlServer:
         if request is None:
             return
         if not self._target.knows(request.client):
-            await _send(writer, Error(message=f"unknown client {printable(request.client)!r}"))
+            await _send(writer, Error(message=f"unknown client '{printable(request.client)}'"))
             return
         log.info("control_request", op=request.op, client=request.client, uid=peer.uid)
         match request:

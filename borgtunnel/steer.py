@@ -17,7 +17,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO, TypeVar, cast
 
 from borgtunnel import logs
 from borgtunnel.borg import Progress
@@ -42,6 +42,8 @@ from borgtunnel.scheduling.control_protocol import (
     ResumeRequest,
 )
 
+T = TypeVar("T")
+
 EXIT_OK = 0
 EXIT_FAILURE = 2
 EXIT_INTERNAL = 70
@@ -51,11 +53,11 @@ EXIT_NO_DAEMON = 69
 _ANSWER_TIMEOUT = 60.0
 
 
-def _interruptible(coro: Coroutine[Any, Any, Any]) -> Any:  # noqa: ANN401 - the coroutine's own
+def _interruptible(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run with SIGINT/SIGTERM cancelling the main task (the coroutine decides what a
     cancellation means)."""
 
-    async def guarded() -> Any:  # noqa: ANN401
+    async def guarded() -> T:
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - we are inside a task
         loop = asyncio.get_running_loop()
@@ -86,18 +88,15 @@ def pull_through_daemon(
     for name in names:
         config.client(name)  # an unknown name is a config error (78) before anything else
     try:
-        return cast(
-            "list[int] | None",
-            _interruptible(
-                _pull_all(
-                    config,
-                    names,
-                    wait=wait,
-                    progress=progress,
-                    log_format=log_format,
-                    log_level=log_level,
-                )
-            ),
+        return _interruptible(
+            _pull_all(
+                config,
+                names,
+                wait=wait,
+                progress=progress,
+                log_format=log_format,
+                log_level=log_level,
+            )
         )
     except asyncio.CancelledError:  # a second Ctrl-C: stop waiting for the cleanup
         logs.print_error("borgtunnel: interrupted; the daemon cancels the pulls on its own")
@@ -266,7 +265,7 @@ def cancel(config: Config, name: str) -> int:
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
-    return _report(cast("Done | Error", answer))
+    return _report(answer)
 
 
 def pause(config: Config, name: str, until_text: str | None) -> int:
@@ -282,40 +281,39 @@ def pause(config: Config, name: str, until_text: str | None) -> int:
     try:
         answer = _interruptible(_ask(config.server.socket_dir, request, _ANSWER_TIMEOUT))
     except NoDaemonError:
-        return _offline(config, name, lambda: set_pause(config.server.state_dir, name, until, now))
+        try:
+            paused = set_pause(config.server.state_dir, name, until, now)
+        except (PauseFileError, OSError) as exc:
+            logs.print_error(f"borgtunnel: {exc}")
+            return EXIT_FAILURE
+        end = f"until {paused.until.isoformat()}" if paused.until else "until resumed"
+        return _written(config, f"{name}: paused {end}")
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
-    return _report(cast("Done | Error", answer))
+    return _report(answer)
 
 
 def resume(config: Config, name: str) -> int:
+    """``borgtunnel resume NAME``: through the daemon, or in the file."""
     config.client(name)
+    request = ResumeRequest(client=name)
     try:
-        answer = _interruptible(
-            _ask(config.server.socket_dir, ResumeRequest(client=name), _ANSWER_TIMEOUT)
-        )
+        answer = _interruptible(_ask(config.server.socket_dir, request, _ANSWER_TIMEOUT))
     except NoDaemonError:
-        now = datetime.now(UTC)
-        return _offline(config, name, lambda: clear_pause(config.server.state_dir, name, now))
+        try:
+            was = clear_pause(config.server.state_dir, name, datetime.now(UTC))
+        except (PauseFileError, OSError) as exc:
+            logs.print_error(f"borgtunnel: {exc}")
+            return EXIT_FAILURE
+        return _written(config, f"{name}: {'resumed' if was else 'was not paused'}")
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
-    return _report(cast("Done | Error", answer))
+    return _report(answer)
 
 
-def _offline(config: Config, name: str, write: Any) -> int:  # noqa: ANN401
+def _written(config: Config, what: str) -> int:
     path = pauses_path(config.server.state_dir)
-    try:
-        result = write()
-    except (PauseFileError, OSError) as exc:
-        logs.print_error(f"borgtunnel: {exc}")
-        return EXIT_FAILURE
-    if isinstance(result, bool):
-        what = "resumed" if result else "was not paused"
-    else:
-        what = (
-            f"paused until {result.until.isoformat()}" if result.until else "paused until resumed"
-        )
-    print(f"{name}: {what} (no daemon runs: written to {path}; a daemon started later honours it)")
+    print(f"{what} (no daemon runs: written to {path}; a daemon started later honours it)")
     return EXIT_OK

@@ -104,7 +104,10 @@ async def test_pull_goes_through_the_daemon_with_exit_code_summary_and_progress(
         assert (run.pid, run.trigger, run.result) == (os.getpid(), "pull", RunResult.OK)
 
         # A caller asking for progress gets borg's figures, then the result.
-        (data / "more.bin").write_bytes(os.urandom(2_000_000))
+        more = data / "more"
+        more.mkdir()
+        for index in range(200):  # many files: borg reports its figures as it goes
+            (more / f"{index}.bin").write_bytes(os.urandom(10_000))
         received: list[Any] = []
         async with await connect(config.server.socket_dir) as connection:
             await connection.send(PullRequest(client="web1", progress=True))

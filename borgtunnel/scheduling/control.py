@@ -155,18 +155,37 @@ def _progress_event(figures: Progress) -> ProgressEvent:
 
 
 class ControlServer:
-    """``await ControlServer(daemon, path).serve()`` until cancelled; the socket file is
-    removed at the end."""
+    """``ControlServer.bind(daemon, path)``, then ``await server.serve()`` until cancelled;
+    the socket file is removed at the end.
 
-    def __init__(self, target: Steerable, path: Path) -> None:
+    Binding is separate and synchronous so that the daemon can do it before it reports ready:
+    a ``borgtunnel pull`` right after READY=1 must find the socket (connections made before
+    ``serve`` runs wait in the listen backlog), or it would pull in its own process.
+    """
+
+    def __init__(self, target: Steerable, path: Path, sock: socket.socket) -> None:
         self._target = target
         self._path = path
+        self._sock = sock
+        self._inode = path.lstat().st_ino
         self._handlers: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[str | None]] = set()
+
+    @classmethod
+    def bind(cls, target: Steerable, path: Path) -> ControlServer:
+        """OSError (an unsafe directory: UnsafeDirectoryError; SocketInUseError from a live
+        listener) when the socket cannot be ours."""
+        return cls(target, path, bind_unix_socket(path))
 
     async def serve(self) -> None:
-        sock = bind_unix_socket(self._path)
-        inode = self._path.lstat().st_ino
-        server = await asyncio.start_unix_server(self._accept, sock=sock, limit=MAX_REQUEST_BYTES)
+        try:
+            server = await asyncio.start_unix_server(
+                self._accept, sock=self._sock, limit=MAX_REQUEST_BYTES
+            )
+        except BaseException:
+            self._sock.close()
+            self._unlink()
+            raise
         log.info("control_socket_listening", path=str(self._path))
         try:
             await asyncio.Future()  # until cancelled
@@ -176,9 +195,12 @@ class ControlServer:
                 task.cancel()
             if self._handlers:
                 await asyncio.wait(list(self._handlers))
-            with contextlib.suppress(OSError):
-                if self._path.lstat().st_ino == inode:  # still ours
-                    self._path.unlink()
+            self._unlink()
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._path.lstat().st_ino == self._inode:  # still ours
+                self._path.unlink()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -296,7 +318,10 @@ class ControlServer:
                 if gone:
                     await self._target.cancel_pull(ticket.client)
                     return
-                asyncio.ensure_future(self._target.cancel_pull(ticket.client))  # noqa: RUF006
+                # Not awaited here: the progress and the outcome keep coming meanwhile.
+                canceller = asyncio.ensure_future(self._target.cancel_pull(ticket.client))
+                self._background.add(canceller)
+                canceller.add_done_callback(self._background.discard)
             if changed.is_set() and latest and not ticket.outcome.done():
                 changed.clear()
                 await _send(writer, _progress_event(latest[0]))

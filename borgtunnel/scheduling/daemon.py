@@ -76,7 +76,7 @@ from borgtunnel.scheduling.planning import (
     retry_delay,
     status_line,
 )
-from borgtunnel.server.serve import sweep_stale_sockets
+from borgtunnel.server.serve import SocketInUseError, sweep_stale_sockets
 
 log = structlog.get_logger("borgtunnel.scheduling.daemon")
 
@@ -264,8 +264,8 @@ class Daemon:
             helpers.append(tasks.create_task(systemd.watchdog_loop(self._notifier, interval)))
         if shutdown_trigger is not None:
             helpers.append(tasks.create_task(self._stop_after(shutdown_trigger)))
-        if self._control:
-            helpers.append(tasks.create_task(self._serve_control()))
+        if self._control and (control := self._bind_control()) is not None:
+            helpers.append(tasks.create_task(control.serve()))
         return helpers
 
     async def _stop_after(self, trigger: Callable[[], Awaitable[object]]) -> None:
@@ -517,12 +517,13 @@ class Daemon:
 
     # --- steering (the control socket's Steerable) ----------------------------------------
 
-    async def _serve_control(self) -> None:
+    def _bind_control(self) -> ControlServer | None:
         path = control_socket_path(self.config.server.socket_dir)
         try:
-            await ControlServer(self, path).serve()
-        except OSError as exc:  # unsafe socket_dir, a second daemon: schedule anyway
+            return ControlServer.bind(self, path)
+        except (OSError, SocketInUseError) as exc:  # unsafe socket_dir, a second daemon
             log.error("control_socket_failed", path=str(path), error=str(exc))
+            return None
 
     def knows(self, client: str) -> bool:
         return client in self.config.clients

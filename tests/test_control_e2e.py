@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -57,6 +58,8 @@ from tests.daemon_support import (
     wait_until,
     write_config,
 )
+from tests.reporting_kit import setup_client
+from tests.test_progress_pty import pull_on_a_pty
 
 pytestmark = pytest.mark.sshd
 
@@ -284,3 +287,26 @@ def test_pause_persists_across_restarts_blocks_the_schedule_and_resume_lets_it_r
     back = cli(path, "resume", "web1")
     assert back.returncode == 0, back.stdout + back.stderr
     assert back.stdout.startswith("web1: resumed (no daemon runs")
+
+
+@pytest.mark.usefixtures("server_borg_env")
+async def test_a_pull_through_the_daemon_shows_live_progress_on_the_callers_terminal(
+    sshd, tmp_path
+):
+    _, repo, path = setup_client(
+        tmp_path,
+        sshd,
+        random_bytes=3_000_000,
+        client={"create_args": ["--upload-ratelimit", "1000"]},  # ~3 s: several updates
+    )
+    config = load_config(path)
+    async with serving(Daemon(config, config_path=path, notifier=QUIET)):
+        code, screen = await asyncio.to_thread(pull_on_a_pty, path, log=tmp_path / "live.log")
+    assert code == 0, screen
+    live = [line for line in screen.splitlines() if re.match(r"c1: \d+ files, ", line)]
+    assert live, screen
+    summaries = [line for line in screen.splitlines() if line.startswith("c1: ok archive=")]
+    assert len(summaries) == 1, screen
+    (run,) = runs(config.server.state_dir, "c1")
+    assert (run.pid, run.trigger, run.result) == (os.getpid(), "pull", RunResult.OK)
+    assert pullkit.archives(tmp_path, repo) == [run.archive]

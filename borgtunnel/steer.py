@@ -170,8 +170,24 @@ async def _pull_one(
     wait: bool,
     live: LiveProgress | None,
 ) -> int:
-    await connection.send(PullRequest(client=name, wait=wait, progress=live is not None))
     update: ProgressCallback | None = live.track(name) if live is not None else None
+    try:
+        await connection.send(PullRequest(client=name, wait=wait, progress=live is not None))
+        return await _follow(connection, name, live, update)
+    except ControlError as exc:
+        return _failed(live, name, str(exc))
+    except OSError as exc:  # the daemon went away mid-pull
+        return _failed(live, name, f"lost the connection to the daemon: {exc}")
+
+
+async def _follow(
+    connection: ControlConnection,
+    name: str,
+    live: LiveProgress | None,
+    update: ProgressCallback | None,
+) -> int:
+    """Read the daemon's messages for one pull until its result; a first cancellation of
+    this task (Ctrl-C) asks the daemon to cancel the pull and reads on."""
     cancel_sent = False
     while True:
         try:
@@ -182,8 +198,6 @@ async def _pull_one(
             cancel_sent = True
             await connection.send(CancelRequest(client=name))
             continue
-        except ControlError as exc:
-            return _failed(live, name, str(exc))
         match message:
             case None:
                 return _failed(live, name, "the daemon closed the connection (stopped?)")
@@ -265,6 +279,9 @@ def cancel(config: Config, name: str) -> int:
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
+    except asyncio.CancelledError:  # Ctrl-C: what was asked still happens in the daemon
+        logs.print_error("borgtunnel: interrupted (the daemon still carries out the request)")
+        return EXIT_FAILURE
     return _report(answer)
 
 
@@ -291,6 +308,9 @@ def pause(config: Config, name: str, until_text: str | None) -> int:
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
+    except asyncio.CancelledError:  # Ctrl-C: what was asked still happens in the daemon
+        logs.print_error("borgtunnel: interrupted (the daemon still carries out the request)")
+        return EXIT_FAILURE
     return _report(answer)
 
 
@@ -309,6 +329,9 @@ def resume(config: Config, name: str) -> int:
         return _written(config, f"{name}: {'resumed' if was else 'was not paused'}")
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
+        return EXIT_FAILURE
+    except asyncio.CancelledError:  # Ctrl-C: what was asked still happens in the daemon
+        logs.print_error("borgtunnel: interrupted (the daemon still carries out the request)")
         return EXIT_FAILURE
     return _report(answer)
 

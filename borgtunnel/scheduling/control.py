@@ -311,7 +311,7 @@ class ControlServer:
             if started.done() and not announced:
                 announced = True
                 await _send(writer, Started())
-            if said.done() and not cancel_sent:
+            if said.done() and not cancel_sent and not ticket.outcome.done():
                 cancel_sent = True
                 gone = _caller_gone(said)
                 log.info("pull_cancel_requested", client=ticket.client, caller_gone=gone)

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _backup_commands(commands)
+    _steering_commands(commands)
     _reading_commands(commands)
     _repository_commands(commands)
     _client_commands(commands)
@@ -103,6 +104,26 @@ def _backup_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="print nothing when it is valid (systemd's ExecReload= runs this before reloading)",
     )
+
+
+def _steering_commands(commands: Commands[argparse.ArgumentParser]) -> None:
+    """Steering a running daemon through its control socket (docs/control.md)."""
+    cancel = commands.add_parser(
+        "cancel", help="cancel the daemon's queued or running pull of a client (full cleanup)"
+    )
+    cancel.add_argument("client", metavar="NAME")
+    pause = commands.add_parser(
+        "pause", help="keep a client from being scheduled (persisted; status shows it)"
+    )
+    pause.add_argument("client", metavar="NAME")
+    pause.add_argument(
+        "--until",
+        metavar="TIME",
+        help="an ISO time (2026-03-02T08:00, the daemon's zone without an offset) or a "
+        "duration such as 36h or 1d12h; default: until `borgtunnel resume`",
+    )
+    resume = commands.add_parser("resume", help="let a paused client be scheduled again")
+    resume.add_argument("client", metavar="NAME")
 
 
 def _reading_commands(commands: Commands[argparse.ArgumentParser]) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TextIO, cast
 
 import structlog
 
-from borgtunnel import enrolment, logs
+from borgtunnel import enrolment, logs, steer
 from borgtunnel.arguments import build_parser
 from borgtunnel.config import (
     ClientConfig,
@@ -83,7 +83,25 @@ def _cmd_pull(args: argparse.Namespace, _path: Path, config: Config) -> int:
     clients = [config.client(name) for name in dict.fromkeys(args.clients)]
     live = not args.no_progress and sys.stdout.isatty()
     _log_for_a_person(args, live=live)
+    # A running daemon queues the pulls (docs/control.md); without one, they run here.
+    codes = steer.pull_through_daemon(
+        config, [client.name for client in clients], wait=args.wait, progress=live
+    )
+    if codes is not None:
+        return worst_exit_code(codes)
     return _run(_pull_all(config, clients, wait=args.wait, live=live))
+
+
+def _cmd_cancel(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return steer.cancel(config, args.client)
+
+
+def _cmd_pause(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return steer.pause(config, args.client, args.until)
+
+
+def _cmd_resume(args: argparse.Namespace, _path: Path, config: Config) -> int:
+    return steer.resume(config, args.client)
 
 
 def _cmd_notify_test(args: argparse.Namespace, _path: Path, config: Config) -> int:
@@ -219,6 +237,9 @@ def _cmd_enroll(args: argparse.Namespace, _path: Path, config: Config) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Path, Config], int]] = {
     "check-config": _cmd_check_config,
     "pull": _cmd_pull,
+    "cancel": _cmd_cancel,
+    "pause": _cmd_pause,
+    "resume": _cmd_resume,
     "init": _cmd_init,
     "daemon": _cmd_daemon,
     "status": _cmd_status,

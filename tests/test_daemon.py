@@ -477,6 +477,8 @@ async def test_daemon_pulls_two_scheduled_clients_and_status_shows_them(sshd, tm
             "last_check_result",
             "last_maintain_result",
             "stale",
+            "paused",
+            "paused_until",
         }
         assert row["last_result"] == "ok"
         assert row["running"] is False

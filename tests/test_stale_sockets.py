@@ -106,7 +106,8 @@ async def test_daemon_start_sweeps_dead_sockets_of_idle_configured_clients(
         task = asyncio.create_task(daemon.serve(shutdown_trigger=stop.wait))
         try:
             await asyncio.wait_for(daemon.ready.wait(), 15)
-            assert names(run) == {"busy.0123abcd.sock", "other.0123abcd.sock"}
+            # control.sock: the daemon's own control socket (docs/control.md).
+            assert names(run) == {"busy.0123abcd.sock", "other.0123abcd.sock", "control.sock"}
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)

@@ -16,6 +16,7 @@ import pytest
 from borgtunnel.config import load_config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import acquire_client_lock
+from borgtunnel.pauses import Pause
 from borgtunnel.reporting.status import (
     client_status,
     history_json,
@@ -37,6 +38,8 @@ STATUS_KEYS = {
     "running",
     "last_success_age_seconds",
     "stale",
+    "paused",
+    "paused_until",
 }
 
 
@@ -97,6 +100,8 @@ def test_status_fields_from_the_history(config_path):
         "last_check_result": None,
         "last_maintain_result": None,
         "stale": False,
+        "paused": False,
+        "paused_until": None,
     }
     assert rows[1]["last_success_age_seconds"] is None
     assert rows[2]["next_run"] is None
@@ -149,14 +154,35 @@ def test_status_table_is_readable(config_path):
             "LAST CHECK",
             "MAINTENANCE",
             "STALE",
+            "PAUSED",
         ],
         [
             *("web1", "2026-03-01 09:55 UTC", "1d 2h", "ok", "2026-03-03 02:00 UTC"),
-            *("no", "never", "-", "no"),
+            *("no", "never", "-", "no", "no"),
         ],
-        ["db1", "never", "-", "-", "2026-03-03 02:00 UTC", "no", "never", "-", "no"],
-        ["laptop", "never", "-", "-", "not scheduled", "no", "never", "-", "no"],
+        ["db1", "never", "-", "-", "2026-03-03 02:00 UTC", "no", "never", "-", "no", "no"],
+        ["laptop", "never", "-", "-", "not scheduled", "no", "never", "-", "no", "no"],
     ]
+
+
+def test_a_paused_client_shows_the_pause_and_its_next_run_after_it(config_path):
+    config = load_config(config_path)
+    web1, db1 = config.clients["web1"], config.clients["db1"]
+    forever = Pause(since=NOW)
+    until = Pause(since=NOW, until=datetime(2026, 3, 4, 12, 0, tzinfo=UTC))
+    with History.open(config.server.state_dir) as history:
+        paused = client_status(config, history, web1, NOW, forever)
+        later = client_status(config, history, db1, NOW, until)
+    assert (paused.paused, paused.paused_until, paused.next_run) == (True, None, None)
+    assert later.paused_until == until.until
+    assert later.next_run == datetime(2026, 3, 5, 2, 0, tzinfo=UTC)  # first slot after it
+    rows = status_json([paused, later], NOW)
+    assert (rows[0]["paused"], rows[0]["paused_until"], rows[0]["next_run"]) == (True, None, None)
+    assert rows[1]["paused_until"] == "2026-03-04T12:00:00+00:00"
+    table = [re.split(r"\s{2,}", line) for line in status_table([paused, later], NOW).splitlines()]
+    assert table[1][4] == "paused"
+    assert table[1][-1] == "yes"
+    assert table[2][-1] == "until 2026-03-04 12:00 UTC"
 
 
 def test_history_json_and_table(config_path):

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Final
 
 from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from borgtunnel.config import Config
 from borgtunnel.history import History, RunRecord, RunResult
+from borgtunnel.pauses import active_pauses
 
 # Every result a finished run can have: `last_result` exports each as 0/1 so alerts can match.
 RESULTS: Final = tuple(r for r in RunResult if r is not RunResult.RUNNING)
@@ -44,6 +46,12 @@ class ClientMetrics:
     runs: dict[RunResult, int] = field(default_factory=dict)
     max_age: float | None = None
     running: bool = False
+    # `borgtunnel pause`: paused at snapshot time, until this Unix time (None: until resumed).
+    paused: bool = False
+    paused_until: float | None = None
+
+    def is_paused(self, now: float) -> bool:
+        return self.paused and (self.paused_until is None or now < self.paused_until)
 
     def stale(self, now: float) -> bool:
         if self.max_age is None:
@@ -72,6 +80,7 @@ def build_snapshot(
     running_pulls: int | None = None,
 ) -> Snapshot:
     counts = history.result_counts()
+    pauses = active_pauses(config.server.state_dir, datetime.now(UTC))
     clients = []
     for name, client in config.clients.items():
         success = history.last_success(name)
@@ -92,9 +101,15 @@ def build_snapshot(
                 runs={r: n for (c, r), n in counts.items() if c == name},
                 max_age=config.max_age_for(client),
                 running=name in running,
+                paused=name in pauses,
+                paused_until=_timestamp(pauses[name].until) if name in pauses else None,
             )
         )
     return Snapshot(tuple(clients), queue_length, running_pulls)
+
+
+def _timestamp(when: datetime | None) -> float | None:
+    return when.timestamp() if when is not None else None
 
 
 def families(snapshot: Snapshot, now: float) -> list[Metric]:
@@ -119,6 +134,7 @@ def families(snapshot: Snapshot, now: float) -> list[Metric]:
     )
     stale = gauge("stale", "1 when the newest verified archive is older than max_age.")
     running = gauge("running", "1 while a pull of the client runs in this process.")
+    paused = gauge("client_paused", "1 while `borgtunnel pause` keeps the client unscheduled.")
     for c in snapshot.clients:
         labels = [c.client]
         for fam, value in (
@@ -138,6 +154,7 @@ def families(snapshot: Snapshot, now: float) -> list[Metric]:
             runs.add_metric([c.client, str(r)], float(c.runs.get(r, 0)))
         stale.add_metric(labels, 1.0 if c.stale(now) else 0.0)
         running.add_metric(labels, 1.0 if c.running else 0.0)
+        paused.add_metric(labels, 1.0 if c.is_paused(now) else 0.0)
     found: list[Metric] = [
         success,
         last_run,
@@ -149,6 +166,7 @@ def families(snapshot: Snapshot, now: float) -> list[Metric]:
         runs,
         stale,
         running,
+        paused,
     ]
     if snapshot.queue_length is not None:
         found.append(

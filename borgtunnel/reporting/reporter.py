@@ -217,6 +217,11 @@ class Reporter:
         self._refresh()
 
     @_never_raises
+    def refresh_metrics(self) -> None:
+        """Something outside the history changed (a pause): export it now."""
+        self._refresh()
+
+    @_never_raises
     def daemon_state(self, *, queue_length: int, running_pulls: int) -> None:
         if (queue_length, running_pulls) != (self._queue_length, self._running_pulls):
             self._queue_length, self._running_pulls = queue_length, running_pulls

@@ -13,6 +13,9 @@ status, per configured client:
 * ``next_run``: the next scheduled start computed now from ``schedule`` and ``blackout`` in the
   daemon's zone, without jitter (the daemon draws it and does not publish it, so the real start
   is up to ``jitter`` seconds later); null without a schedule.
+* ``paused`` / ``paused_until``: ``borgtunnel pause`` keeps the client from being scheduled
+  (borgtunnel/pauses.py); ``next_run`` is then the first slot after the pause (null while
+  paused until ``resume``).
 * ``running``: the newest row is ``running`` with a live pid *and* the client's run lock is held.
   The row alone could be stale (its pid reused after a crash); the lock alone would mean taking
   the lock for a moment on every call, which could make a run starting at that moment fail with
@@ -42,6 +45,7 @@ from borgtunnel.history import (
     RunResult,
 )
 from borgtunnel.lock import ClientBusy, acquire_client_lock
+from borgtunnel.pauses import Pause, active_pauses
 from borgtunnel.reporting.staleness import is_stale
 from borgtunnel.scheduling.planning import next_client_run
 from borgtunnel.text import format_size, printable
@@ -70,6 +74,9 @@ class ClientStatus:
     last_maintain_result: RunResult | None = None
     # max_age is set and the last verified archive is older (or there never was one).
     stale: bool = False
+    # `borgtunnel pause`: kept from being scheduled (until paused_until; None: until resumed).
+    paused: bool = False
+    paused_until: datetime | None = None
 
     @property
     def needs_attention(self) -> bool:
@@ -82,9 +89,19 @@ class ClientStatus:
 
 
 def client_status(
-    config: Config, history: History, client: ClientConfig, now: datetime
+    config: Config,
+    history: History,
+    client: ClientConfig,
+    now: datetime,
+    pause: Pause | None = None,
 ) -> ClientStatus:
     zone = config.daemon.zone()
+    if pause is None:
+        next_run = next_client_run(client, zone, now, jitter=False)
+    elif pause.until is None:
+        next_run = None
+    else:
+        next_run = next_client_run(client, zone, max(now, pause.until), jitter=False)
     success = history.last_success(client.name)
     last_result, _ = _last_result(history.last_runs(client.name, _SCAN_ROWS, kind=KIND_PULL))
     _, running_row = _last_result(history.last_runs(client.name, 1))
@@ -94,12 +111,14 @@ def client_status(
         client=client.name,
         last_success=success.started.astimezone(zone) if success else None,
         last_result=last_result,
-        next_run=next_client_run(client, zone, now, jitter=False),
+        next_run=next_run,
         running=running_row and _lock_held(config, client),
         last_check=check.started.astimezone(zone) if check else None,
         last_check_result=check.result if check else None,
         last_maintain_result=_last_result(maintained)[0],
         stale=is_stale(success.started if success else None, config.max_age_for(client), now),
+        paused=pause is not None,
+        paused_until=pause.until.astimezone(zone) if pause and pause.until else None,
     )
 
 
@@ -138,6 +157,8 @@ def status_json(rows: Sequence[ClientStatus], now: datetime) -> list[dict[str, A
                 str(row.last_maintain_result) if row.last_maintain_result else None
             ),
             "stale": row.stale,
+            "paused": row.paused,
+            "paused_until": _iso(row.paused_until),
         }
         for row in rows
     ]
@@ -154,6 +175,7 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
         "LAST CHECK",
         "MAINTENANCE",
         "STALE",
+        "PAUSED",
     )
     lines = [
         (
@@ -161,11 +183,12 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
             _when(row.last_success) if row.last_success else "never",
             _age(row.age_seconds(now)),
             str(row.last_result) if row.last_result else "-",
-            _when(row.next_run) if row.next_run else "not scheduled",
+            _when(row.next_run) if row.next_run else ("paused" if row.paused else "not scheduled"),
             "yes" if row.running else "no",
             f"{_when(row.last_check)} {row.last_check_result}" if row.last_check else "never",
             str(row.last_maintain_result) if row.last_maintain_result else "-",
             "STALE" if row.stale else "no",
+            _paused(row),
         )
         for row in rows
     ]
@@ -184,9 +207,13 @@ def _read(config: Config, query: Callable[[History], T]) -> T | None:
 
 def show_status(config: Config, *, as_json: bool) -> int:
     now = datetime.now(UTC)
+    pauses = active_pauses(config.server.state_dir, now)
     rows = _read(
         config,
-        lambda history: [client_status(config, history, c, now) for c in config.clients.values()],
+        lambda history: [
+            client_status(config, history, c, now, pauses.get(c.name))
+            for c in config.clients.values()
+        ],
     )
     if rows is None:
         return EXIT_FAILURE
@@ -268,6 +295,12 @@ def _iso(when: datetime | None) -> str | None:
 
 def _when(when: datetime, *, seconds: bool = False) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+def _paused(row: ClientStatus) -> str:
+    if not row.paused:
+        return "no"
+    return f"until {_when(row.paused_until)}" if row.paused_until else "yes"
 
 
 def _age(seconds: int | None) -> str:

@@ -108,7 +108,7 @@ async def _pull_recorded(
         db.finish_run(
             run_id,
             RunResult.INTERRUPTED,
-            error="interrupted: the pull was cancelled (shutdown or timeout)",
+            error="interrupted: the pull was cancelled (shutdown, `borgtunnel cancel` or Ctrl-C)",
             stats=RunStats(duration=time.monotonic() - started),
         )
         raise

@@ -25,6 +25,12 @@ Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn
   the pull's own cleanup (``borg serve`` stopped, both sockets removed) and records the run
   ``interrupted``. A second stop request skips the wait. Runs are never cancelled twice: a second
   cancellation would abort that cleanup.
+* Steering (borgtunnel/scheduling/control.py, docs/control.md): a control socket in
+  ``socket_dir`` takes ``borgtunnel pull`` (queued like a due client, same ``max_parallel``,
+  no retries, recorded with trigger ``pull``), ``cancel`` (the run task is cancelled once, so
+  its own cleanup runs and the run is recorded ``interrupted``) and ``pause``/``resume``
+  (``state_dir/paused.json``, borgtunnel/pauses.py, re-read when it changes: a paused client's
+  slots and retries are skipped).
 * SIGHUP re-reads the config file between two loop iterations. An invalid file is logged with its
   problems and the old config stays; a valid one replaces it for runs that start afterwards, and
   the next run of each client whose schedule, jitter or blackout (or the zone) changed is
@@ -52,13 +58,16 @@ import structlog
 
 from borgtunnel import systemd
 from borgtunnel.config import ClientConfig, Config, ConfigError, load_config
-from borgtunnel.history import History, HistoryError
+from borgtunnel.history import History, HistoryError, RunResult
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.maintenance.run import after_pull
+from borgtunnel.pauses import Pause, PauseWatch, clear_pause, set_pause
 from borgtunnel.reporting.notify import Sender, apprise_send
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.runs.jobs import run_recorded
-from borgtunnel.runs.pull import PullOutcome
+from borgtunnel.runs.pull import ProgressCallback, PullOutcome
+from borgtunnel.scheduling.control import ControlServer, PullTicket, Refused
+from borgtunnel.scheduling.control_protocol import control_socket_path
 from borgtunnel.scheduling.planning import (
     RunQueue,
     is_busy,
@@ -67,7 +76,7 @@ from borgtunnel.scheduling.planning import (
     retry_delay,
     status_line,
 )
-from borgtunnel.server.serve import sweep_stale_sockets
+from borgtunnel.server.serve import SocketInUseError, sweep_stale_sockets
 
 log = structlog.get_logger("borgtunnel.scheduling.daemon")
 
@@ -80,6 +89,9 @@ MAX_SLEEP = 60.0
 
 Now = Callable[[], datetime]
 Runner = Callable[[Config, ClientConfig, History], Awaitable[PullOutcome]]
+RequestedRunner = Callable[
+    [Config, ClientConfig, History, bool, ProgressCallback | None], Awaitable[PullOutcome]
+]
 
 
 def system_now() -> datetime:
@@ -96,6 +108,19 @@ async def recorded_pull(config: Config, client: ClientConfig, history: History) 
         history=history,
         time_limit=client.timeout,
         after=lambda outcome, db: after_pull(config, client, db, outcome),
+    )
+
+
+async def requested_pull(
+    config: Config,
+    client: ClientConfig,
+    history: History,
+    wait: bool,
+    progress: ProgressCallback | None,
+) -> PullOutcome:
+    """``borgtunnel pull NAME`` run by the daemon: what the one-shot pull does, in here."""
+    return await run_recorded(
+        config, client, trigger="pull", wait=wait, history=history, progress=progress
     )
 
 
@@ -132,6 +157,8 @@ class Daemon:
         rand: Callable[[], float] = random.random,
         max_sleep: float = MAX_SLEEP,
         notify_sender: Sender = apprise_send,
+        requested_runner: RequestedRunner = requested_pull,
+        control: bool = True,
     ) -> None:
         self.config = config
         self._notify_sender = notify_sender
@@ -156,6 +183,13 @@ class Daemon:
         self._last_status = ""
         self.ready = asyncio.Event()
         """Set once the daemon serves (after READY=1)."""
+        # Steering (control socket): requested pulls, runs being cancelled, pauses.
+        self._control = control
+        self._requested_runner = requested_runner
+        self._requests: dict[str, PullTicket] = {}
+        self._cancelled: set[str] = set()  # run tasks cancelled once (by stop or by `cancel`)
+        self._steered: set[str] = set()  # of those, the ones `cancel` asked for
+        self._pauses = PauseWatch(config.server.state_dir)
 
     # --- control ------------------------------------------------------------------------
 
@@ -230,6 +264,8 @@ class Daemon:
             helpers.append(tasks.create_task(systemd.watchdog_loop(self._notifier, interval)))
         if shutdown_trigger is not None:
             helpers.append(tasks.create_task(self._stop_after(shutdown_trigger)))
+        if self._control and (control := self._bind_control()) is not None:
+            helpers.append(tasks.create_task(control.serve()))
         return helpers
 
     async def _stop_after(self, trigger: Callable[[], Awaitable[object]]) -> None:
@@ -246,6 +282,7 @@ class Daemon:
                 self._reload()
             now = self._now()
             self._queue_due(now)
+            self._queue_requests()
             self._start_allowed()
             self._publish_status(now)
             self._report_state()
@@ -262,9 +299,13 @@ class Daemon:
     def _queue_due(self, now: datetime) -> None:
         """Queue due clients, earliest due first, and plan each one's next run."""
         due = [(d, name) for name, s in self._slots.items() if (d := s.due()) is not None]
+        paused = self._pauses.active(now)
         # Stable sort: clients due at the same instant keep the config file's order.
         for _, name in sorted((item for item in due if item[0] <= now), key=lambda item: item[0]):
             slot = self._slots[name]
+            if name in paused:
+                self._skip_paused(slot, paused[name], now)
+                continue
             if slot.next_run is not None and slot.next_run <= now:
                 scheduled_for = slot.next_run
                 # A scheduled start supersedes a pending retry.
@@ -287,6 +328,9 @@ class Daemon:
     def _start_allowed(self) -> None:
         assert self._tasks is not None  # noqa: S101 - only called from inside serve()
         while (name := self._queue.start_next(self.config.daemon.max_parallel)) is not None:
+            if (ticket := self._requests.get(name)) is not None:
+                self._start_requested(ticket)
+                continue
             slot = self._slots[name]
             self._running[name] = self._tasks.create_task(
                 self._run(self.config, slot.client, slot.attempt), name=f"pull {name}"
@@ -311,12 +355,19 @@ class Daemon:
         finally:
             self._queue.finished(client.name)
             self._running.pop(client.name, None)
+            self._cancelled.discard(client.name)
+            self._steered.discard(client.name)
             self._wake.set()
 
     async def _attempt(self, config: Config, client: ClientConfig) -> PullOutcome:
         history = self._history
         assert history is not None  # noqa: S101 - only called from inside serve()
-        return await self._runner(config, client, history)
+        try:
+            return await self._runner(config, client, history)
+        except asyncio.CancelledError:
+            if not self._take_steered_cancel(client.name):
+                raise
+            return _cancelled_outcome(client.name, started=True)
 
     def _after_run(self, name: str, outcome: PullOutcome) -> bool:
         """Decide about a retry (True: one is scheduled); the slot may be gone (a reload)."""
@@ -358,6 +409,9 @@ class Daemon:
         dropped = self._queue.clear_waiting()
         if dropped:
             log.info("queued_runs_dropped", clients=dropped)
+        for ticket in [t for t in self._requests.values() if not t.started.is_set()]:
+            self._requests.pop(ticket.client, None)
+            ticket.resolve(_stopped_outcome(ticket.client))
         running = list(self._running.values())
         if not running:
             return
@@ -368,8 +422,10 @@ class Daemon:
         left = [task for task in running if not task.done()]
         if left:
             log.warning("cancelling_running_pulls", clients=sorted(self._running))
-            for task in left:
-                task.cancel()
+            for name, task in list(self._running.items()):
+                if task in left and name not in self._cancelled:  # never twice: see above
+                    self._cancelled.add(name)
+                    task.cancel()
             await asyncio.wait(left)
 
     # --- reload -------------------------------------------------------------------------
@@ -459,9 +515,178 @@ class Daemon:
     def _describe_schedule(self) -> dict[str, str | None]:
         return {name: _iso(slot.next_run) for name, slot in self._slots.items()}
 
+    # --- steering (the control socket's Steerable) ----------------------------------------
+
+    def _bind_control(self) -> ControlServer | None:
+        path = control_socket_path(self.config.server.socket_dir)
+        try:
+            return ControlServer.bind(self, path)
+        except (OSError, SocketInUseError) as exc:  # unsafe socket_dir, a second daemon
+            log.error("control_socket_failed", path=str(path), error=str(exc))
+            return None
+
+    def knows(self, client: str) -> bool:
+        return client in self.config.clients
+
+    def submit_pull(
+        self, client: str, *, wait: bool, progress: ProgressCallback | None
+    ) -> PullTicket:
+        """Queue ``borgtunnel pull CLIENT``; a pull of it running now answers busy (as a
+        one-shot pull would) unless ``wait``, which queues it behind."""
+        if self._stopping:
+            raise Refused("the daemon is stopping; try again when it runs")
+        ticket = PullTicket(client, wait, progress)
+        earlier = self._requests.get(client)
+        if earlier is not None or (client in self._running and not wait):
+            why = (
+                "another `borgtunnel pull` of this client is queued or running in the daemon"
+                if earlier is not None
+                else "the daemon is pulling this client now (--wait queues behind it)"
+            )
+            ticket.resolve(
+                PullOutcome(client=client, result=RunResult.FAILED, error=f"busy: {why}", busy=True)
+            )
+            return ticket
+        self._requests[client] = ticket
+        ticket.position = len(self._queue.waiting) + (0 if self._queue.busy(client) else 1)
+        log.info("pull_requested", client=client, wait=wait)
+        self._wake.set()
+        return ticket
+
+    async def cancel_pull(self, client: str) -> str | None:
+        """Cancel the queued or running pull of ``client``; "queued"/"running", or None.
+        A running one is cancelled once and waited for: its cleanup has run on return."""
+        ticket = self._requests.get(client)
+        if ticket is not None and not ticket.started.is_set():
+            self._requests.pop(client)
+            self._queue.discard([client])
+            ticket.resolve(_cancelled_outcome(client, started=False))
+            log.info("pull_cancelled", client=client, state="queued")
+            return "queued"
+        if client in self._queue.waiting:
+            self._queue.discard([client])
+            log.info("pull_cancelled", client=client, state="queued")
+            return "queued"
+        task = self._running.get(client)
+        if task is None:
+            return None
+        if client not in self._cancelled:
+            self._cancelled.add(client)
+            self._steered.add(client)
+            log.warning("pull_cancelling", client=client)
+            task.cancel()
+        await asyncio.wait({task})
+        return "running"
+
+    def pause(self, client: str, until: datetime | None) -> Pause:
+        pause = set_pause(self.config.server.state_dir, client, until, self._now())
+        log.info("client_paused", client=client, until=_iso(until))
+        self._pauses_changed()
+        return pause
+
+    def resume(self, client: str) -> bool:
+        was = clear_pause(self.config.server.state_dir, client, self._now())
+        log.info("client_resumed", client=client, was_paused=was)
+        self._pauses_changed()
+        return was
+
+    def _pauses_changed(self) -> None:
+        if self.reporter is not None:
+            self.reporter.refresh_metrics()
+        self._wake.set()
+
+    def _skip_paused(self, slot: _Slot, pause: Pause, now: datetime) -> None:
+        slot.retry_at, slot.attempt = None, 0
+        if slot.next_run is not None and slot.next_run <= now:
+            slot.next_run = next_client_run(slot.client, self._zone, now, rand=self._rand)
+        log.info(
+            "run_skipped_paused",
+            client=slot.client.name,
+            paused_until=_iso(pause.until),
+            next_run=_iso(slot.next_run),
+        )
+
+    def _queue_requests(self) -> None:
+        for name, ticket in self._requests.items():
+            if not ticket.started.is_set() and self._queue.push(name):
+                log.info("run_requested", client=name)
+
+    def _start_requested(self, ticket: PullTicket) -> None:
+        assert self._tasks is not None  # noqa: S101 - only called from inside serve()
+        ticket.started.set()
+        self._running[ticket.client] = self._tasks.create_task(
+            self._run_requested(self.config, ticket), name=f"pull {ticket.client}"
+        )
+
+    async def _run_requested(self, config: Config, ticket: PullTicket) -> None:
+        name = ticket.client
+        bound = log.bind(client=name)
+        client = config.clients.get(name)
+        try:
+            if client is None:  # removed by a reload while queued
+                ticket.resolve(PullOutcome(client=name, error="no longer in the configuration"))
+                return
+            bound.info("run_starting", requested=True)
+            if self.reporter is not None:
+                self.reporter.run_started(client)
+            history = self._history
+            assert history is not None  # noqa: S101 - only called from inside serve()
+            try:
+                outcome = await self._requested_runner(
+                    config, client, history, ticket.wait, ticket.progress
+                )
+            except asyncio.CancelledError:
+                if not self._take_steered_cancel(name):
+                    ticket.resolve(_stopped_outcome(name, started=True))
+                    raise
+                outcome = _cancelled_outcome(name, started=True)
+            except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
+                bound.exception("run_crashed")
+                outcome = PullOutcome(client=name, error=f"internal error: {exc!r}")
+                outcome.internal_error = True
+            bound.info("run_finished", result=str(outcome.result), requested=True)
+            if self.reporter is not None:
+                self.reporter.after_run(client, outcome)
+            ticket.resolve(outcome)
+        finally:
+            if self._requests.get(name) is ticket:
+                del self._requests[name]
+            self._queue.finished(name)
+            self._running.pop(name, None)
+            self._cancelled.discard(name)
+            self._steered.discard(name)
+            self._wake.set()
+
+    def _take_steered_cancel(self, name: str) -> bool:
+        """True (and the cancellation absorbed) if ``cancel`` asked for this one."""
+        if name not in self._steered:
+            return False
+        self._steered.discard(name)
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
 
 def _iso(when: datetime | None) -> str | None:
     return when.isoformat() if when is not None else None
+
+
+def _cancelled_outcome(client: str, *, started: bool) -> PullOutcome:
+    when = "its cleanup ran" if started else "before it started"
+    return PullOutcome(
+        client=client,
+        result=RunResult.INTERRUPTED,
+        error=f"cancelled by `borgtunnel cancel` or the caller's Ctrl-C ({when})",
+    )
+
+
+def _stopped_outcome(client: str, *, started: bool = False) -> PullOutcome:
+    return PullOutcome(
+        client=client,
+        result=RunResult.INTERRUPTED,
+        error="the daemon stopped " + ("during this pull" if started else "before it started"),
+    )
 
 
 def _check_reloadable(old: Config, new: Config) -> None:

@@ -28,9 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from borgtunnel.durations import parse_borg_interval
-from borgtunnel.redact import remember_url
-from borgtunnel.reporting.settings import (
+from borgtunnel.config.reporting import (
     ClientDefaults,
     Duration,
     Hooks,
@@ -40,7 +38,14 @@ from borgtunnel.reporting.settings import (
     check_apprise_urls,
     check_hooks,
 )
-from borgtunnel.scheduling import scheduler
+from borgtunnel.config.schedule import (
+    parse_blackout,
+    parse_schedule,
+    system_zone,
+    validate_blackouts,
+)
+from borgtunnel.durations import parse_borg_interval
+from borgtunnel.redact import remember_url
 from borgtunnel.text import option_like
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
@@ -362,13 +367,13 @@ class ClientConfig(_Model):
     @classmethod
     def _schedule_valid(cls, value: str | None) -> str | None:
         if value is not None:
-            scheduler.parse_schedule(value, tz=UTC)
+            parse_schedule(value, tz=UTC)
         return value
 
     @field_validator("blackout")
     @classmethod
     def _blackout_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        scheduler.validate_blackouts([scheduler.parse_blackout(spec) for spec in value])
+        validate_blackouts([parse_blackout(spec) for spec in value])
         return value
 
     @field_validator("storage_quota")
@@ -506,7 +511,7 @@ class DaemonSettings(_Model):
         return value
 
     def zone(self) -> tzinfo:
-        return ZoneInfo(self.timezone) if self.timezone else scheduler.system_zone()
+        return ZoneInfo(self.timezone) if self.timezone else system_zone()
 
 
 class Config(_Model):

@@ -1,0 +1,40 @@
+"""The configuration layer: the bottom of the package, importing nothing above it.
+
+* ``model``: the validated, immutable models of the file (``Config``, ``ClientConfig``, …).
+* ``reporting``: the models of the reporting keys (``[notify]``, ``[metrics]``, hooks, max_age).
+* ``schedule``: pure cron, blackout and jitter maths (parsed at load, used by the daemon).
+
+What the rest of borgtunnel uses is re-exported here: ``from borgtunnel.config import Config``.
+"""
+
+from borgtunnel.config.model import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_SSH,
+    CheckSettings,
+    ClientConfig,
+    Config,
+    ConfigError,
+    RetentionSettings,
+    SSHSettings,
+    UnknownClientError,
+    config_path,
+    load_config,
+    parse_config,
+)
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_SSH",
+    "CheckSettings",
+    "ClientConfig",
+    "Config",
+    "ConfigError",
+    "RetentionSettings",
+    "SSHSettings",
+    "UnknownClientError",
+    "config_path",
+    "load_config",
+    "parse_config",
+]

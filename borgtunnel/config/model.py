@@ -8,10 +8,8 @@ greps for in a file with hundreds of clients.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, tzinfo
 from pathlib import Path
@@ -28,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from borgtunnel.config.merge import Origin
 from borgtunnel.config.reporting import (
     ClientDefaults,
     Duration,
@@ -525,6 +524,10 @@ class Config(_Model):
     defaults: ClientDefaults = ClientDefaults()
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
+    # Where each client's settings were written and which group it is in (config/merge.py);
+    # set by the loader, shown by `check-config --client`.
+    origins: dict[str, dict[str, Origin]] = Field(default_factory=dict, exclude=True)
+    groups_of: dict[str, str | None] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -693,37 +696,3 @@ def cross_problems(config: Config) -> list[tuple[str, str]]:
         for name, client in config.clients.items()
         if client.borg2 and config.server.borg2 is None
     ]
-
-
-def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, problems_from(exc)) from None
-    if problems := cross_problems(config):
-        raise ConfigError(source, problems)
-    return config.model_copy(update={"source": source})
-
-
-def load_config(path: Path) -> Config:
-    """Read and validate a TOML file; every failure is a ConfigError naming the file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, [("", f"not UTF-8: {exc}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [("", f"TOML syntax error: {exc}")]) from None
-    return parse_config(data, source=path)
-
-
-def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> Path:
-    """--config wins over $BORGTUNNEL_CONFIG, which wins over the default path."""
-    if cli_value:
-        return Path(cli_value)
-    if environ.get(CONFIG_ENV):
-        return Path(environ[CONFIG_ENV])
-    return DEFAULT_CONFIG_PATH

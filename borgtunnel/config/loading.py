@@ -114,7 +114,12 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     if cross := cross_problems(config):
         raise ConfigError(source, _rendered(_placed(cross, merged.origins, clients), base))
     return config.model_copy(
-        update={"source": source, "origins": merged.origins, "groups_of": merged.groups_of}
+        update={
+            "source": source,
+            "origins": merged.origins,
+            "groups_of": merged.groups_of,
+            "client_files": {name: entry.file for name, entry in clients.items()},
+        }
     )
 
 

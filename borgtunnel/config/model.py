@@ -528,6 +528,7 @@ class Config(_Model):
     # set by the loader, shown by `check-config --client`.
     origins: dict[str, dict[str, Origin]] = Field(default_factory=dict, exclude=True)
     groups_of: dict[str, str | None] = Field(default_factory=dict, exclude=True)
+    client_files: dict[str, Path | None] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from borgtunnel.config import ConfigError, load_config, parse_config
+from tests import pullkit
+from tests.sshd import SshdServer
 
 TOKEN = "s3cr3t-T0KEN"  # a marker that must never be printed
 
@@ -309,3 +311,39 @@ def test_load_config_reads_groups_from_the_file(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.client("web1").repository == Path("/srv/borg/web1")
     assert config.client_files["web1"] is None  # the main file
+
+
+# --- a real pull of a client whose settings come from its group ---------------------------------
+
+
+@pytest.mark.sshd
+def test_pull_of_a_client_whose_repository_and_paths_come_from_its_group(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    data = pullkit.make_client_data(tmp_path / "data" / "lab1")
+    repo = tmp_path / "repos" / "lab1"
+    pullkit.init_repo(tmp_path, repo)
+    base = pullkit.base_config(tmp_path, sshd)
+    group = {
+        "host": sshd.host,
+        "port": sshd.port,
+        "user": sshd.user,
+        "encryption": "none",
+        "repository": f"{tmp_path}/repos/{{client}}",
+        "paths": [f"{tmp_path}/data/{{client}}"],
+        "remote_socket": f"{sshd.workdir}/rsock/{{client}}.sock",
+    }
+    lines = [
+        f"[{name}]\n" + "".join(f"{k} = {pullkit.toml_value(v)}\n" for k, v in t.items())
+        for name, t in (*base.items(), ("groups.lab", group))
+    ]
+    config = tmp_path / "bt.toml"
+    config.write_text("\n".join(lines) + '\n[clients.lab1]\ngroup = "lab"\n')
+
+    result = pullkit.run_cli(config, "pull", "lab1")
+
+    assert result.returncode == 0, result.stderr
+    (name,) = pullkit.archives(tmp_path, repo)
+    pullkit.extract(tmp_path, repo, name, tmp_path / "restored")
+    pullkit.assert_same_tree(data, tmp_path / "restored")
+    assert not (sshd.workdir / "rsock" / "lab1.sock").exists()

@@ -4,6 +4,7 @@ every merge error named by the key where it was written, and `check-config --cli
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -347,3 +348,24 @@ def test_pull_of_a_client_whose_repository_and_paths_come_from_its_group(
     pullkit.extract(tmp_path, repo, name, tmp_path / "restored")
     pullkit.assert_same_tree(data, tmp_path / "restored")
     assert not (sshd.workdir / "rsock" / "lab1.sock").exists()
+
+
+def test_readme_fleet_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = dict(re.findall(r"```toml\n# example: fleet \(([^)]+)\)\n(.*?)```", readme, re.DOTALL))
+    assert sorted(blocks) == ["borgtunnel.toml", "clients.d/web.toml"], "README fleet example gone"
+    for name, text in blocks.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    config = load_config(tmp_path / "borgtunnel.toml")
+    web1, web2, db1 = (config.client(n) for n in ("web1", "web2", "db1"))
+    assert web1.host == "web1.web.example.org"
+    assert web2.repository == Path("/srv/borg/web2")
+    assert db1.passphrase_file == Path("/etc/borgtunnel/db1.passphrase")
+    assert web1.exclude == ("/home/*/.cache", "/var/www/*/cache")
+    assert db1.exclude == ("/home/*/.cache",)
+    assert (web1.schedule, db1.schedule) == ("0 2 * * *", "0 3 * * *")
+    assert web2.retention is not None
+    assert (web2.retention.keep_daily, web2.retention.keep_monthly) == (7, 6)
+    assert config.max_age_for(db1) == 2 * 86400
+    assert config.client_files["web2"] == tmp_path / "clients.d" / "web.toml"

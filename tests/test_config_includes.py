@@ -131,6 +131,12 @@ def test_a_name_in_the_main_file_and_an_include(tmp_path: Path) -> None:
     ]
 
 
+def test_a_bad_client_name_in_an_included_file(tmp_path: Path, main: Path) -> None:
+    write(tmp_path / "clients.d" / "x.toml", '[clients."-web1"]\nhost = "h"\n')
+    (problem,) = problems_of(main)
+    assert problem.startswith("clients.d/x.toml: clients: client name '-web1' must be 1-64")
+
+
 def test_syntax_error_in_an_included_file(tmp_path: Path, main: Path) -> None:
     write(tmp_path / "clients.d" / "bad.toml", "[clients.web1\n")
     (problem,) = problems_of(main)

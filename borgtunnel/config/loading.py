@@ -23,6 +23,7 @@ from borgtunnel.config.model import (
     ClientConfig,
     Config,
     ConfigError,
+    bad_client_name,
     cross_problems,
     problems_from,
 )
@@ -169,6 +170,9 @@ def _collect(
             problems.append((file, kind, "must be a table of tables"))
             continue
         for name, entry in entries.items():
+            if kind == CLIENTS and (bad := bad_client_name(name)) is not None:
+                problems.append((file, kind, bad))  # Config checks it too, without the file
+                continue
             if name in into:
                 first = into[name].file
                 problems.append(

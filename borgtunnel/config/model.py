@@ -546,11 +546,8 @@ class Config(_Model):
     @classmethod
     def _client_names(cls, value: Any) -> Any:  # noqa: ANN401 - raw input, checked by pydantic next
         for name in value if isinstance(value, Mapping) else ():
-            if not CLIENT_NAME_RE.match(name):
-                raise ValueError(
-                    f"client name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
-                    "and start with a letter or digit"
-                )
+            if (problem := bad_client_name(name)) is not None:
+                raise ValueError(problem)
         return value
 
     def client(self, name: str) -> ClientConfig:
@@ -611,6 +608,16 @@ class Config(_Model):
 
 
 _MASK = "<hidden>"
+
+
+def bad_client_name(name: str) -> str | None:
+    """Why ``name`` cannot be a client name, or None."""
+    if CLIENT_NAME_RE.match(name):
+        return None
+    return (
+        f"client name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
+        "and start with a letter or digit"
+    )
 
 
 def _check_no_nul(value: str) -> None:

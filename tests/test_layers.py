@@ -9,6 +9,7 @@ package has to be placed deliberately.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,11 @@ def test_readme_layout_names_the_layers() -> None:
     layout = readme.split("## Layout", 1)[1]
     for name, _ in LAYERS:
         assert name in layout, f"README Layout does not name the layer {name!r}"
+
+
+def test_every_package_is_installed() -> None:
+    """setuptools lists packages by hand: a new one missing there is absent from the wheel."""
+    listed = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = set(listed["tool"]["setuptools"]["packages"])
+    found = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert found == packages

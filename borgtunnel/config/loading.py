@@ -95,7 +95,8 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         _collect(problems, clients, groups, table, file=included, base=base)
     defaults = data.get(DEFAULTS, {})
     merged = merge_clients(CLIENT_KEYS, Source(defaults), groups, clients)
-    problems.extend(merged.problems)
+    # A value in [defaults] or a group is merged into every member: report its problem once.
+    problems.extend(dict.fromkeys(merged.problems))
     if problems:
         raise ConfigError(source, _rendered(problems, base))
 

@@ -104,6 +104,13 @@ def _backup_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="print nothing when it is valid (systemd's ExecReload= runs this before reloading)",
     )
+    check.add_argument(
+        "--client",
+        metavar="NAME",
+        help="print one client's merged settings and where each came from (built-in, "
+        "[defaults], its group, its own table; and the file)",
+    )
+    check.add_argument("--json", action="store_true", help="with --client: machine-readable output")
 
 
 def _steering_commands(commands: Commands[argparse.ArgumentParser]) -> None:

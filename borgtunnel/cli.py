@@ -29,6 +29,7 @@ from borgtunnel.config import (
     config_path,
     load_config,
 )
+from borgtunnel.config.effective import effective
 from borgtunnel.history import History
 from borgtunnel.maintenance import command as maintenance_command
 from borgtunnel.maintenance.retention import requested_plan
@@ -61,7 +62,14 @@ log = structlog.get_logger("borgtunnel")
 
 
 def _cmd_check_config(args: argparse.Namespace, _path: Path, config: Config) -> int:
-    if not args.quiet:  # valid: load_config raised ConfigError (exit 78) otherwise
+    # Valid: load_config raised ConfigError (exit 78) otherwise.
+    if args.client is not None:
+        merged = effective(config, args.client)
+        if not args.quiet:
+            print(
+                json.dumps(merged.as_json(), indent=2) if args.json else "\n".join(merged.lines())
+            )
+    elif not args.quiet:
         print(json.dumps(config.redacted(), indent=2))
     return EXIT_OK
 

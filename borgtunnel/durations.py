@@ -6,7 +6,7 @@
   (H d w m y, where **m is a month**) — the ``[retention]`` and ``[check]`` tables, so that one
   spelling works in borgtunnel's config and in what is handed to borg.
 
-Kept apart from ``config.py`` so the parsers are unit-tested on their own and other modules
+Kept apart from ``config/`` so the parsers are unit-tested on their own and other modules
 (staleness, status) can format ages the same way.
 """
 

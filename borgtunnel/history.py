@@ -53,7 +53,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
 
-from borgtunnel.server.privatedir import check_private_file, ensure_private_dir
+from borgtunnel.privatedir import check_private_file, ensure_private_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping

@@ -35,7 +35,7 @@ import fcntl
 import os
 from typing import TYPE_CHECKING, Self
 
-from borgtunnel.server.privatedir import ensure_private_dir
+from borgtunnel.privatedir import ensure_private_dir
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -27,7 +27,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from borgtunnel.durations import parse_duration
-from borgtunnel.server.privatedir import ensure_private_dir
+from borgtunnel.privatedir import ensure_private_dir
 
 log = structlog.get_logger("borgtunnel.pauses")
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from borgtunnel.config import CheckSettings, ClientConfig, Config, RetentionSettings, SSHOptions
+from borgtunnel.config import CheckSettings, ClientConfig, Config, RetentionSettings
+from borgtunnel.config.model import SSHOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"

@@ -19,8 +19,8 @@ from borgtunnel.durations import parse_borg_interval
 from borgtunnel.history import SCHEMA_VERSION, History, Operation, RunResult
 from borgtunnel.maintenance import retention
 from borgtunnel.maintenance.run import UNVERIFIED, MaintainOutcome, Step, news_of_unverified
-from borgtunnel.maintenance.sanity import sanity_warning
 from borgtunnel.maintenance.tamper import missing_archives, tamper_report, unverified_message
+from borgtunnel.runs.sanity import sanity_warning
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 

@@ -14,7 +14,7 @@ import pytest
 
 from borgtunnel.history import DB_FILENAME, History
 from borgtunnel.lock import acquire_client_lock
-from borgtunnel.server.privatedir import UnsafeDirectoryError, check_private_dir, ensure_private_dir
+from borgtunnel.privatedir import UnsafeDirectoryError, check_private_dir, ensure_private_dir
 
 OTHER_UID = 54321  # no account has it here
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to another uid")

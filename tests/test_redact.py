@@ -16,11 +16,11 @@ import pytest
 import structlog
 
 from borgtunnel.config import ConfigError, parse_config
+from borgtunnel.config.reporting import import_apprise
 from borgtunnel.history import History
 from borgtunnel.redact import redact_url, remember_url, scrub
 from borgtunnel.reporting import healthchecks
 from borgtunnel.reporting.notify import Dispatcher, Message
-from borgtunnel.reporting.settings import import_apprise
 from tests.reporting_kit import closed_port
 
 # (url, its secrets): each secret must never appear in anything borgtunnel prints or stores.

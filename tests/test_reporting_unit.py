@@ -20,10 +20,10 @@ from borgtunnel.config import Config, ConfigError, load_config, parse_config
 from borgtunnel.durations import format_duration, parse_duration
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.reporting import metrics
-from borgtunnel.reporting.hooks import hook_env, substitute
 from borgtunnel.reporting.notify import apprise_send, open_problems, redact_url
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.reporting.staleness import is_stale
+from borgtunnel.runs.hooks import hook_env, substitute
 from borgtunnel.runs.pull import PullOutcome
 from tests.reporting_kit import closed_port
 
@@ -335,7 +335,7 @@ def test_outcome_summary_of_a_skipped_run_and_exit_code():
 
 
 async def test_a_hook_over_its_timeout_is_killed_with_its_children(tmp_path):
-    from borgtunnel.reporting.hooks import run_hook  # noqa: PLC0415 - only this test
+    from borgtunnel.runs.hooks import run_hook  # noqa: PLC0415 - only this test
 
     marker = tmp_path / "child-survived"
     script = f"sleep 30 & wait; touch {marker}"

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from borgtunnel.scheduling.scheduler import (
+from borgtunnel.config.schedule import (
     BlackoutWindow,
     Schedule,
     blackout_end,

@@ -20,8 +20,8 @@ import pytest
 
 from borgtunnel.config import load_config
 from borgtunnel.lock import acquire_client_lock
+from borgtunnel.privatedir import ensure_private_dir
 from borgtunnel.scheduling.daemon import Daemon
-from borgtunnel.server.privatedir import ensure_private_dir
 from borgtunnel.server.serve import pull_socket
 from borgtunnel.systemd import Notifier
 from tests import pullkit

@@ -42,7 +42,7 @@ component above it, up to ``/``, must be owned by root or the user, and one writ
 or others must be sticky (``/tmp``: the kernel then lets nobody else rename the user's or root's
 entry in it). Symlinks on the way are owner-checked, and the real path (``cd -P``) is checked by
 the same rule. The existing part of the chain is checked before anything is created. This is
-OpenSSH's StrictModes rule except for sticky ancestors (see borgtunnel/server/privatedir.py).
+OpenSSH's StrictModes rule except for sticky ancestors (see borgtunnel/privatedir.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ holds the repositories and the passphrases.
 
 * ``durations`` / ``retention``: pure parsing, argv builders and "is it due" rules.
 * ``tamper``: pure comparison of the repository's archives with the ones the history expects.
-* ``sanity``: pure judgement of a new archive (0 files, a large drop).
-* ``localborg``: the one place that executes the server-local borg for these operations.
+* ``server.localborg`` is the one place that executes the server-local borg for these operations.
 * ``run``: a maintenance run under the client lock, recorded in the history.
 """

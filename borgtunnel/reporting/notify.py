@@ -31,10 +31,10 @@ from typing import Final
 
 import structlog
 
+from borgtunnel.config.reporting import EventKind, NotifySettings, import_apprise
 from borgtunnel.history import History, SentNotification
 from borgtunnel.redact import redact_url, scrub
 from borgtunnel.reporting.background import call_in_thread
-from borgtunnel.reporting.settings import EventKind, NotifySettings, import_apprise
 from borgtunnel.reporting.staleness import age_text
 from borgtunnel.text import printable
 

@@ -31,10 +31,10 @@ from typing import Any, ParamSpec, TypeVar
 import structlog
 
 from borgtunnel.config import ClientConfig, Config
+from borgtunnel.config.reporting import parse_listen
 from borgtunnel.history import History, RunResult
 from borgtunnel.reporting import healthchecks, metrics
 from borgtunnel.reporting.notify import Dispatcher, Sender, apprise_send, compose
-from borgtunnel.reporting.settings import parse_listen
 from borgtunnel.reporting.staleness import is_stale
 from borgtunnel.runs.pull import PullOutcome
 

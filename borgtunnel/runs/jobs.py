@@ -16,9 +16,9 @@ import structlog
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import History, RunResult, RunStats
 from borgtunnel.lock import ClientBusy, client_lock
-from borgtunnel.maintenance.sanity import sanity_warning
-from borgtunnel.reporting import hooks
+from borgtunnel.runs import hooks
 from borgtunnel.runs.pull import ProgressCallback, PullOutcome, State, pull
+from borgtunnel.runs.sanity import sanity_warning
 
 log = structlog.get_logger("borgtunnel.runs.jobs")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from borgtunnel import borg
 from borgtunnel import borg2 as borg2_argv
+from borgtunnel.privatedir import ensure_private_dir
 from borgtunnel.server.localborg import run_local_borg
-from borgtunnel.server.privatedir import ensure_private_dir
 
 
 class KeyGuardError(Exception):

@@ -107,7 +107,7 @@ class PullOutcome:
     # borgtunnel itself failed (a bug): exit 70, never read as "warnings only".
     internal_error: bool = False
     # Set after verification when the archive looks wrong (0 files, a large drop): the daemon
-    # then does not prune after it (borgtunnel/maintenance/sanity.py).
+    # then does not prune after it (borgtunnel/runs/sanity.py).
     suspicious: str | None = None
     # A `before` hook stopped the run (failed, or exit 75 for skipped): no pull was attempted.
     hook_failed: bool = False

@@ -11,10 +11,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 
-from borgtunnel.config import ClientConfig
+from borgtunnel.config import ClientConfig, schedule
 from borgtunnel.history import RunResult
 from borgtunnel.runs.pull import PullOutcome
-from borgtunnel.scheduling import scheduler
 
 # Backoff doubles per attempt; without a cap, retries=10 with retry_wait=60 would wait 17 hours
 # before the last attempt, long after the next scheduled run. A retry_wait above the cap wins.
@@ -35,10 +34,10 @@ def next_client_run(
     """
     if client.schedule is None:
         return None
-    return scheduler.next_run(
-        scheduler.parse_schedule(client.schedule, tz=zone),
+    return schedule.next_run(
+        schedule.parse_schedule(client.schedule, tz=zone),
         after,
-        blackout=[scheduler.parse_blackout(spec) for spec in client.blackout],
+        blackout=[schedule.parse_blackout(spec) for spec in client.blackout],
         jitter_seconds=client.jitter if jitter else 0,
         rand=rand,
     )

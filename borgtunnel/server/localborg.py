@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from borgtunnel import borg, borgexit
-from borgtunnel.server.privatedir import ensure_private_dir
+from borgtunnel.privatedir import ensure_private_dir
 
 LineCallback = Callable[[borg.LogLine], None]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from borgtunnel.server.privatedir import check_private_dir, ensure_private_dir
+from borgtunnel.privatedir import check_private_dir, ensure_private_dir
 from borgtunnel.server.rpcfilter import REFUSED_PREFIX
 
 __all__ = [

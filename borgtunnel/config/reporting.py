@@ -1,8 +1,8 @@
 """Configuration models of the reporting features: ``[notify]``, ``[metrics]``, ``[defaults]`` and
 the per-client keys (``max_age``, ``notify``, ``healthchecks``, hooks).
 
-They live here rather than in ``config.py`` so that file only gains the fields that point at them.
-Validation follows ``config.py``: unknown keys are errors and messages name what is wrong.
+They live in their own module so ``model.py`` only gains the fields that point at them.
+Validation follows ``model.py``: unknown keys are errors and messages name what is wrong.
 """
 
 from __future__ import annotations

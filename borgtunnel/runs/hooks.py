@@ -34,8 +34,8 @@ from typing import Final
 import structlog
 
 from borgtunnel.config import ClientConfig, Config
+from borgtunnel.config.reporting import _PLACEHOLDER
 from borgtunnel.history import RunResult
-from borgtunnel.reporting.settings import _PLACEHOLDER
 from borgtunnel.runs.pull import PullOutcome
 
 log = structlog.get_logger("borgtunnel.hooks")

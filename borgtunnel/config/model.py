@@ -8,10 +8,8 @@ greps for in a file with hundreds of clients.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, tzinfo
 from pathlib import Path
@@ -28,9 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from borgtunnel.durations import parse_borg_interval
-from borgtunnel.redact import remember_url
-from borgtunnel.reporting.settings import (
+from borgtunnel.config.merge import Origin
+from borgtunnel.config.reporting import (
     ClientDefaults,
     Duration,
     Hooks,
@@ -40,7 +37,14 @@ from borgtunnel.reporting.settings import (
     check_apprise_urls,
     check_hooks,
 )
-from borgtunnel.scheduling import scheduler
+from borgtunnel.config.schedule import (
+    parse_blackout,
+    parse_schedule,
+    system_zone,
+    validate_blackouts,
+)
+from borgtunnel.durations import parse_borg_interval
+from borgtunnel.redact import remember_url
 from borgtunnel.text import option_like
 
 DEFAULT_CONFIG_PATH = Path("/etc/borgtunnel/borgtunnel.toml")
@@ -362,13 +366,13 @@ class ClientConfig(_Model):
     @classmethod
     def _schedule_valid(cls, value: str | None) -> str | None:
         if value is not None:
-            scheduler.parse_schedule(value, tz=UTC)
+            parse_schedule(value, tz=UTC)
         return value
 
     @field_validator("blackout")
     @classmethod
     def _blackout_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        scheduler.validate_blackouts([scheduler.parse_blackout(spec) for spec in value])
+        validate_blackouts([parse_blackout(spec) for spec in value])
         return value
 
     @field_validator("storage_quota")
@@ -506,7 +510,7 @@ class DaemonSettings(_Model):
         return value
 
     def zone(self) -> tzinfo:
-        return ZoneInfo(self.timezone) if self.timezone else scheduler.system_zone()
+        return ZoneInfo(self.timezone) if self.timezone else system_zone()
 
 
 class Config(_Model):
@@ -520,6 +524,11 @@ class Config(_Model):
     defaults: ClientDefaults = ClientDefaults()
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
+    # Where each client's settings were written and which group it is in (config/merge.py);
+    # set by the loader, shown by `check-config --client`.
+    origins: dict[str, dict[str, Origin]] = Field(default_factory=dict, exclude=True)
+    groups_of: dict[str, str | None] = Field(default_factory=dict, exclude=True)
+    client_files: dict[str, Path | None] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -537,11 +546,8 @@ class Config(_Model):
     @classmethod
     def _client_names(cls, value: Any) -> Any:  # noqa: ANN401 - raw input, checked by pydantic next
         for name in value if isinstance(value, Mapping) else ():
-            if not CLIENT_NAME_RE.match(name):
-                raise ValueError(
-                    f"client name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
-                    "and start with a letter or digit"
-                )
+            if (problem := bad_client_name(name)) is not None:
+                raise ValueError(problem)
         return value
 
     def client(self, name: str) -> ClientConfig:
@@ -602,6 +608,16 @@ class Config(_Model):
 
 
 _MASK = "<hidden>"
+
+
+def bad_client_name(name: str) -> str | None:
+    """Why ``name`` cannot be a client name, or None."""
+    if CLIENT_NAME_RE.match(name):
+        return None
+    return (
+        f"client name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
+        "and start with a letter or digit"
+    )
 
 
 def _check_no_nul(value: str) -> None:
@@ -688,37 +704,3 @@ def cross_problems(config: Config) -> list[tuple[str, str]]:
         for name, client in config.clients.items()
         if client.borg2 and config.server.borg2 is None
     ]
-
-
-def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, problems_from(exc)) from None
-    if problems := cross_problems(config):
-        raise ConfigError(source, problems)
-    return config.model_copy(update={"source": source})
-
-
-def load_config(path: Path) -> Config:
-    """Read and validate a TOML file; every failure is a ConfigError naming the file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(path, [("", f"cannot read: {exc.strerror or exc}")]) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, [("", f"not UTF-8: {exc}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [("", f"TOML syntax error: {exc}")]) from None
-    return parse_config(data, source=path)
-
-
-def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> Path:
-    """--config wins over $BORGTUNNEL_CONFIG, which wins over the default path."""
-    if cli_value:
-        return Path(cli_value)
-    if environ.get(CONFIG_ENV):
-        return Path(environ[CONFIG_ENV])
-    return DEFAULT_CONFIG_PATH

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from borgtunnel.config import Config
 from borgtunnel.history import History, RunRecord, RunResult
+from borgtunnel.scheduling.catchup import first_slot
 
 # Every result a finished run can have: `last_result` exports each as 0/1 so alerts can match.
 RESULTS: Final = tuple(r for r in RunResult if r is not RunResult.RUNNING)
@@ -44,11 +45,15 @@ class ClientMetrics:
     runs: dict[RunResult, int] = field(default_factory=dict)
     max_age: float | None = None
     running: bool = False
+    # Never backed up: not stale before this (Unix seconds) plus max_age; see staleness.is_stale.
+    first_slot: float | None = None
 
     def stale(self, now: float) -> bool:
         if self.max_age is None:
             return False
-        return self.last_success is None or now - self.last_success > self.max_age
+        if self.last_success is None:
+            return self.first_slot is None or now - self.first_slot > self.max_age
+        return now - self.last_success > self.max_age
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ def build_snapshot(
 ) -> Snapshot:
     counts = history.result_counts()
     clients = []
+    zone = config.daemon.zone()
     for name, client in config.clients.items():
         success = history.last_success(name)
+        first = None if success else first_slot(client, zone, history.first_seen(name))
         last = _newest_finished(history.last_runs(name, _SCAN_ROWS))
         took = None
         if last is not None and last.finished is not None:
@@ -92,6 +99,7 @@ def build_snapshot(
                 runs={r: n for (c, r), n in counts.items() if c == name},
                 max_age=config.max_age_for(client),
                 running=name in running,
+                first_slot=first.timestamp() if first else None,
             )
         )
     return Snapshot(tuple(clients), queue_length, running_pulls)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from borgtunnel.config import ConfigError, load_config
+from borgtunnel.config import ConfigError, load_config, parse_config
 from borgtunnel.history import History, RunResult
 from borgtunnel.reporting import metrics
 from borgtunnel.reporting.notify import Message, digest
@@ -214,3 +216,21 @@ async def test_a_failure_then_a_recovery_send_one_message_each(tmp_path, receive
         await reporter.aclose(5)
     assert kinds(receiver.titles()) == ["failure", "recovery"]
     assert [m["type"] for m in receiver.messages()] == ["failure", "success"]
+
+
+# --- the documentation's example ------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "catch-up-and-alerts.md"
+
+
+def test_the_documented_example_loads_with_the_values_it_describes():
+    match = re.search(
+        r"```toml\n# example: catch-up and alerts[^\n]*\n(.*?)```", DOC.read_text(), re.DOTALL
+    )
+    assert match, "the example block is gone from docs/catch-up-and-alerts.md"
+    config = parse_config(tomllib.loads(match.group(1)))
+    assert config.notify.digest_window == 60
+    assert config.clients["web1"].catch_up is True
+    assert config.clients["laptop"].catch_up is False
+    assert config.daemon.max_parallel == 4
+    assert config.max_age_for(config.clients["web1"]) == 36 * 3600

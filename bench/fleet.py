@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def write_fleet(root: Path, clients: int, urls: list[str], window: str) -> Path:
             "port = 9",
             f'repository = "/srv/borg/c{n:04d}"',
             'paths = ["/etc"]',
+            'encryption = "none"',
             f'schedule = "{schedule}"',
             'max_age = "1h"',
             "retries = 0",
@@ -114,9 +116,16 @@ def _events(log: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _wait(predicate: Any, within: float, what: str) -> float:
+def _wait(
+    predicate: Callable[[], bool],
+    within: float,
+    what: str,
+    process: subprocess.Popen[bytes],
+) -> float:
     started = time.monotonic()
     while not predicate():
+        if process.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({process.returncode}) before {what}")
         if time.monotonic() - started > within:
             raise RuntimeError(f"timed out after {within} s waiting for {what}")
         time.sleep(0.05)
@@ -138,13 +147,21 @@ def measure(args: argparse.Namespace, root: Path, receivers: list[Receiver]) -> 
         )
     try:
         ready = _wait(
-            lambda: any(e["event"] == "daemon_ready" for e in _events(log)), 120, "daemon_ready"
+            lambda: any(e["event"] == "daemon_ready" for e in _events(log)),
+            120,
+            "daemon_ready",
+            daemon,
         )
-        _wait(lambda: all(r.messages() for r in receivers), 120, "the digests")
+        _wait(lambda: all(r.messages() for r in receivers), 120, "the digests", daemon)
         digests_after = time.monotonic() - started
         rss = _rss_mb(daemon.pid)
         # The every-minute client's next slot: the pull must start within a second of it.
-        _wait(lambda: any(e["event"] == "run_starting" for e in _events(log)), 75, "a due pull")
+        _wait(
+            lambda: any(e["event"] == "run_starting" for e in _events(log)),
+            75,
+            "a due pull",
+            daemon,
+        )
         _wait(
             lambda: any(
                 e["event"] == "run_finished" or e["event"] == "client_unreachable"
@@ -152,6 +169,7 @@ def measure(args: argparse.Namespace, root: Path, receivers: list[Receiver]) -> 
             ),
             30,
             "the pull's end",
+            daemon,
         )
         time.sleep(1)
         cpu_before = _cpu_seconds(daemon.pid)
@@ -177,6 +195,8 @@ def measure(args: argparse.Namespace, root: Path, receivers: list[Receiver]) -> 
             sum(line.startswith("- ") for line in r.messages()[0]["message"].splitlines())
             for r in receivers
         ],
+        "digest_titles": [r.messages()[0]["title"] for r in receivers],
+        "daemon_ready": ready_line,
         "ready_s": round(ready, 2),
         "digests_after_s": round(digests_after, 2),
         "rss_mb": round(rss, 1),
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| clients | {result['clients']} | |")
     print(f"| messages per URL, all stale at once | {result['messages_per_url']} | 1 each |")
     print(f"| clients listed in each digest | {result['digest_lines']} | all |")
+    print(f"| digest title | {result['digest_titles'][0]} | |")
     print(f"| daemon RSS after the digests | {result['rss_mb']} MB | <= 100 MB |")
     print(f"| CPU while idle ({result['idle_s']:g} s) | {result['idle_cpu_s']} s | ~0 |")
     print(f"| due pull started after its slot | {result['start_late_s']} s | <= 1 s |")

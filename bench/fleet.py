@@ -191,6 +191,10 @@ def measure(args: argparse.Namespace, root: Path, receivers: list[Receiver]) -> 
     return {
         "clients": args.clients,
         "messages_per_url": [len(r.messages()) for r in receivers],
+        # The every-minute client's failure at its slot is a message of its own, later.
+        "stale_messages_per_url": [
+            sum("stale" in title for title in r.titles()) for r in receivers
+        ],
         "digest_lines": [
             sum(line.startswith("- ") for line in r.messages()[0]["message"].splitlines())
             for r in receivers
@@ -224,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| measure | value | target |")
     print("|---|---|---|")
     print(f"| clients | {result['clients']} | |")
-    print(f"| messages per URL, all stale at once | {result['messages_per_url']} | 1 each |")
+    print(
+        f"| stale messages per URL, all stale at once | {result['stale_messages_per_url']} "
+        "| 1 each |"
+    )
+    print(f"| messages per URL in all | {result['messages_per_url']} | |")
     print(f"| clients listed in each digest | {result['digest_lines']} | all |")
     print(f"| digest title | {result['digest_titles'][0]} | |")
     print(f"| daemon RSS after the digests | {result['rss_mb']} MB | <= 100 MB |")

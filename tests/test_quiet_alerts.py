@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from borgtunnel.config import ConfigError, load_config, parse_config
 from borgtunnel.history import History, RunResult
 from borgtunnel.reporting import metrics
-from borgtunnel.reporting.notify import Message, digest
+from borgtunnel.reporting.notify import Decided, Message, digest, per_url
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.reporting.status import client_status
 from borgtunnel.scheduling.daemon import Daemon
@@ -67,6 +67,19 @@ def test_a_digest_counts_by_kind_lists_each_client_and_takes_the_worst_colour():
         "  error: refused",
         "- c has no recent backup",
     ]
+
+
+def test_each_url_gets_its_own_messages_only_and_a_single_one_unchanged():
+    a = Message("a", "stale", "borgtunnel: a has no recent backup", "client: a")
+    b = Message("b", "failure", "borgtunnel: backup of b FAILED", "client: b")
+    batch = [
+        Decided(1, a, ("json://shared", "json://a-only")),
+        Decided(2, b, ("json://shared",)),
+    ]
+    sent = per_url(batch)
+    assert sent["json://a-only"] == a  # one message: as it is, not a digest of one
+    assert sent["json://shared"].title == "borgtunnel: 2 changes: 1 stale, 1 failed"
+    assert set(sent) == {"json://shared", "json://a-only"}
 
 
 @pytest.mark.parametrize("value", ['"-1s"', "3601", '"soon"', "true"])

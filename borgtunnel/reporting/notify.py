@@ -139,7 +139,7 @@ async def apprise_send(
 
 
 @dataclass(frozen=True)
-class _Decided:
+class Decided:
     """A recorded (``pending``) message and the URLs it goes to."""
 
     note_id: int
@@ -161,7 +161,7 @@ def digest(messages: Sequence[Message]) -> Message:
     return Message("", worst, f"borgtunnel: {len(messages)} changes: {said}", "\n".join(lines))
 
 
-def per_url(batch: Sequence[_Decided]) -> dict[str, Message]:
+def per_url(batch: Sequence[Decided]) -> dict[str, Message]:
     """What each URL gets: its one message, or a digest of all of them (in decided order)."""
     found: dict[str, list[Message]] = {}
     for decided in batch:
@@ -191,7 +191,7 @@ class Dispatcher:
         self._urls_for = urls_for
         self._sender = sender
         self._tasks: set[asyncio.Task[None]] = set()
-        self._waiting: list[_Decided] = []
+        self._waiting: list[Decided] = []
         self._flush_timer: asyncio.TimerHandle | None = None
 
     def open_problems(self, client: str) -> set[str]:
@@ -224,7 +224,7 @@ class Dispatcher:
 
     def _start(self, note_id: int, message: Message, urls: tuple[str, ...]) -> None:
         """Deliver now (no window) or with whatever else is decided within the digest window."""
-        self._waiting.append(_Decided(note_id, message, urls))
+        self._waiting.append(Decided(note_id, message, urls))
         if self.settings.digest_window <= 0:
             self.flush()
         elif self._flush_timer is None:
@@ -246,7 +246,7 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, batch: list[_Decided]) -> None:
+    async def _deliver(self, batch: list[Decided]) -> None:
         by_url = per_url(batch)
         errors: dict[str, str] = {}
         attempts = 0

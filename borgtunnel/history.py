@@ -173,6 +173,16 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX notifications_by_client ON notifications (client, id DESC)",
         "CREATE INDEX notifications_pending ON notifications (state) WHERE state = 'pending'",
     ),
+    # 4 -> 5: when the daemon first saw each client, so a client that was never backed up is
+    # not stale before its first slot, and a slot missed before its first run is caught up.
+    (
+        """
+        CREATE TABLE clients_seen (
+            client     TEXT PRIMARY KEY,
+            first_seen TEXT NOT NULL
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -799,6 +809,26 @@ class History:
             "SELECT * FROM notifications WHERE state = 'pending' ORDER BY id"
         ).fetchall()
         return [_notification(row) for row in rows]
+
+    # --- clients ---------------------------------------------------------------------
+
+    def record_first_seen(self, clients: Iterable[str], when: datetime) -> None:
+        """Remember ``when`` as the first sighting of each client not seen before."""
+        with _write(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO clients_seen (client, first_seen) VALUES (?, ?)",
+                [(client, _utc_text(when)) for client in clients],
+            )
+
+    def first_seen(self, client: str) -> datetime | None:
+        """The earlier of the client's first sighting by a daemon and its first recorded run;
+        None when neither exists (no daemon ever ran with it and it never ran)."""
+        row = self._conn.execute(
+            "SELECT min(seen) FROM (SELECT first_seen AS seen FROM clients_seen WHERE client = ?"
+            " UNION ALL SELECT min(started) FROM runs WHERE client = ?)",
+            (client, client),
+        ).fetchone()
+        return _from_utc_text(row[0]) if row is not None and row[0] is not None else None
 
     def clients(self) -> list[str]:
         """Every client that has at least one recorded run, sorted."""

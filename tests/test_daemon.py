@@ -189,8 +189,11 @@ async def test_shutdown_trigger_stops_serve(tmp_path):
 
 
 async def test_offline_client_is_retried_with_backoff_then_waits_for_its_next_run(tmp_path):
-    """Real pulls against a port nobody listens on: a connection failure in state CONNECTING."""
-    client = offline_client(tmp_path / "repo", schedule="0 2 * * *", retries=2, retry_wait=0.2)
+    """Real pulls against a port nobody listens on: a connection failure in state CONNECTING.
+    With ``catch_up = false`` the client then waits for its next slot (no probing)."""
+    client = offline_client(
+        tmp_path / "repo", schedule="0 2 * * *", retries=2, retry_wait=0.2, catch_up=False
+    )
     config = config_with(tmp_path, {"web1": client})
     daemon = daemon_firing_in(config, 0.5)
     state_dir = config.server.state_dir

@@ -175,7 +175,9 @@ def recorded(history: History, result: RunResult, started: datetime | None = Non
 
 
 async def test_failure_once_per_streak_recovery_once_and_retries_not_reported(tmp_path):
-    config = config_for(tmp_path, notify={"urls": ["json://127.0.0.1:1/x"], "retries": 0})
+    config = config_for(
+        tmp_path, notify={"urls": ["json://127.0.0.1:1/x"], "retries": 0, "digest_window": 0}
+    )
     web1 = config.clients["web1"]
     sender = FakeSender()
     with History.open(config.server.state_dir) as history:
@@ -368,9 +370,14 @@ async def test_daemon_run_is_not_held_up_by_a_hanging_notifier(tmp_path):
     path = write_config(
         tmp_path / "bt.toml",
         tmp_path,
-        clients={"web1": offline_client(tmp_path / "r", schedule="0 2 * * *", retries=0)},
+        clients={
+            "web1": offline_client(tmp_path / "r", schedule="0 2 * * *", retries=0, catch_up=False)
+        },
     )
-    path.write_text(path.read_text() + '[notify]\nurls = ["json://127.0.0.1:1/x"]\ntimeout = 2\n')
+    path.write_text(
+        path.read_text()
+        + '[notify]\nurls = ["json://127.0.0.1:1/x"]\ntimeout = 2\ndigest_window = 0\n'
+    )
     config = load_config(path)
     sender = FakeSender("hang")
     daemon = Daemon(
@@ -426,11 +433,15 @@ async def test_daemon_notifies_a_failure_only_after_its_retries(tmp_path):
         write_config,
     )
 
-    client = offline_client(tmp_path / "r", schedule="0 2 * * *", retries=1, retry_wait=0.5)
+    client = offline_client(
+        tmp_path / "r", schedule="0 2 * * *", retries=1, retry_wait=0.5, catch_up=False
+    )
     path = write_config(tmp_path / "bt.toml", tmp_path, clients={"web1": client})
     # write_config's trust files are real and empty: the connection itself is refused (port 9),
     # a retryable failure.
-    path.write_text(path.read_text() + '[notify]\nurls = ["json://127.0.0.1:1/x"]\n')
+    path.write_text(
+        path.read_text() + '[notify]\nurls = ["json://127.0.0.1:1/x"]\ndigest_window = 0\n'
+    )
     config = load_config(path)
     sender = FakeSender()
     daemon = Daemon(

@@ -281,9 +281,11 @@ def test_install_puts_the_command_where_the_units_run_it(installed: nspawn.Conta
 
 def test_without_the_drop_in_the_repositories_are_read_only(installed: nspawn.Container) -> None:
     """docs/install.md's drop-in is what makes a repository outside /srv/borg writable: the same
-    pull@ unit without it fails on the read-only file system."""
+    pull@ unit without it fails on the read-only file system. The daemon is stopped first: while
+    it runs, pull@ hands the pull to it (docs/control.md), and the daemon has its own drop-in."""
     box = installed
     drop_in = "/etc/systemd/system/borgtunnel-pull@.service.d/repositories.conf"
+    box.run("systemctl stop borgtunnel", timeout=180)
     box.run(f"mv {drop_in} /tmp/bt-drop-in && systemctl daemon-reload")
     try:
         assert REPOS not in unit_property(box, "borgtunnel-pull@db1.service", "ReadWritePaths")
@@ -294,6 +296,7 @@ def test_without_the_drop_in_the_repositories_are_read_only(installed: nspawn.Co
         assert "read-only file system" in journal(box).lower(), journal(box)
     finally:
         box.run(f"mv /tmp/bt-drop-in {drop_in} && systemctl daemon-reload")
+        box.run("systemctl start borgtunnel", timeout=180)
 
 
 # --- the daemon --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -280,6 +281,10 @@ class ClientConfig(_Model):
     # second) and without any repository traffic: a hung mount, a stopped client.
     stall_timeout: PositiveSeconds = 1800.0
     blackout: tuple[str, ...] = ()
+    # A slot that passed while the daemon was down (or the client unreachable) is pulled once at
+    # daemon start / when the client answers again; false: wait for the next slot
+    # (borgtunnel/scheduling/catchup.py, docs/catch-up-and-alerts.md). A plain true/false only.
+    catch_up: StrictBool = True
     # Passed to `borg serve --storage-quota`: one client cannot fill the disk every repository
     # shares. borg's size syntax: a number with an optional K, M, G, T or P suffix.
     storage_quota: str | None = None

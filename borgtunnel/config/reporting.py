@@ -32,6 +32,16 @@ def _duration(value: Any) -> Any:  # noqa: ANN401 - raw TOML value, pydantic che
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]
+
+
+def _window(value: Any) -> Any:  # noqa: ANN401 - raw TOML value, pydantic checks the result
+    """A duration, or 0 (and "0") for "no window": parse_duration refuses zero on purpose."""
+    if value in (0, "0") and not isinstance(value, bool):
+        return 0.0
+    return _duration(value)
+
+
+DigestWindow = Annotated[float, BeforeValidator(_window), Field(ge=0, le=3600)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
@@ -133,6 +143,9 @@ class NotifySettings(_Model):
     timeout: PositiveSeconds = 10.0
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     retry_wait: PositiveSeconds = 30.0
+    # Messages decided within this long of the first one are sent together: one message per URL
+    # (a digest when there is more than one). 0 sends each at once. At most an hour.
+    digest_window: DigestWindow = 30.0
 
     @field_validator("urls")
     @classmethod

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from borgtunnel.config import Config
 from borgtunnel.history import History, RunRecord, RunResult
 from borgtunnel.pauses import active_pauses
+from borgtunnel.scheduling.catchup import first_slot
 
 # Every result a finished run can have: `last_result` exports each as 0/1 so alerts can match.
 RESULTS: Final = tuple(r for r in RunResult if r is not RunResult.RUNNING)
@@ -46,6 +47,8 @@ class ClientMetrics:
     runs: dict[RunResult, int] = field(default_factory=dict)
     max_age: float | None = None
     running: bool = False
+    # Never backed up: not stale before this (Unix seconds) plus max_age; see staleness.is_stale.
+    first_slot: float | None = None
     # `borgtunnel pause`: paused at snapshot time, until this Unix time (None: until resumed).
     paused: bool = False
     paused_until: float | None = None
@@ -56,7 +59,9 @@ class ClientMetrics:
     def stale(self, now: float) -> bool:
         if self.max_age is None:
             return False
-        return self.last_success is None or now - self.last_success > self.max_age
+        if self.last_success is None:
+            return self.first_slot is None or now - self.first_slot > self.max_age
+        return now - self.last_success > self.max_age
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,10 @@ def build_snapshot(
     counts = history.result_counts()
     pauses = active_pauses(config.server.state_dir, datetime.now(UTC))
     clients = []
+    zone = config.daemon.zone()
     for name, client in config.clients.items():
         success = history.last_success(name)
+        first = None if success else first_slot(client, zone, history.first_seen(name))
         last = _newest_finished(history.last_runs(name, _SCAN_ROWS))
         took = None
         if last is not None and last.finished is not None:
@@ -103,6 +110,7 @@ def build_snapshot(
                 running=name in running,
                 paused=name in pauses,
                 paused_until=_timestamp(pauses[name].until) if name in pauses else None,
+                first_slot=first.timestamp() if first else None,
             )
         )
     return Snapshot(tuple(clients), queue_length, running_pulls)

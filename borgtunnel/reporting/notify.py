@@ -49,6 +49,16 @@ _NOTIFY_TYPE: Final = {
     "test": "info",
 }
 PROBLEMS: Final = frozenset({"failure", "stale", "tampering"})
+# A digest's title counts its messages by kind; its colour is the worst kind's.
+_DIGEST_WORDS: Final = {
+    "failure": "failed",
+    "tampering": "TAMPERING",
+    "stale": "stale",
+    "recovery": "recovered",
+}
+_SEVERITY: Final = ("tampering", "failure", "stale", "recovery")
+# The body lines a digest keeps for each message (the client is in its title).
+_DETAIL: Final = ("error: ", "last good backup: ")
 
 # (url, title, body, notify type, timeout) -> None when delivered, else the reason.
 Sender = Callable[[str, str, str, str, float], Awaitable[str | None]]
@@ -128,6 +138,38 @@ async def apprise_send(
         return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass(frozen=True)
+class Decided:
+    """A recorded (``pending``) message and the URLs it goes to."""
+
+    note_id: int
+    message: Message
+    urls: tuple[str, ...]
+
+
+def digest(messages: Sequence[Message]) -> Message:
+    """One message standing for several: a title counting them by kind, a line for each."""
+    counts: dict[str, int] = {}
+    for message in messages:
+        counts[message.kind] = counts.get(message.kind, 0) + 1
+    said = ", ".join(f"{count} {_DIGEST_WORDS.get(kind, kind)}" for kind, count in counts.items())
+    lines = []
+    for message in messages:
+        lines.append(f"- {message.title.removeprefix('borgtunnel: ')}")
+        lines.extend(f"  {line}" for line in message.body.splitlines() if line.startswith(_DETAIL))
+    worst = next((k for k in _SEVERITY if k in counts), "digest")
+    return Message("", worst, f"borgtunnel: {len(messages)} changes: {said}", "\n".join(lines))
+
+
+def per_url(batch: Sequence[Decided]) -> dict[str, Message]:
+    """What each URL gets: its one message, or a digest of all of them (in decided order)."""
+    found: dict[str, list[Message]] = {}
+    for decided in batch:
+        for url in decided.urls:
+            found.setdefault(url, []).append(decided.message)
+    return {url: ms[0] if len(ms) == 1 else digest(ms) for url, ms in found.items()}
+
+
 def _shown(url: str, urls: tuple[str, ...]) -> str:
     """``#2 tgram://…``: its place in the client's list ([notify] urls, then its own)."""
     return redact_url(url, urls.index(url) + 1)
@@ -149,6 +191,8 @@ class Dispatcher:
         self._urls_for = urls_for
         self._sender = sender
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: list[Decided] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def open_problems(self, client: str) -> set[str]:
         return open_problems(self._history.notifications(client, 200))
@@ -162,7 +206,7 @@ class Dispatcher:
         if message.kind not in self.settings.on or not urls:
             self._history.finish_notification(note_id, "muted", attempts=0)
             return
-        log.info("notification_queued", client=message.client, kind=message.kind, id=note_id)
+        log.debug("notification_queued", client=message.client, kind=message.kind, id=note_id)
         self._start(note_id, message, urls)
 
     def resume_pending(self) -> int:
@@ -172,36 +216,56 @@ class Dispatcher:
             message = Message(note.client, note.kind, note.title, note.body)
             urls = self._urls_for(note.client)
             if urls:
-                log.info("notification_resumed", client=note.client, kind=note.kind, id=note.id)
+                log.debug("notification_resumed", client=note.client, kind=note.kind, id=note.id)
                 self._start(note.id, message, urls)
             else:
                 self._history.finish_notification(note.id, "muted", attempts=0)
         return len(pending)
 
     def _start(self, note_id: int, message: Message, urls: tuple[str, ...]) -> None:
+        """Deliver now (no window) or with whatever else is decided within the digest window."""
+        self._waiting.append(Decided(note_id, message, urls))
+        if self.settings.digest_window <= 0:
+            self.flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                self.settings.digest_window, self.flush
+            )
+
+    def flush(self) -> None:
+        """Send what waits for the digest window now: one message per URL."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            return
         task = asyncio.get_running_loop().create_task(
-            self._deliver(note_id, message, urls), name=f"notify {message.client} {message.kind}"
+            self._deliver(batch), name=f"notify {len(batch)} message(s)"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, note_id: int, message: Message, urls: tuple[str, ...]) -> None:
+    async def _deliver(self, batch: list[Decided]) -> None:
+        by_url = per_url(batch)
         errors: dict[str, str] = {}
         attempts = 0
         try:
-            left = list(urls)
+            if len(batch) > 1:
+                log.info("notification_digest", messages=len(batch), urls=len(by_url))
+            left = list(by_url)
             for attempt in range(self.settings.retries + 1):
                 if attempt:
                     await asyncio.sleep(self.settings.retry_wait)
                 attempts = attempt + 1
-                results = await asyncio.gather(*(self._send_one(url, message) for url in left))
+                results = await asyncio.gather(*(self._send_one(u, by_url[u]) for u in left))
+                # Only the URLs tried this time: one that took an earlier attempt is done.
                 errors = {url: err for url, err in zip(left, results, strict=True) if err}
                 for url, err in errors.items():
                     log.warning(
                         "notification_failed",
-                        client=message.client,
-                        kind=message.kind,
-                        url=_shown(url, urls),
+                        url=_shown(url, next(d.urls for d in batch if url in d.urls)),
+                        messages=len(batch),
                         attempt=attempts,
                         attempts=self.settings.retries + 1,
                         error=err,
@@ -209,18 +273,27 @@ class Dispatcher:
                 left = list(errors)
                 if not left:
                     break
-            self._history.finish_notification(
-                note_id,
-                "failed" if errors else "sent",
-                attempts=attempts,
-                error="; ".join(f"{_shown(u, urls)}: {e}" for u, e in errors.items()) or None,
-            )
+            for decided in batch:
+                failed = {u: errors[u] for u in decided.urls if u in errors}
+                self._history.finish_notification(
+                    decided.note_id,
+                    "failed" if failed else "sent",
+                    attempts=attempts,
+                    error="; ".join(f"{_shown(u, decided.urls)}: {e}" for u, e in failed.items())
+                    or None,
+                )
+                log.debug(
+                    "notification_sent" if not failed else "notification_not_sent",
+                    client=decided.message.client,
+                    kind=decided.message.kind,
+                    id=decided.note_id,
+                )
             if not errors:
-                log.info("notification_sent", client=message.client, kind=message.kind, id=note_id)
+                log.info("notifications_sent", messages=len(batch), urls=len(by_url))
         except asyncio.CancelledError:
             raise  # left 'pending': the next daemon start sends it
         except Exception:  # a bug here must not escape into the event loop's task handler
-            log.exception("notification_crashed", client=message.client, kind=message.kind)
+            log.exception("notification_crashed", messages=len(batch))
 
     async def _send_one(self, url: str, message: Message) -> str | None:
         notify_type = _NOTIFY_TYPE.get(message.kind, "info")
@@ -234,7 +307,9 @@ class Dispatcher:
         return None if error is None else scrub(error)
 
     async def aclose(self, grace: float) -> None:
-        """Give background deliveries up to ``grace`` seconds, then cancel what is left."""
+        """Send what waits for its window now, give deliveries up to ``grace`` seconds, then
+        cancel what is left."""
+        self.flush()
         tasks = list(self._tasks)
         if not tasks:
             return

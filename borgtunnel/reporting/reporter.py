@@ -25,7 +25,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, ParamSpec, TypeVar
 
 import structlog
@@ -37,6 +37,7 @@ from borgtunnel.reporting import healthchecks, metrics
 from borgtunnel.reporting.notify import Dispatcher, Sender, apprise_send, compose
 from borgtunnel.reporting.staleness import is_stale
 from borgtunnel.runs.pull import PullOutcome
+from borgtunnel.scheduling.catchup import first_slot
 
 log = structlog.get_logger("borgtunnel.reporting")
 
@@ -212,8 +213,11 @@ class Reporter:
         if not force and mono - self._last_stale_check < STALE_CHECK_INTERVAL:
             return
         self._last_stale_check = mono
-        for client in self.config.clients.values():
-            self._check_client(client)
+        zone = self.config.daemon.zone()
+        turned = sum(self._check_client(client, zone) for client in self.config.clients.values())
+        if turned:
+            # One line however many: each client has its own debug line (client_stale).
+            log.warning("clients_turned_stale", count=turned)
         self._refresh()
 
     @_never_raises
@@ -232,16 +236,21 @@ class Reporter:
     def _urls_for(self, name: str) -> tuple[str, ...]:
         return self.config.notify_urls_for(self.config.clients.get(name))
 
-    def _check_client(self, client: ClientConfig) -> None:
+    def _check_client(self, client: ClientConfig, zone: tzinfo | None = None) -> bool:
+        """Notify ``client`` as stale if it just became so; True when it did."""
         max_age = self.config.max_age_for(client)
         if max_age is None:
-            return
+            return False
         success = self._history.last_success(client.name)
         last = success.started if success else None
         now = self._now()
-        if is_stale(last, max_age, now) and "stale" not in self._dispatcher.open_problems(
-            client.name
-        ):
+        first = None
+        if last is None:
+            zone = zone if zone is not None else self.config.daemon.zone()
+            first = first_slot(client, zone, self._history.first_seen(client.name))
+        if is_stale(
+            last, max_age, now, first_slot=first
+        ) and "stale" not in self._dispatcher.open_problems(client.name):
             message = compose(
                 "stale",
                 client.name,
@@ -250,8 +259,10 @@ class Reporter:
                 max_age=max_age,
                 archive=success.archive if success else None,
             )
-            log.warning("client_stale", client=client.name, max_age=max_age)
+            log.debug("client_stale", client=client.name, max_age=max_age)
             self._dispatcher.submit(message)
+            return True
+        return False
 
     def _notify(
         self,

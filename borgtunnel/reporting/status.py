@@ -47,6 +47,7 @@ from borgtunnel.history import (
 from borgtunnel.lock import ClientBusy, acquire_client_lock
 from borgtunnel.pauses import Pause, active_pauses
 from borgtunnel.reporting.staleness import is_stale
+from borgtunnel.scheduling.catchup import first_slot
 from borgtunnel.scheduling.planning import next_client_run
 from borgtunnel.text import format_size, printable
 
@@ -116,7 +117,12 @@ def client_status(
         last_check=check.started.astimezone(zone) if check else None,
         last_check_result=check.result if check else None,
         last_maintain_result=_last_result(maintained)[0],
-        stale=is_stale(success.started if success else None, config.max_age_for(client), now),
+        stale=is_stale(
+            success.started if success else None,
+            config.max_age_for(client),
+            now,
+            first_slot=first_slot(client, zone, history.first_seen(client.name)),
+        ),
         paused=pause is not None,
         paused_until=pause.until.astimezone(zone) if pause and pause.until else None,
     )

@@ -4,8 +4,8 @@ Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn
 
 * ``Daemon.serve`` opens the history, marks runs of dead processes ``interrupted``, computes each
   scheduled client's next run, sends ``READY=1`` and loops: queue the clients that are due, start
-  as many as ``[daemon] max_parallel`` allows (first come, first served), sleep until the next due
-  time or until something happens (a run ended, a reload, a stop).
+  as many as ``[daemon] max_parallel`` allows (first come, first served; see Order below), sleep
+  until the next due time or until something happens (a run ended, a reload, a stop).
 * A client runs through ``jobs.run_recorded``: its cross-process lock means a one-shot
   ``borgtunnel pull`` and the daemon never run it at the same time. A slot that finds the client
   busy, or still running from its previous slot, is skipped with a warning; the client keeps its
@@ -18,8 +18,14 @@ Shape (hypercorn's ``serve(..., shutdown_trigger=)`` with one TaskGroup, uvicorn
   to ``serve_stop_timeout`` later); the run is recorded ``failed`` with a "timeout" error, not
   ``interrupted``, which is kept for runs that a stop or a crash cut short: a timeout says
   something about the client, a shutdown does not.
-* Missed slots are not caught up: a schedule time that passed while no daemon ran (or while the
-  client was busy) is skipped, and the client waits for its next one.
+* Catch-up (borgtunnel/scheduling/catchup.py): at start, a client whose slot passed since its
+  newest verified pull (or since it was first seen, if it never had one) is queued once, at once
+  (or at the end of a blackout window), not once per missed slot. A client still unreachable
+  after its retries is tried again every ``retry_wait * 2**n`` seconds (capped at an hour) until
+  it answers or its next slot comes. ``catch_up = false`` skips both: the client waits for its
+  next slot. A slot that finds the client busy is still skipped.
+* Order: clients that become due together are queued most overdue first (never backed up, then
+  the oldest verified archive), so with more due than ``max_parallel`` those go first.
 * Stop (SIGTERM/SIGINT, or ``shutdown_trigger`` completing): nothing new starts, running pulls
   get ``[daemon] stop_timeout`` seconds to finish, then each is cancelled once; cancellation runs
   the pull's own cleanup (``borg serve`` stopped, both sockets removed) and records the run
@@ -66,6 +72,7 @@ from borgtunnel.reporting.notify import Sender, apprise_send
 from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.runs.jobs import run_recorded
 from borgtunnel.runs.pull import ProgressCallback, PullOutcome
+from borgtunnel.scheduling.catchup import catch_up_start, missed_slot, most_overdue_first
 from borgtunnel.scheduling.control import ControlServer, PullTicket, Refused
 from borgtunnel.scheduling.control_protocol import control_socket_path
 from borgtunnel.scheduling.planning import (
@@ -132,9 +139,10 @@ class _Slot:
     next_run: datetime | None
     retry_at: datetime | None = None
     attempt: int = 0  # retries used since the last scheduled start
+    catch_up_at: datetime | None = None  # a missed slot, pulled once (catchup.py)
 
     def due(self) -> datetime | None:
-        times = [t for t in (self.next_run, self.retry_at) if t is not None]
+        times = [t for t in (self.next_run, self.retry_at, self.catch_up_at) if t is not None]
         return min(times) if times else None
 
 
@@ -228,7 +236,9 @@ class Daemon:
             if recovered:
                 log.warning("interrupted_runs_recovered", count=recovered)
             _sweep_stale_sockets(self.config)
+            history.record_first_seen(self.config.clients, self._now())
             self._plan(self.config, previous={})
+            self._plan_catch_up(history)
             self.reporter = Reporter(
                 self.config, history, in_daemon=True, sender=self._notify_sender
             )
@@ -238,7 +248,7 @@ class Daemon:
                 helpers = self._start_helpers(tasks, shutdown_trigger)
                 if not self._stopping:
                     self._notifier.ready(self._status_text(self._now()))
-                log.info("daemon_ready", scheduled=self._describe_schedule())
+                self._log_ready()
                 self.ready.set()
                 await self._schedule_loop()
                 await self._drain()
@@ -297,33 +307,70 @@ class Daemon:
         return min(max((min(dues) - now).total_seconds(), 0.0), self._max_sleep)
 
     def _queue_due(self, now: datetime) -> None:
-        """Queue due clients, earliest due first, and plan each one's next run."""
+        """Queue due clients, most overdue first, and plan each one's next run."""
         due = [(d, name) for name, s in self._slots.items() if (d := s.due()) is not None]
         paused = self._pauses.active(now)
-        # Stable sort: clients due at the same instant keep the config file's order.
-        for _, name in sorted((item for item in due if item[0] <= now), key=lambda item: item[0]):
-            slot = self._slots[name]
+        # Stable sorts: clients due at the same instant keep the config file's order.
+        ready = []
+        for _, name in sorted((item for item in due if item[0] <= now), key=lambda i: i[0]):
             if name in paused:
-                self._skip_paused(slot, paused[name], now)
-                continue
-            if slot.next_run is not None and slot.next_run <= now:
-                scheduled_for = slot.next_run
-                # A scheduled start supersedes a pending retry.
-                slot.retry_at, slot.attempt = None, 0
-                slot.next_run = next_client_run(slot.client, self._zone, now, rand=self._rand)
-                if self._queue.push(name):
-                    log.info("run_due", client=name, scheduled_for=scheduled_for.isoformat())
-                else:
-                    log.warning(
-                        "run_skipped_still_running",
-                        client=name,
-                        scheduled_for=scheduled_for.isoformat(),
-                        next_run=_iso(slot.next_run),
-                    )
-            else:
-                slot.retry_at = None
-                self._queue.push(name)
-                log.info("retry_due", client=name, attempt=slot.attempt)
+                self._skip_paused(self._slots[name], paused[name], now)
+            elif self._take_due(name, now):
+                ready.append(name)
+        if len(ready) > 1:
+            ready = most_overdue_first(ready, self._last_successes(ready))
+        for name in ready:
+            self._queue.push(name)
+
+    def _take_due(self, name: str, now: datetime) -> bool:
+        """Consume the due time of ``name``'s slot; True when the client is to be queued."""
+        slot = self._slots[name]
+        if slot.next_run is not None and slot.next_run <= now:
+            scheduled_for = slot.next_run
+            # A scheduled start supersedes a pending retry or catch-up.
+            slot.retry_at, slot.attempt, slot.catch_up_at = None, 0, None
+            slot.next_run = next_client_run(slot.client, self._zone, now, rand=self._rand)
+            if self._queue.busy(name):
+                log.warning(
+                    "run_skipped_still_running",
+                    client=name,
+                    scheduled_for=scheduled_for.isoformat(),
+                    next_run=_iso(slot.next_run),
+                )
+                return False
+            log.info("run_due", client=name, scheduled_for=scheduled_for.isoformat())
+        elif slot.catch_up_at is not None and slot.catch_up_at <= now:
+            slot.catch_up_at = None
+            if self._queue.busy(name):
+                return False
+            log.info("catch_up_due", client=name)
+        else:
+            slot.retry_at = None
+            if self._queue.busy(name):
+                return False
+            log.info("retry_due", client=name, attempt=slot.attempt)
+        return True
+
+    def _last_successes(self, names: list[str]) -> dict[str, datetime | None]:
+        history = self._history
+        if history is None:
+            return {}
+        found: dict[str, datetime | None] = {}
+        for name in names:
+            success = history.last_success(name)
+            found[name] = success.started if success else None
+        return found
+
+    def _plan_catch_up(self, history: History) -> None:
+        """Queue once each client whose slot passed since its newest verified pull."""
+        now = self._now()
+        for name, slot in self._slots.items():
+            success = history.last_success(name)
+            reference = success.started if success else history.first_seen(name)
+            missed = missed_slot(slot.client, self._zone, reference, now)
+            if missed is not None:
+                slot.catch_up_at = catch_up_start(slot.client, self._zone, now)
+                log.debug("catch_up_planned", client=name, missed_slot=missed.isoformat())
 
     def _start_allowed(self) -> None:
         assert self._tasks is not None  # noqa: S101 - only called from inside serve()
@@ -393,6 +440,18 @@ class Daemon:
                 **fields,
             )
             return True
+        elif is_retryable(outcome) and slot.client.catch_up:
+            # Keep knocking (backoff capped at an hour) until it answers or its next slot comes.
+            delay = retry_delay(slot.client.retry_wait, slot.attempt)
+            slot.attempt = min(slot.attempt + 1, 32)  # 2**attempt stays a float (yearly slots)
+            slot.retry_at = self._now() + timedelta(seconds=delay)
+            log.warning(
+                "client_unreachable",
+                attempts=slot.attempt,
+                error=outcome.error,
+                catch_up_in_seconds=delay,
+                **fields,
+            )
         elif is_retryable(outcome):
             log.warning(
                 "client_unreachable", attempts=slot.attempt + 1, error=outcome.error, **fields
@@ -408,7 +467,9 @@ class Daemon:
     async def _drain(self) -> None:
         dropped = self._queue.clear_waiting()
         if dropped:
-            log.info("queued_runs_dropped", clients=dropped)
+            log.info("queued_runs_dropped", count=len(dropped))
+            for name in dropped:
+                log.debug("queued_run_dropped", client=name)
         for ticket in [t for t in self._requests.values() if not t.started.is_set()]:
             self._requests.pop(ticket.client, None)
             ticket.resolve(_stopped_outcome(ticket.client))
@@ -449,6 +510,8 @@ class Daemon:
         else:
             previous = self.config
             self.config = new
+            if self._history is not None:
+                self._history.record_first_seen(new.clients, self._now())
             self._plan(new, previous=dict(self._slots), old_config=previous)
             if self.reporter is not None:
                 self.reporter.reconfigure(new)
@@ -481,7 +544,7 @@ class Daemon:
                 continue
             keep = not zone_changed and _schedule_inputs(old.client) == _schedule_inputs(client)
             next_run = old.next_run if keep else next_client_run(client, zone, now, rand=self._rand)
-            slots[name] = _Slot(client, next_run, old.retry_at, old.attempt)
+            slots[name] = _Slot(client, next_run, old.retry_at, old.attempt, old.catch_up_at)
         self._queue.discard(set(previous) - set(slots))
         self._slots = slots
 
@@ -512,8 +575,18 @@ class Daemon:
             self._last_status = text
             self._notifier.status(text)
 
-    def _describe_schedule(self) -> dict[str, str | None]:
-        return {name: _iso(slot.next_run) for name, slot in self._slots.items()}
+    def _log_ready(self) -> None:
+        """One summary line whatever the fleet's size; each client's next run at debug."""
+        for name, slot in self._slots.items():
+            log.debug("client_scheduled", client=name, next_run=_iso(slot.next_run))
+        dues = [due for slot in self._slots.values() if (due := slot.due()) is not None]
+        log.info(
+            "daemon_ready",
+            clients=len(self.config.clients),
+            scheduled=len(self._slots),
+            catching_up=sum(slot.catch_up_at is not None for slot in self._slots.values()),
+            next_run=_iso(min(dues)) if dues else None,
+        )
 
     # --- steering (the control socket's Steerable) ----------------------------------------
 
@@ -596,7 +669,8 @@ class Daemon:
         self._wake.set()
 
     def _skip_paused(self, slot: _Slot, pause: Pause, now: datetime) -> None:
-        slot.retry_at, slot.attempt = None, 0
+        # A paused slot, retry or catch-up is not made up after the pause (docs/control.md).
+        slot.retry_at, slot.attempt, slot.catch_up_at = None, 0, None
         if slot.next_run is not None and slot.next_run <= now:
             slot.next_run = next_client_run(slot.client, self._zone, now, rand=self._rand)
         log.info(

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from borgtunnel import logs
-from borgtunnel.borg import Progress
 from borgtunnel.config import Config
 from borgtunnel.pauses import PauseFileError, clear_pause, parse_until, pauses_path, set_pause
 from borgtunnel.reporting import live as rows
@@ -197,7 +196,7 @@ async def _follow(connection: ControlConnection, name: str, display: PullDisplay
                 if not backing_up:
                     backing_up = True
                     display.feed(rows.PhaseChanged(name, rows.Phase.BACKING_UP))
-                display.feed(rows.FiguresSeen(name, _figures(message)))
+                display.feed(rows.FiguresSeen(name, message.figures()))
             case Finished():
                 failed = message.exit_code in (EXIT_FAILURE, EXIT_INTERNAL)
                 display.feed(rows.Finished(name, message.summary, message.exit_code, failed))
@@ -206,17 +205,6 @@ async def _follow(connection: ControlConnection, name: str, display: PullDisplay
                 return _failed(display, name, f"the daemon refused: {message.message}")
             case _:  # queued
                 continue
-
-
-def _figures(event: ProgressEvent) -> Progress:
-    return Progress(
-        original_size=event.original_size,
-        compressed_size=event.compressed_size,
-        deduplicated_size=event.deduplicated_size,
-        nfiles=event.nfiles,
-        path=event.path,
-        finished=event.finished,
-    )
 
 
 def _failed(display: PullDisplay, name: str, why: str) -> int:
@@ -250,19 +238,18 @@ def _report(answer: Done | Error) -> int:
     return EXIT_FAILURE
 
 
-def cancel(config: Config, name: str) -> int:
-    """``borgtunnel cancel NAME``: 0 cancelled (cleanup done), 2 nothing to cancel or the
-    socket unusable, 69 no daemon runs."""
-    config.client(name)
+def _steer(
+    config: Config,
+    request: CancelRequest | PauseRequest | ResumeRequest,
+    *,
+    limit: float | None,
+    without_daemon: Callable[[NoDaemonError], int],
+) -> int:
+    """Ask the daemon and print its answer; ``without_daemon`` when none listens."""
     try:
-        # No time limit: the answer comes once the run's cleanup is done.
-        answer = _interruptible(_ask(config.server.socket_dir, CancelRequest(client=name), None))
+        answer = _interruptible(_ask(config.server.socket_dir, request, limit))
     except NoDaemonError as exc:
-        logs.print_error(
-            f"borgtunnel: {exc}; nothing to cancel. A one-shot `borgtunnel pull` in another "
-            "terminal stops with Ctrl-C (or SIGTERM), cleaning up the same way."
-        )
-        return EXIT_NO_DAEMON
+        return without_daemon(exc)
     except (ControlError, TimeoutError, OSError) as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
@@ -270,6 +257,22 @@ def cancel(config: Config, name: str) -> int:
         logs.print_error("borgtunnel: interrupted (the daemon still carries out the request)")
         return EXIT_FAILURE
     return _report(answer)
+
+
+def cancel(config: Config, name: str) -> int:
+    """``borgtunnel cancel NAME``: 0 cancelled (cleanup done), 2 nothing to cancel or the
+    socket unusable, 69 no daemon runs."""
+    config.client(name)
+
+    def no_daemon(exc: NoDaemonError) -> int:
+        logs.print_error(
+            f"borgtunnel: {exc}; nothing to cancel. A one-shot `borgtunnel pull` in another "
+            "terminal stops with Ctrl-C (or SIGTERM), cleaning up the same way."
+        )
+        return EXIT_NO_DAEMON
+
+    # No time limit: the answer comes once the run's cleanup is done.
+    return _steer(config, CancelRequest(client=name), limit=None, without_daemon=no_daemon)
 
 
 def pause(config: Config, name: str, until_text: str | None) -> int:
@@ -281,10 +284,8 @@ def pause(config: Config, name: str, until_text: str | None) -> int:
     except ValueError as exc:
         logs.print_error(f"borgtunnel: {exc}")
         return EXIT_FAILURE
-    request = PauseRequest(client=name, until=until)
-    try:
-        answer = _interruptible(_ask(config.server.socket_dir, request, _ANSWER_TIMEOUT))
-    except NoDaemonError:
+
+    def into_the_file(_: NoDaemonError) -> int:
         try:
             paused = set_pause(config.server.state_dir, name, until, now)
         except (PauseFileError, OSError) as exc:
@@ -292,35 +293,25 @@ def pause(config: Config, name: str, until_text: str | None) -> int:
             return EXIT_FAILURE
         end = f"until {paused.until.isoformat()}" if paused.until else "until resumed"
         return _written(config, f"{name}: paused {end}")
-    except (ControlError, TimeoutError, OSError) as exc:
-        logs.print_error(f"borgtunnel: {exc}")
-        return EXIT_FAILURE
-    except asyncio.CancelledError:  # Ctrl-C: what was asked still happens in the daemon
-        logs.print_error("borgtunnel: interrupted (the daemon still carries out the request)")
-        return EXIT_FAILURE
-    return _report(answer)
+
+    request = PauseRequest(client=name, until=until)
+    return _steer(config, request, limit=_ANSWER_TIMEOUT, without_daemon=into_the_file)
 
 
 def resume(config: Config, name: str) -> int:
     """``borgtunnel resume NAME``: through the daemon, or in the file."""
     config.client(name)
-    request = ResumeRequest(client=name)
-    try:
-        answer = _interruptible(_ask(config.server.socket_dir, request, _ANSWER_TIMEOUT))
-    except NoDaemonError:
+
+    def in_the_file(_: NoDaemonError) -> int:
         try:
             was = clear_pause(config.server.state_dir, name, datetime.now(UTC))
         except (PauseFileError, OSError) as exc:
             logs.print_error(f"borgtunnel: {exc}")
             return EXIT_FAILURE
         return _written(config, f"{name}: {'resumed' if was else 'was not paused'}")
-    except (ControlError, TimeoutError, OSError) as exc:
-        logs.print_error(f"borgtunnel: {exc}")
-        return EXIT_FAILURE
-    except asyncio.CancelledError:  # Ctrl-C: what was asked still happens in the daemon
-        logs.print_error("borgtunnel: interrupted (the daemon still carries out the request)")
-        return EXIT_FAILURE
-    return _report(answer)
+
+    request = ResumeRequest(client=name)
+    return _steer(config, request, limit=_ANSWER_TIMEOUT, without_daemon=in_the_file)
 
 
 def _written(config: Config, what: str) -> int:

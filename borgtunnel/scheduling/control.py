@@ -143,17 +143,6 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
         raise _BadRequestError(_describe(exc)) from None
 
 
-def _progress_event(figures: Progress) -> ProgressEvent:
-    return ProgressEvent(
-        original_size=figures.original_size,
-        compressed_size=figures.compressed_size,
-        deduplicated_size=figures.deduplicated_size,
-        nfiles=figures.nfiles,
-        path=figures.path,
-        finished=figures.finished,
-    )
-
-
 class ControlServer:
     """``ControlServer.bind(daemon, path)``, then ``await server.serve()`` until cancelled;
     the socket file is removed at the end.
@@ -326,7 +315,7 @@ class ControlServer:
                 canceller.add_done_callback(self._background.discard)
             if changed.is_set() and latest and not ticket.outcome.done():
                 changed.clear()
-                await _send(writer, _progress_event(latest[0]))
+                await _send(writer, ProgressEvent.of(latest[0]))
                 await asyncio.sleep(PROGRESS_INTERVAL)
         outcome = ticket.outcome.result()
         await _send(

@@ -11,12 +11,15 @@ line: a peer cannot make the other side buffer more than that.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from borgtunnel.borg import Progress
 
 CONTROL_SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST_BYTES: Final = 4096
@@ -74,6 +77,8 @@ class Started(_Message):
 
 
 class ProgressEvent(_Message):
+    """borg's progress figures (``borg.Progress``) on the wire."""
+
     type: Literal["progress"] = "progress"
     original_size: int
     compressed_size: int
@@ -81,6 +86,13 @@ class ProgressEvent(_Message):
     nfiles: int
     path: str
     finished: bool = False
+
+    @classmethod
+    def of(cls, figures: Progress) -> ProgressEvent:
+        return cls(**dataclasses.asdict(figures))
+
+    def figures(self) -> Progress:
+        return Progress(**self.model_dump(exclude={"type"}))
 
 
 class Finished(_Message):

@@ -93,7 +93,9 @@ def pull_sockets(socket_dir: Path) -> list[str]:
 @pytest.mark.usefixtures("server_borg_env")
 async def test_pull_goes_through_the_daemon_with_exit_code_summary_and_progress(sshd, tmp_path):
     # Throttled, so that borg reports figures while it uploads the second pull's 2 MB.
-    path, repo, data = setup(tmp_path, sshd, create_args=slow_create_args(500))
+    # Two pulls may start within one second: archive names to the microsecond.
+    archive = "web1-{now:%Y-%m-%dT%H:%M:%S.%f}"
+    path, repo, data = setup(tmp_path, sshd, create_args=slow_create_args(500), archive=archive)
     config = load_config(path)
     state_dir = config.server.state_dir
     daemon = Daemon(config, config_path=path, notifier=QUIET)

@@ -211,10 +211,11 @@ if [ "${1-}" = borgtunnel-sources ]; then
   (umask 077 && mkdir -- "$sd") || { echo "borgtunnel: cannot create $sd" >&2; exit 75; }
   n=$2; shift 2
   # --read-special would read every pipe and device under the paths, and follow symlinks to
-  # them: exclude each (sh: pattern, glob characters bracketed, a newline matched by '?').
+  # them: exclude each (sh: pattern; '*', '?', ']' and '\' bracketed; '[' and a newline matched
+  # by '?', since borg's regex of '[[]' warns; matching a neighbour too only excludes more).
   (k=$#; i=0; for a do [ $i -lt "$n" ] && set -- "$@" "$a"; i=$((i + 1)); done; shift "$k"
     exec find -P "$@" \( -xtype p -o -xtype b -o -xtype c \) -print0) 2>/dev/null |
-    sed -z 's/[][*?\\]/[&]/g; s/\n/?/g; s/^/sh:/' | tr '\0' '\n' > "$sd/borgtunnel-special-files"
+    sed -z 's/[[\n]/\x01/g; s/[]*?\\]/[&]/g; s/\x01/?/g; s/^/sh:/' | tr '\0' '\n' > "$sd/borgtunnel-special-files"
   shift "$n"
   nj=$1; shift
   bad=

@@ -13,7 +13,6 @@ a transfer, some after) breaks ``balance = start + received - sent`` for some ac
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -83,9 +82,9 @@ class Postgres:
         return _run([*self.psql_argv(database), "-At", "-c", text]).stdout
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+@pytest.fixture(scope="module", name="postgres")
+def postgres_server() -> Iterator[Postgres]:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not found or shutil.which("runuser") is None:
         pytest.skip("PostgreSQL is not installed (Debian: postgresql; scripts/setup installs it)")
     bindir = Path(found[-1]).parent
@@ -94,13 +93,26 @@ def postgres() -> Iterator[Postgres]:
     as_postgres = ["runuser", "-u", "postgres", "--"]
     try:
         _run([*as_postgres, "mkdir", "-m", "0700", str(sock)])
-        _run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-              "--no-sync"])  # fmt: skip
+        initdb = [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
+        _run([*as_postgres, *initdb, "--no-sync"])
         options = f"-k {sock} -c listen_addresses='' -c fsync=off -c max_connections=20"
-        _run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w",
-              "-l", str(base / "log"), "start"])  # fmt: skip
+        _run(
+            [
+                *as_postgres,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-w",
+                "-l",
+                str(base / "log"),
+                "start",
+            ]
+        )
         server = Postgres(bindir=bindir, sockdir=sock)
-        os.chmod(base, 0o755)  # root's client tools reach the socket; the data dir stays 0700
+        # root's client tools reach the socket; the data directory stays 0700.
+        base.chmod(0o755)
         yield server
     finally:
         subprocess.run(
@@ -125,22 +137,38 @@ class Mariadb:
         return _run([*self.client_argv(database), "-e", text]).stdout
 
 
-@pytest.fixture(scope="module")
-def mariadb() -> Iterator[Mariadb]:
+@pytest.fixture(scope="module", name="mariadb")
+def mariadb_server() -> Iterator[Mariadb]:
     if shutil.which("mariadb-install-db") is None or not Path("/usr/sbin/mariadbd").exists():
         pytest.skip("MariaDB is not installed (Debian: mariadb-server; scripts/setup installs it)")
     base = _private_tmp("bt-maria-")
     data, sock = base / "data", base / "mysqld.sock"
     process: subprocess.Popen[bytes] | None = None
     try:
-        _run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
-              "--auth-root-authentication-method=socket", "--skip-test-db"])  # fmt: skip
+        _run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={data}",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ]
+        )
         with (base / "server.log").open("wb") as log:
             process = subprocess.Popen(
-                ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={sock}",
-                 "--skip-networking", "--user=root", f"--pid-file={base / 'pid'}",
-                 "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=0",
-                 "--skip-log-bin"],  # fmt: skip
+                [
+                    "/usr/sbin/mariadbd",
+                    "--no-defaults",
+                    f"--datadir={data}",
+                    f"--socket={sock}",
+                    "--skip-networking",
+                    "--user=root",
+                    f"--pid-file={base / 'pid'}",
+                    "--innodb-buffer-pool-size=32M",
+                    "--innodb-flush-log-at-trx-commit=0",
+                    "--skip-log-bin",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -168,18 +196,20 @@ def mariadb() -> Iterator[Mariadb]:
 
 BANK_SCHEMA = [
     "CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)",
-    "CREATE TABLE transfers (n INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,"
-    " amount INTEGER NOT NULL)",
+    (
+        "CREATE TABLE transfers (n INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,"
+        " amount INTEGER NOT NULL)"
+    ),
 ]
 
 
 def bank_setup_sql(*, padding_rows: int = 0) -> str:
     """The bank's tables and accounts; ``padding_rows`` transfers of 0 make the dump longer."""
     values = ", ".join(f"({i}, {START_BALANCE})" for i in range(ACCOUNTS))
-    lines = [*BANK_SCHEMA, f"INSERT INTO accounts VALUES {values}"]
+    lines = [*BANK_SCHEMA, f"INSERT INTO accounts VALUES {values}"]  # noqa: S608 - numbers
     if padding_rows:
         rows = ", ".join(f"({-i}, 0, 1, 0)" for i in range(1, padding_rows + 1))
-        lines.append(f"INSERT INTO transfers VALUES {rows}")
+        lines.append(f"INSERT INTO transfers VALUES {rows}")  # noqa: S608 - numbers only
     return ";\n".join(lines) + ";\n"
 
 
@@ -209,11 +239,11 @@ def check_bank(accounts: dict[int, int], transfers: list[tuple[int, int, int]]) 
 
 def parse_rows(text: str) -> list[tuple[int, ...]]:
     """Rows printed by ``psql -At`` ('|' between columns) or ``mariadb -N --batch`` (tabs)."""
-    rows = []
-    for line in text.splitlines():
-        if line.strip():
-            rows.append(tuple(int(x) for x in line.replace("|", "\t").split("\t")))
-    return rows
+    return [
+        tuple(int(x) for x in line.replace("|", "\t").split("\t"))
+        for line in text.splitlines()
+        if line.strip()
+    ]
 
 
 @dataclass

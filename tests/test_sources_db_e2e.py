@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import dbservers, pullkit, sourcekit
-from tests.dbservers import Mariadb, Postgres, mariadb, postgres  # noqa: F401 - fixtures
+from tests.dbservers import Mariadb, Postgres, mariadb_server, postgres_server  # noqa: F401
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.sshd
@@ -57,8 +57,13 @@ def test_postgres_dump_restores_a_consistent_copy_taken_during_writes(
                 "host": str(postgres.sockdir),
                 "user": "postgres",
             },
-            {"type": "postgresql", "name": "cluster", "database": "all",
-             "host": str(postgres.sockdir), "user": "postgres"},  # fmt: skip
+            {
+                "type": "postgresql",
+                "name": "cluster",
+                "database": "all",
+                "host": str(postgres.sockdir),
+                "user": "postgres",
+            },
         ],
     )
 
@@ -71,11 +76,21 @@ def test_postgres_dump_restores_a_consistent_copy_taken_during_writes(
     items = sourcekit.archived(tmp_path, repo, archive)
     assert items["borgtunnel-sources/postgresql/bank.dump"][0] == "-"
     assert items["borgtunnel-sources/postgresql/cluster.sql"][1] > 0
-    dump = sourcekit.extract_bytes(tmp_path, repo, archive, "borgtunnel-sources/postgresql/bank.dump")
+    dump = sourcekit.extract_bytes(
+        tmp_path, repo, archive, "borgtunnel-sources/postgresql/bank.dump"
+    )
     postgres.sql("CREATE DATABASE restored1")
     subprocess.run(
-        [str(postgres.bindir / "pg_restore"), "-h", str(postgres.sockdir), "-U", "postgres",
-         "-d", "restored1", "--exit-on-error"],  # fmt: skip
+        [
+            str(postgres.bindir / "pg_restore"),
+            "-h",
+            str(postgres.sockdir),
+            "-U",
+            "postgres",
+            "-d",
+            "restored1",
+            "--exit-on-error",
+        ],
         input=dump,
         check=True,
         capture_output=True,
@@ -96,11 +111,18 @@ def test_killed_pg_dump_fails_the_run_naming_the_source(
     tmp_path: Path, sshd: SshdServer, postgres: Postgres
 ) -> None:
     _new_bank(postgres, "bank2")
-    repo, config = sourcekit.setup(
+    _repo, config = sourcekit.setup(
         tmp_path,
         sshd,
-        [{"type": "postgresql", "name": "locked", "database": "bank2",
-          "host": str(postgres.sockdir), "user": "postgres"}],  # fmt: skip
+        [
+            {
+                "type": "postgresql",
+                "name": "locked",
+                "database": "bank2",
+                "host": str(postgres.sockdir),
+                "user": "postgres",
+            }
+        ],
     )
     # A session holding the table makes pg_dump wait, so the test can find it and kill it.
     locker = subprocess.Popen(
@@ -165,7 +187,9 @@ def test_mariadb_dump_restores_a_consistent_copy_taken_during_writes(
     mariadb.sql("CREATE DATABASE bank")
     subprocess.run(
         mariadb.client_argv("bank"),
-        input=dbservers.bank_setup_sql().replace("INTEGER NOT NULL)", "INTEGER NOT NULL) ENGINE=InnoDB"),
+        input=dbservers.bank_setup_sql().replace(
+            "INTEGER NOT NULL)", "INTEGER NOT NULL) ENGINE=InnoDB"
+        ),
         text=True,
         check=True,
         capture_output=True,

@@ -215,7 +215,8 @@ if [ "${1-}" = borgtunnel-sources ]; then
   # by '?', since borg's regex of '[[]' warns; matching a neighbour too only excludes more).
   (k=$#; i=0; for a do [ $i -lt "$n" ] && set -- "$@" "$a"; i=$((i + 1)); done; shift "$k"
     exec find -P "$@" \( -xtype p -o -xtype b -o -xtype c \) -print0) 2>/dev/null |
-    sed -z 's/[[\n]/\x01/g; s/[]*?\\]/[&]/g; s/\x01/?/g; s/^/sh:/' | tr '\0' '\n' > "$sd/borgtunnel-special-files"
+    sed -z 's/[[\n]/\x01/g; s/[]*?\\]/[&]/g; s/\x01/?/g; s/^/sh:/' |
+    tr '\0' '\n' > "$sd/borgtunnel-special-files"
   shift "$n"
   nj=$1; shift
   bad=

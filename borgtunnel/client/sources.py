@@ -15,7 +15,8 @@ Formats, chosen for a consistent copy that restores:
   program requires.
 * SQLite: ``sqlite3 -readonly FILE .dump``. The shell's ``.dump`` runs inside one read
   transaction (``SAVEPOINT``), so the SQL is one consistent state; the online backup API
-  (``.backup``) needs a seekable destination file and cannot write into a pipe.
+  (``.backup``) needs a seekable destination file and cannot write into a pipe. It waits up to
+  10 minutes for a writer's lock, and its output must end in ``COMMIT;`` (see _SQLITE_DUMP).
 * command: the program's standard output as is; its exit status is the only word on whether
   the data is complete.
 """
@@ -73,8 +74,7 @@ def _jobs_of(source: SourceSettings) -> list[DumpJob]:
     if isinstance(source, MariadbSource):
         return [_job(source, source.name, f"{source.name}.sql", _mariadb_argv(source))]
     if isinstance(source, SqliteSource):
-        argv = ("sqlite3", "-readonly", "-bail", source.path, ".dump")
-        return [_job(source, source.name, f"{source.name}.sql", argv)]
+        return [_job(source, source.name, f"{source.name}.sql", _sqlite_argv(source))]
     if isinstance(source, CommandSource):
         return [_job(source, source.name, source.name, source.command)]
     raise AssertionError(f"unknown source {source!r}")  # pragma: no cover - the union is closed
@@ -117,6 +117,19 @@ def _postgres_jobs(source: PostgresSource) -> list[DumpJob]:
         )
         for database in source.database
     ]
+
+
+# sqlite3 exits 0 even when .dump failed (a locked database gives "ROLLBACK; -- due to
+# errors" as the last line): awk passes the SQL through and fails unless it ends in COMMIT.
+# The pipeline's status is awk's; a sqlite3 that could not open the file printed nothing.
+_SQLITE_DUMP = (
+    'sqlite3 -readonly -bail -cmd ".timeout 600000" "$1" .dump | '
+    "awk '{ print } END { exit $0 != \"COMMIT;\" }'"
+)
+
+
+def _sqlite_argv(source: SqliteSource) -> list[str]:
+    return ["sh", "-c", _SQLITE_DUMP, "sqlite-dump", source.path]
 
 
 def _mariadb_argv(source: MariadbSource) -> list[str]:

@@ -157,8 +157,10 @@ def test_status_problems_name_each_source() -> None:
     )
     problems = status_problems(jobs, {"a": 0, "b": 137})
     assert problems == [
-        "source 'b' (command): the dump was killed (signal 9); "
-        "borgtunnel-sources/command/b in the archive is incomplete",
+        (
+            "source 'b' (command): the dump was killed (signal 9); "
+            "borgtunnel-sources/command/b in the archive is incomplete"
+        ),
         "source 'c' (command): no exit status reported (the dump did not finish)",
     ]
     assert status_problems(jobs, {"a": 0, "b": 0, "c": 0}) == []

@@ -23,7 +23,7 @@ import pytest
 from borgtunnel.client.sources import DumpJob
 from borgtunnel.runs.sources import verify_sources
 from borgtunnel.runs.verify import VerifyError
-from tests import dbservers, pullkit, sourcekit
+from tests import borgs, dbservers, pullkit, sourcekit
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.sshd
@@ -189,3 +189,24 @@ def test_verification_refuses_an_archive_without_a_source(tmp_path: Path) -> Non
         asyncio.run(check("present", "missing"))
     with pytest.raises(VerifyError, match=r"'empty' .*is empty"):
         asyncio.run(check("empty"))
+
+
+def test_a_borg_1_4_client_stores_the_same_paths(tmp_path: Path, sshd: SshdServer) -> None:
+    data = tmp_path / "client-data"
+    data.mkdir()
+    (data / "file.txt").write_text("x")
+    os.mkfifo(data / "fifo")
+    repo, config = sourcekit.setup(
+        tmp_path,
+        sshd,
+        [{"type": "command", "name": "hello", "command": ["echo", "hi"]}],
+        paths=[data],
+        remote_borg=borgs.executable(borgs.BUILT[0]),
+    )
+
+    result = pullkit.run_cli(config, "pull", "c1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    items = sourcekit.archived(tmp_path, repo, sourcekit.only_archive(tmp_path, repo))
+    assert items["borgtunnel-sources/command/hello"] == ("-", 3)
+    assert not any(path.endswith("/fifo") for path in items)

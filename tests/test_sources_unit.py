@@ -112,6 +112,7 @@ command = ["slapcat", "-n", "1"]
     assert by_label["one"].argv == (
         "pg_dump",
         "--format=custom",
+        "--compress=0",
         "--no-password",
         "--username=backup",
         "--host=/run/pg",

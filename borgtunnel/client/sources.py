@@ -7,8 +7,9 @@ directory (borg stores a relative path as given, so the archive holds
 
 Formats, chosen for a consistent copy that restores:
 
-* PostgreSQL: ``pg_dump --format=custom`` per database (one snapshot per database; restore with
-  ``pg_restore``), or ``pg_dumpall`` (plain SQL) for ``database = "all"``. ``--no-password``:
+* PostgreSQL: ``pg_dump --format=custom --compress=0`` per database (uncompressed, so borg's
+  chunks deduplicate from one pull to the next and borg's own compression applies; one
+  snapshot per database; restore with ``pg_restore``), or ``pg_dumpall`` (plain SQL) for ``database = "all"``. ``--no-password``:
   a prompt would hang the run, credentials come from ``~/.pgpass`` or peer authentication.
 * MariaDB: ``mariadb-dump --single-transaction`` (one consistent InnoDB snapshot across the
   databases named), with routines, events and triggers; ``--defaults-file`` first, as the
@@ -106,14 +107,20 @@ def _postgres_jobs(source: PostgresSource) -> list[DumpJob]:
     if source.database == ALL:
         return [_job(source, source.name, f"{source.name}.sql", ["pg_dumpall", *connection])]
     if isinstance(source.database, str):
-        argv = ["pg_dump", "--format=custom", *connection, f"--dbname={source.database}"]
+        argv = [
+            "pg_dump",
+            "--format=custom",
+            "--compress=0",
+            *connection,
+            f"--dbname={source.database}",
+        ]
         return [_job(source, source.name, f"{source.name}.dump", argv)]
     return [
         _job(
             source,
             f"{source.name}/{database}",
             f"{source.name}/{database}.dump",
-            ["pg_dump", "--format=custom", *connection, f"--dbname={database}"],
+            ["pg_dump", "--format=custom", "--compress=0", *connection, f"--dbname={database}"],
         )
         for database in source.database
     ]

@@ -9,8 +9,9 @@ Formats, chosen for a consistent copy that restores:
 
 * PostgreSQL: ``pg_dump --format=custom --compress=0`` per database (uncompressed, so borg's
   chunks deduplicate from one pull to the next and borg's own compression applies; one
-  snapshot per database; restore with ``pg_restore``), or ``pg_dumpall`` (plain SQL) for ``database = "all"``. ``--no-password``:
-  a prompt would hang the run, credentials come from ``~/.pgpass`` or peer authentication.
+  snapshot per database; restore with ``pg_restore``), or ``pg_dumpall`` (plain SQL) for
+  ``database = "all"``. ``--no-password``: a prompt would hang the run, credentials come
+  from ``~/.pgpass`` or peer authentication.
 * MariaDB: ``mariadb-dump --single-transaction`` (one consistent InnoDB snapshot across the
   databases named), with routines, events and triggers; ``--defaults-file`` first, as the
   program requires.

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from borgtunnel.client.sources import DumpJob
+from borgtunnel.config import load_config
+from borgtunnel.runs.pull import pull
 from borgtunnel.runs.sources import verify_sources
 from borgtunnel.runs.verify import VerifyError
 from tests import borgs, dbservers, pullkit, sourcekit
@@ -210,3 +212,34 @@ def test_a_borg_1_4_client_stores_the_same_paths(tmp_path: Path, sshd: SshdServe
     items = sourcekit.archived(tmp_path, repo, sourcekit.only_archive(tmp_path, repo))
     assert items["borgtunnel-sources/command/hello"] == ("-", 3)
     assert not any(path.endswith("/fifo") for path in items)
+
+
+async def test_a_cancelled_pull_with_sources_leaves_nothing_on_the_client(
+    tmp_path: Path, sshd: SshdServer
+) -> None:
+    """Cancelled while borg reads a dump that writes a little and then hangs (the daemon's
+    shutdown or timeout): the cleanup path stops borg, the dump and removes the pipes."""
+    repo, config_path = sourcekit.setup(
+        tmp_path,
+        sshd,
+        [{"type": "command", "name": "hangs", "command": ["sh", "-c", "echo x; sleep 7208"]}],
+    )
+    config = load_config(config_path)
+    task = asyncio.create_task(pull(config, config.client("c1")))
+    for _ in range(200):  # until the dump runs
+        await asyncio.sleep(0.05)
+        if pullkit.processes_mentioning("sleep 7208"):
+            break
+    await asyncio.sleep(0.3)
+    assert pullkit.processes_mentioning("sleep 7208")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    for _ in range(100):  # the run script stops the dump 5 s after borg ended
+        if not pullkit.processes_mentioning("sleep 7208") and not sourcekit.leftovers(sshd):
+            break
+        await asyncio.sleep(0.2)
+    assert pullkit.processes_mentioning("sleep 7208") == []
+    assert sourcekit.leftovers(sshd) == []
+    assert pullkit.archives(tmp_path, repo) == []

@@ -195,12 +195,18 @@ release() {
   find "$1" -type p -exec sh -c ': <> "$1"' sh {} \; 2>/dev/null
   cd / && rm -rf -- "$1"
 }
-# Runs the first $1 of the remaining arguments as a program ("$@" cannot be cut in place).
+# Runs the first $1 of the remaining arguments as a dump ("$@" cannot be cut in place), in a
+# session of its own where setsid exists, so stopping it stops what it started (a shell's
+# children) too: "stop" signals the group, or the pid alone.
+ss=
+command -v setsid >/dev/null 2>&1 && ss=setsid
 first() {
   n=$1; shift; k=$#; i=0
   for a do [ $i -lt "$n" ] && set -- "$@" "$a"; i=$((i + 1)); done
-  shift "$k"; exec "$@"
+  shift "$k"; exec $ss "$@"
 }
+# (dash's kill knows no "--"; "-TERM -PGID" is read the same by dash, bash and busybox.)
+stop() { kill -TERM "-$1" 2>/dev/null || kill -TERM "$1" 2>/dev/null; }
 if [ "${1-}" = borgtunnel-sources ]; then
   sd=$p.sources
   release "$sd"
@@ -231,7 +237,7 @@ if [ "${1-}" = borgtunnel-sources ]; then
     shift "$argc"; nj=$((nj - 1))
   done
   if [ -n "$bad" ] || ! cd -- "$sd"; then
-    for j in $dumps; do kill -TERM "${j%%:*}" 2>/dev/null; done
+    for j in $dumps; do stop "${j%%:*}"; done
     release "$sd"; exit 75
   fi
 fi
@@ -248,7 +254,7 @@ if [ -n "$sd" ]; then
   trap '' PIPE
   find "$sd" -type p -exec sh -c ': <> "$1"' sh {} \; 2>/dev/null
   # A dump still running a while after borg ended (stuck on a lock) is stopped.
-  (sleep 5; for j in $dumps; do kill -TERM "${j%%:*}"; done) >/dev/null 2>&1 &
+  (sleep 5; for j in $dumps; do stop "${j%%:*}"; done) >/dev/null 2>&1 &
   killer=$!
   for j in $dumps; do
     wait "${j%%:*}"

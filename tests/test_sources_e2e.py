@@ -11,6 +11,7 @@ check refuses an archive without a configured source.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -27,6 +28,7 @@ from borgtunnel.runs.sources import verify_sources
 from borgtunnel.runs.verify import VerifyError
 from tests import borgs, dbservers, pullkit, sourcekit
 from tests.sshd import SshdServer
+from tests.test_borg2 import Borg2
 
 pytestmark = pytest.mark.sshd
 
@@ -168,7 +170,7 @@ def test_verification_refuses_an_archive_without_a_source(tmp_path: Path) -> Non
         capture_output=True,
     )
     info = pullkit.borg(tmp_path, "info", "--json", f"{repo}::a1")
-    archive_id = __import__("json").loads(info)["archives"][0]["id"]
+    archive_id = json.loads(info)["archives"][0]["id"]
 
     def job(name: str) -> DumpJob:
         path = f"borgtunnel-sources/command/{name}"
@@ -243,3 +245,20 @@ async def test_a_cancelled_pull_with_sources_leaves_nothing_on_the_client(
     assert pullkit.processes_mentioning("sleep 7208") == []
     assert sourcekit.leftovers(sshd) == []
     assert pullkit.archives(tmp_path, repo) == []
+
+
+def test_a_borg_2_client_stores_the_same_paths(tmp_path: Path, sshd: SshdServer) -> None:
+    client = Borg2(tmp_path, sshd)
+    client.write()
+    with client.config.open("a") as file:
+        source = {"type": "command", "name": "hello", "command": ["echo", "hi"]}
+        file.write("\n" + sourcekit.sources_toml("c1", [source]))
+    assert client.cli("init", "c1").returncode == 0
+
+    result = client.cli("pull", "c1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    archive_id = client.archives()[-1]["id"]
+    listed = client.borg("list", "--json-lines", f"aid:{archive_id}", "borgtunnel-sources")
+    items = {item["path"]: item for item in map(json.loads, listed.splitlines())}
+    assert items["borgtunnel-sources/command/hello"]["size"] == 3

@@ -67,10 +67,12 @@ class RunExit(IntEnum):
     NO_GO = 72
     UNSAFE_ANCESTOR = 73
     NO_BASE64 = 74
+    SOURCES = 75
 
 
 READY_PREFIX = "borgtunnel-ready "
 PID_PREFIX = "borgtunnel-pid "
+SOURCE_PREFIX = "borgtunnel-source "
 GO = b"go\n"
 
 # $1 configured socket path (may start with "~/"), $2 BORG_RSH for nc, $3 for socat, then borg's
@@ -183,14 +185,84 @@ export BORG_RSH BORGSTORE_RSH BORGTUNNEL_SOCKET
 printf 'borgtunnel-ready %s %s\n' "$t" "$p" >&2
 IFS= read -r go || exit 72
 [ "$go" = go ] || exit 72
+# Sources (borgtunnel/client/sources.py): each dump writes into a named pipe in the private
+# directory $sd, which borg reads (--read-special) from there as borgtunnel-sources/...
+sd=; dumps=; dpids=
+# Opening a pipe read-write never blocks and releases a dump blocked opening it for writing
+# (borg never reached it); once closed, that dump's next write fails. Then the directory goes.
+release() {
+  [ -d "$1" ] && [ ! -L "$1" ] || return 0
+  find "$1" -type p -exec sh -c ': <> "$1"' sh {} \; 2>/dev/null
+  cd / && rm -rf -- "$1"
+}
+# Runs the first $1 of the remaining arguments as a dump ("$@" cannot be cut in place), in a
+# session of its own where setsid exists, so stopping it stops what it started (a shell's
+# children) too: "stop" signals the group, or the pid alone.
+ss=
+command -v setsid >/dev/null 2>&1 && ss=setsid
+first() {
+  n=$1; shift; k=$#; i=0
+  for a do [ $i -lt "$n" ] && set -- "$@" "$a"; i=$((i + 1)); done
+  shift "$k"; exec $ss "$@"
+}
+# (dash's kill knows no "--"; "-TERM -PGID" is read the same by dash, bash and busybox.)
+stop() { kill -TERM "-$1" 2>/dev/null || kill -TERM "$1" 2>/dev/null; }
+if [ "${1-}" = borgtunnel-sources ]; then
+  sd=$p.sources
+  release "$sd"
+  if ! printf 'a\0' | sed -z 's/a/b/' >/dev/null 2>&1 ||
+    ! find / -maxdepth 0 -xtype d >/dev/null 2>&1; then
+    echo "borgtunnel: sources need GNU find and sed on the client" >&2; exit 75
+  fi
+  (umask 077 && mkdir -- "$sd") || { echo "borgtunnel: cannot create $sd" >&2; exit 75; }
+  n=$2; shift 2
+  # --read-special would read every pipe and device under the paths, and follow symlinks to
+  # them: exclude each (sh: pattern; '*', '?', ']' and '\' bracketed; '[' and a newline matched
+  # by '?', since borg's regex of '[[]' warns; matching a neighbour too only excludes more).
+  (k=$#; i=0; for a do [ $i -lt "$n" ] && set -- "$@" "$a"; i=$((i + 1)); done; shift "$k"
+    exec find -P "$@" \( -xtype p -o -xtype b -o -xtype c \) -print0) 2>/dev/null |
+    sed -z 's/[[\n]/\x01/g; s/[]*?\\]/[&]/g; s/\x01/?/g; s/^/sh:/' |
+    tr '\0' '\n' > "$sd/borgtunnel-special-files"
+  shift "$n"
+  nj=$1; shift
+  bad=
+  while [ "$nj" -gt 0 ]; do
+    label=$1; f=$sd/$2; argc=$3; shift 3
+    if (umask 077 && mkdir -p -- "${f%/*}" && mkfifo -m 600 -- "$f"); then
+      (first "$argc" "$@") < /dev/null > "$f" &
+      dumps="$dumps $!:$label"; dpids="$dpids $!"
+    else
+      bad=1; echo "borgtunnel: cannot create the pipe $f" >&2
+    fi
+    shift "$argc"; nj=$((nj - 1))
+  done
+  if [ -n "$bad" ] || ! cd -- "$sd"; then
+    for j in $dumps; do stop "${j%%:*}"; done
+    release "$sd"; exit 75
+  fi
+fi
 exec 3<&0
 "$@" 0<&3 3<&- &
 pid=$!
 exec 3<&-
-printf '%s %s\n' "$$" "$pid" > "$pf"
+printf '%s %s%s\n' "$$" "$pid" "$dpids" > "$pf"
 printf 'borgtunnel-pid %s\n' "$pid" >&2
 wait "$pid"
 s=$?
+if [ -n "$sd" ]; then
+  # The link may be gone: a write to it must not end this script before the cleanup.
+  trap '' PIPE
+  find "$sd" -type p -exec sh -c ': <> "$1"' sh {} \; 2>/dev/null
+  # A dump still running a while after borg ended (stuck on a lock) is stopped.
+  (sleep 5; for j in $dumps; do stop "${j%%:*}"; done) >/dev/null 2>&1 &
+  killer=$!
+  for j in $dumps; do
+    wait "${j%%:*}"
+    printf 'borgtunnel-source %s %s\n' "${j#*:}" "$?" >&2
+  done
+  kill "$killer" 2>/dev/null
+  release "$sd"
+fi
 owner=
 read -r owner _ < "$pf" 2>/dev/null
 [ "$owner" = "$$" ] && rm -f -- "$p" "$pf"
@@ -214,6 +286,8 @@ _DECODER = (
 # What each encoded command is, on its first line: a client-side gatekeeper
 # (borgtunnel/client/gatekeeper.py) reads the kind and the ``set --`` line, never the script.
 REQUEST_RUN = "borgtunnel-run"
+# A run with sources: no gatekeeper knows it yet (it refuses it as an unknown kind).
+REQUEST_RUN_SOURCES = "borgtunnel-run-sources"
 REQUEST_RESTORE = "borgtunnel-restore"
 REQUEST_CLEANUP = "borgtunnel-cleanup"
 REQUEST_REMOVE = "borgtunnel-remove"
@@ -243,10 +317,12 @@ def run_command(
     argv: Sequence[str],
     *,
     kind: str = REQUEST_RUN,
+    sources: Sequence[str] = (),
 ) -> str:
     """The whole remote side of a pull (or a restore) as one command line; every value is an
-    argument."""
-    return encoded_command(RUN_SCRIPT, [configured_path, rsh_nc, rsh_socat, *argv], kind=kind)
+    argument. ``sources`` is the block borgtunnel/client/sources.py builds (sources_args)."""
+    args = [configured_path, rsh_nc, rsh_socat, *sources, *argv]
+    return encoded_command(RUN_SCRIPT, args, kind=kind)
 
 
 @dataclass(frozen=True)
@@ -274,6 +350,16 @@ def parse_pid_line(line: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def parse_source_line(line: str) -> tuple[str, int] | None:
+    """``borgtunnel-source LABEL STATUS`` -> (label, status); anything else -> None."""
+    if not line.startswith(SOURCE_PREFIX):
+        return None
+    label, _, status = line[len(SOURCE_PREFIX) :].rstrip("\n").partition(" ")
+    if not label or len(label) > 200 or not status.isdigit() or len(status) > 3:
+        return None
+    return label, int(status)
+
+
 def remove_command(*paths: str) -> str:
     return encoded_command('rm -f -- "$@"', paths, kind=REQUEST_REMOVE)
 
@@ -290,6 +376,13 @@ if [ -n "$pid" ]; then
   fi
 fi
 rm -f -- "$@"
+# A run with sources left its private directory next to the socket ($1 is the socket); the
+# run script removes it itself unless it was killed. A dump blocked opening a pipe is released.
+sd=$1.sources
+if [ -d "$sd" ] && [ ! -L "$sd" ]; then
+  find "$sd" -type p -exec sh -c ': <> "$1"' sh {} \; 2>/dev/null
+  rm -rf -- "$sd"
+fi
 """
 
 

@@ -31,7 +31,17 @@ from pydantic import BaseModel, ConfigDict
 MERGED_TABLES: Final = frozenset({"ssh", "retention", "check"})
 # List-valued keys (the extend form is accepted for these and for ssh.ciphers).
 LIST_KEYS: Final = frozenset(
-    {"paths", "exclude", "create_args", "blackout", "notify", "before", "after", "on_failure"}
+    {
+        "paths",
+        "exclude",
+        "create_args",
+        "sources",
+        "blackout",
+        "notify",
+        "before",
+        "after",
+        "on_failure",
+    }
 )
 LIST_TABLE_KEYS: Final = frozenset({"ssh.ciphers"})
 # String settings in which ``{client}`` stands for the client's name (lists: every item).

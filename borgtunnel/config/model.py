@@ -44,6 +44,7 @@ from borgtunnel.config.schedule import (
     system_zone,
     validate_blackouts,
 )
+from borgtunnel.config.sources import SourceSettings, check_unique
 from borgtunnel.durations import parse_borg_interval
 from borgtunnel.redact import remember_url
 from borgtunnel.text import option_like
@@ -266,6 +267,8 @@ class ClientConfig(_Model):
     passphrase_file: Path | None = None
     passphrase_command: str | None = Field(default=None, min_length=1)
     create_args: tuple[str, ...] = ()
+    # Database dumps and commands streamed into the same archive (borgtunnel/config/sources.py).
+    sources: tuple[SourceSettings, ...] = ()
     remote_borg: str = Field(default="borg", min_length=1)
     remote_socket: str = ""  # default derived from name: ~/.cache/borgtunnel/NAME.sock
     ssh: SSHOptions | None = None
@@ -439,6 +442,11 @@ class ClientConfig(_Model):
             if not path.startswith("/"):
                 raise ValueError(f"{path!r} must be an absolute path on the client")
         return value
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_unique(cls, value: tuple[SourceSettings, ...]) -> tuple[SourceSettings, ...]:
+        return check_unique(value)
 
     @field_validator("exclude", "create_args")
     @classmethod

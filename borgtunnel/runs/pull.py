@@ -20,9 +20,13 @@ from enum import StrEnum
 import structlog
 
 from borgtunnel import borg, borgexit, clientborg, oserrors
+from borgtunnel.client import sources
 from borgtunnel.client.remote import (
     GO,
+    REQUEST_RUN,
+    REQUEST_RUN_SOURCES,
     parse_pid_line,
+    parse_source_line,
     run_command,
 )
 from borgtunnel.config import ClientConfig, Config
@@ -39,6 +43,7 @@ from borgtunnel.runs.remoterun import (
     release_client_locks,
     stop_serve,
 )
+from borgtunnel.runs.sources import MAX_STATUS_LINES, status_problems, verify_sources
 from borgtunnel.runs.verify import (
     RepositoryState,
     VerifyError,
@@ -113,6 +118,8 @@ class PullOutcome:
     hook_failed: bool = False
     # The history row of this run (set by jobs.run_recorded; None for a busy client).
     run_id: int | None = None
+    # Labels of the sources (borgtunnel/client/sources.py) whose dump failed or is missing.
+    failed_sources: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -210,6 +217,12 @@ class _Run:
         self.exception: str | None = None
         self.lines_seen = 0
         self.stdout = ""
+        # The client's dumps (none without sources) and the exit status the run script
+        # reported for each.
+        self.jobs = sources.dump_jobs(client.sources)
+        self.labels = frozenset(job.label for job in self.jobs)
+        self.source_status: dict[str, int] = {}
+        self.status_lines = 0
 
     def _keep(self, kept: list[str], message: str) -> None:
         kept.append(message)
@@ -225,7 +238,23 @@ class _Run:
             with contextlib.suppress(Exception):  # a display problem must not break the pull
                 self.progress(update)
 
+    def _source_line(self, line: str) -> bool:
+        """A dump's exit status from the run script: kept, and True; other lines: False."""
+        if not self.labels or (reported := parse_source_line(line)) is None:
+            return False
+        label, status = reported
+        self.status_lines += 1
+        if label in self.labels and self.status_lines <= MAX_STATUS_LINES:
+            # The script prints these last: a later line for a label wins over any earlier
+            # look-alike in a dump's own messages.
+            self.source_status[label] = status
+            if status != 0:
+                self.log.warning("source_dump_failed", source=label, status=status)
+        return True
+
     def on_remote_line(self, line: str) -> None:
+        if self._source_line(line):
+            return
         if self.remote_pid is None:
             self.remote_pid = parse_pid_line(line)
             if self.remote_pid is not None:
@@ -459,6 +488,21 @@ async def _verify(
         before=before,
         borg2=run.borg2,
     )
+    if run.jobs:
+        try:
+            await verify_sources(
+                run.jobs,
+                borg_cmd=run.server_borg,
+                repository=client.repository,
+                state_dir=server.state_dir,
+                passphrase=passphrase,
+                archive=run.outcome.stats.archive,
+                archive_id=run.outcome.stats.archive_id,
+                borg2=run.borg2,
+            )
+        except VerifyError:
+            run.outcome.failed_sources = [job.label for job in run.jobs]
+            raise
     run.log.info("archive_verified", seconds=round(time.monotonic() - started, 3))
     # The first verified pull of a repository made elsewhere saves the key the server now
     # knows opens it; later pulls compare against that copy.
@@ -474,9 +518,11 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         remote_borg=client.remote_borg,
         repository=client.repository,
         archive=client.archive,
-        paths=client.paths,
+        # A run with sources reads its dumps' pipes from a private directory, its working
+        # directory on the client: the relative path is what the archive holds.
+        paths=[*client.paths, sources.SOURCES_DIR] if run.jobs else client.paths,
         exclude=client.exclude,
-        extra=client.create_args,
+        extra=[*client.create_args, *sources.CREATE_OPTIONS] if run.jobs else client.create_args,
     )
     run.log.debug("remote_command", argv=argv)
     return run_command(
@@ -486,6 +532,8 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         borg.with_env(
             argv, borg.client_env(encrypted=encrypted, modern_exit_codes=run.modern_exit_codes)
         ),
+        kind=REQUEST_RUN_SOURCES if run.jobs else REQUEST_RUN,
+        sources=sources.sources_args(client.paths, run.jobs) if run.jobs else (),
     )
 
 
@@ -508,6 +556,23 @@ async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) 
     else:
         outcome.result = RunResult.FAILED
         outcome.error = _failure_text(run, status, listener)
+    if run.jobs and run.remote_finished:
+        _check_dumps(run)
+
+
+def _check_dumps(run: _Run) -> None:
+    """A dump that did not exit 0 fails the run, whatever borg said: borg archived a pipe that
+    simply ended, so the archive holds a truncated file that looks like any other."""
+    problems = status_problems(run.jobs, run.source_status)
+    if not problems:
+        return
+    outcome = run.outcome
+    outcome.failed_sources = [
+        job.label for job in run.jobs if run.source_status.get(job.label) != 0
+    ]
+    outcome.result = RunResult.FAILED
+    text = "; ".join(problems)
+    outcome.error = f"{text}; {outcome.error}" if outcome.error else text
 
 
 def _explain(run: _Run, status: int | None) -> str:

@@ -25,6 +25,7 @@ from borgtunnel.client.remote import (
     parse_pid_line,
     run_command,
 )
+from borgtunnel.client.snapshot import SnapshotPlan, snapshot_run_command
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
@@ -479,7 +480,7 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         extra=client.create_args,
     )
     run.log.debug("remote_command", argv=argv)
-    return run_command(
+    args = (
         client.remote_socket_path,
         borg.RSH_BY_TOOL["nc"],
         borg.RSH_BY_TOOL["socat"],
@@ -487,6 +488,16 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
             argv, borg.client_env(encrypted=encrypted, modern_exit_codes=run.modern_exit_codes)
         ),
     )
+    if client.snapshot is not None:
+        plan = SnapshotPlan(
+            kind=client.snapshot,
+            client=client.name,
+            paths=client.paths,
+            fallback=client.snapshot_fallback,
+            lvm_size=client.lvm_snapshot_size,
+        )
+        return snapshot_run_command(plan, *args)
+    return run_command(*args)
 
 
 async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:

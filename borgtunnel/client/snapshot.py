@@ -278,6 +278,8 @@ snap_on_exit() {
   exit "$s"
 }
 snapshot_prepare() {
+  trap 'snap_on_exit $?' EXIT
+  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
   if [ "$(id -u)" != 0 ]; then
     echo "borgtunnel: snapshot = \"$snap_kind\" needs root on the client; the login user is" \
       "$(id -un) (log in as root, or turn snapshot off)" >&2
@@ -301,8 +303,6 @@ snapshot_prepare() {
   # Real paths of all configured paths: a nested subvolume listed itself is covered.
   snap_real=$(printf %s "$snap_paths" | while IFS= read -r q; do
     readlink -f -- "$q" || :; done)$snap_nl
-  trap 'snap_on_exit $?' EXIT
-  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
   mkdir -m 0700 -- "$snap_stage" || { echo "borgtunnel: cannot create $snap_stage" >&2; return 92; }
   while IFS= read -r q; do
     [ -z "$q" ] || "snap_take_$snap_kind" "$q" || return $?

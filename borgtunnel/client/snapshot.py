@@ -279,7 +279,7 @@ snap_on_exit() {
 }
 snapshot_prepare() {
   trap 'snap_on_exit $?' EXIT
-  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 141' PIPE
   if [ "$(id -u)" != 0 ]; then
     echo "borgtunnel: snapshot = \"$snap_kind\" needs root on the client; the login user is" \
       "$(id -un) (log in as root, or turn snapshot off)" >&2

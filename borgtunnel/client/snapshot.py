@@ -299,7 +299,6 @@ snapshot_prepare() {
   snap_stage="$d/borgtunnel-snap-$snap_client-$$"
   snap_keys=
   snap_real=
-  snap_bind_dst=
   # Real paths of all configured paths: a nested subvolume listed itself is covered.
   snap_real=$(printf %s "$snap_paths" | while IFS= read -r q; do
     readlink -f -- "$q" || :; done)$snap_nl

@@ -415,6 +415,12 @@ def parse_request(command: str) -> Request:
     The scripts are ignored: they are never run, and they may change with the server's version.
     """
     kind, args = decode_command(command)
+    if kind == "borgtunnel-run-snapshot":
+        # The gatekeeper runs its own commands: it would back up the live files instead.
+        raise RefusedError(
+            "this client's configuration on the server asks for a filesystem snapshot "
+            "(snapshot), which the gatekeeper does not take; turn snapshot off for it"
+        )
     if kind == "borgtunnel-run" and len(args) >= 4:
         socket, _rsh_nc, _rsh_socat, *rest = args
         return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))

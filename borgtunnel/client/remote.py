@@ -177,6 +177,9 @@ then
   i=0
   while [ $i -lt 100 ] && kill -0 "$old" 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
 fi
+# Snapshots (borgtunnel/client/snapshot.py prepends the prelude that defines this), taken once
+# no earlier run's borg holds them.
+[ -z "${borgtunnel_snap:-}" ] || snapshot_prepare || exit $?
 BORGTUNNEL_SOCKET=$p
 # borg 2 reads BORGSTORE_RSH and copies BORG_RSH into it only when it is unset: one set by the
 # client's profile would otherwise take borg elsewhere. borg 1.x ignores it.

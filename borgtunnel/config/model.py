@@ -244,6 +244,12 @@ class CheckSettings(_Model):
         return value
 
 
+# lvcreate -L SIZE (units b s k m g t p e, any case) or -l N%{ORIGIN,VG,FREE,PVS}.
+LVM_SIZE_RE = re.compile(
+    r"[1-9][0-9]{0,15}(\.[0-9]{1,6})?[bBsSkKmMgGtTpPeE]?|[1-9][0-9]{0,2}%(ORIGIN|VG|FREE|PVS)"
+)
+
+
 class ClientConfig(_Model):
     """``[clients.NAME]``: one machine to pull from."""
 
@@ -305,6 +311,36 @@ class ClientConfig(_Model):
     after: Hooks | None = None
     on_failure: Hooks | None = None
     hook_timeout: PositiveSeconds | None = None
+    # Filesystem snapshots on the client, taken before borg starts (docs/snapshots.md).
+    snapshot: Literal["btrfs", "lvm"] | None = None
+    snapshot_fallback: bool = False  # true: no snapshot -> back up the live files, a warning
+    lvm_snapshot_size: str = "10%ORIGIN"
+
+    @field_validator("lvm_snapshot_size")
+    @classmethod
+    def _lvm_size_valid(cls, value: str) -> str:
+        if not LVM_SIZE_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an LVM snapshot size: a size such as '1G' or '512M' "
+                "(lvcreate -L), or a share such as '10%ORIGIN', '20%FREE' (lvcreate -l)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _snapshot_paths_valid(self) -> Self:
+        if self.snapshot is None:
+            return self
+        for path in self.paths:
+            # The client script keeps the paths one a line; "/" itself cannot be covered by a
+            # mount (a process's root is not crossed by lookups).
+            if "\n" in path:
+                raise ValueError(f"snapshot: path {path!r} contains a newline")
+            if path.rstrip("/") == "":
+                raise ValueError(
+                    "snapshot: '/' cannot be backed up from a snapshot; list the directories "
+                    "below it in paths"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod

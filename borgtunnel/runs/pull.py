@@ -29,6 +29,7 @@ from borgtunnel.client.remote import (
     parse_source_line,
     run_command,
 )
+from borgtunnel.client.snapshot import SnapshotPlan, snapshot_run_command
 from borgtunnel.config import ClientConfig, Config
 from borgtunnel.history import RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
@@ -525,7 +526,7 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         extra=[*client.create_args, *sources.CREATE_OPTIONS] if run.jobs else client.create_args,
     )
     run.log.debug("remote_command", argv=argv)
-    return run_command(
+    args = (
         client.remote_socket_path,
         borg.RSH_BY_TOOL["nc"],
         borg.RSH_BY_TOOL["socat"],
@@ -535,6 +536,16 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         kind=REQUEST_RUN_SOURCES if run.jobs else REQUEST_RUN,
         sources=sources.sources_args(client.paths, run.jobs) if run.jobs else (),
     )
+    if client.snapshot is not None:
+        plan = SnapshotPlan(
+            kind=client.snapshot,
+            client=client.name,
+            paths=client.paths,
+            fallback=client.snapshot_fallback,
+            lvm_size=client.lvm_snapshot_size,
+        )
+        return snapshot_run_command(plan, *args)
+    return run_command(*args)
 
 
 async def _finish_create(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None:

@@ -140,3 +140,21 @@ def test_a_non_root_login_user_is_a_clear_error_at_prepare(nobody_dir: Path) -> 
     assert 'snapshot = "btrfs" needs root on the client' in result.stderr
     assert "borgtunnel-ready" not in result.stderr  # refused before the server forwards
     assert list(nobody_dir.iterdir()) == []  # no pid file, no staging directory left
+
+
+def test_snapshot_and_sources_together_are_refused_naming_the_client() -> None:
+    raw = {
+        "clients": {
+            "db1": {
+                "host": "db1.example.org",
+                "repository": "/srv/borg/db1",
+                "paths": ["/srv/data"],
+                "snapshot": "btrfs",
+                "sources": [{"type": "sqlite", "name": "app", "path": "/srv/app.db"}],
+            }
+        }
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert "clients.db1" in str(caught.value)
+    assert "not supported together with sources" in str(caught.value)

@@ -23,7 +23,6 @@ from borgtunnel import borg, borgexit, clientborg, oserrors
 from borgtunnel.client import sources
 from borgtunnel.client.remote import (
     GO,
-    REQUEST_RUN,
     REQUEST_RUN_SOURCES,
     parse_pid_line,
     parse_source_line,
@@ -533,9 +532,13 @@ def _remote_command(run: _Run, *, encrypted: bool) -> str:
         borg.with_env(
             argv, borg.client_env(encrypted=encrypted, modern_exit_codes=run.modern_exit_codes)
         ),
-        kind=REQUEST_RUN_SOURCES if run.jobs else REQUEST_RUN,
-        sources=sources.sources_args(client.paths, run.jobs) if run.jobs else (),
     )
+    if run.jobs:  # sources and snapshot together are refused at load (config/model.py)
+        return run_command(
+            *args,
+            kind=REQUEST_RUN_SOURCES,
+            sources=sources.sources_args(client.paths, run.jobs),
+        )
     if client.snapshot is not None:
         plan = SnapshotPlan(
             kind=client.snapshot,

@@ -70,21 +70,26 @@ def _absolute(value: str | None) -> str | None:
     return value
 
 
-class PostgresSource(_SourceBase):
-    """pg_dump (custom format) per database, or pg_dumpall for ``database = "all"``."""
+class _DatabaseSource(_SourceBase):
+    """A database server's dump: which databases (one, a list, or "all") and on which port."""
 
-    type: Literal["postgresql"]
     database: str | tuple[str, ...]
-    # A database role (pg_dump --username); with peer authentication it must be the login user.
-    user: str | None = None
-    # A host name or an absolute socket directory (libpq reads a leading '/' as one).
-    host: str | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
     @field_validator("database")
     @classmethod
     def _databases_valid(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
         return _databases(value)
+
+
+class PostgresSource(_DatabaseSource):
+    """pg_dump (custom format) per database, or pg_dumpall for ``database = "all"``."""
+
+    type: Literal["postgresql"]
+    # A database role (pg_dump --username); with peer authentication it must be the login user.
+    user: str | None = None
+    # A host name or an absolute socket directory (libpq reads a leading '/' as one).
+    host: str | None = None
 
     @field_validator("user")
     @classmethod
@@ -99,21 +104,14 @@ class PostgresSource(_SourceBase):
         return value
 
 
-class MariadbSource(_SourceBase):
+class MariadbSource(_DatabaseSource):
     """mariadb-dump --single-transaction of some databases or all of them."""
 
     type: Literal["mariadb"]
-    database: str | tuple[str, ...]
     # An option file on the client holding user and password ([client] or [mariadb-dump]).
     defaults_file: str | None = None
     socket: str | None = None
     host: str | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-
-    @field_validator("database")
-    @classmethod
-    def _databases_valid(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
-        return _databases(value)
 
     @field_validator("defaults_file", "socket")
     @classmethod

@@ -7,8 +7,7 @@ import tomllib
 import pytest
 
 from borgtunnel.client import sources
-from borgtunnel.client.gatekeeper import RefusedError, parse_request
-from borgtunnel.client.remote import REQUEST_RUN_SOURCES, parse_source_line, run_command
+from borgtunnel.client.remote import parse_source_line, run_command
 from borgtunnel.config import ConfigError, parse_config
 from borgtunnel.runs.sources import archive_problems, archived_sizes, status_problems
 
@@ -189,19 +188,3 @@ def test_archive_listing_is_read_for_regular_files_only() -> None:
         "source 'b' (command)",
         "source 'c' (command)",
     ]
-
-
-def test_todays_gatekeeper_refuses_a_run_with_sources() -> None:
-    """Until its policy lists sources, a gatekeeper must not run a request it cannot check."""
-    jobs = _load('[[clients.c1.sources]]\ntype = "command"\nname = "c"\ncommand = ["id"]\n')
-    block = sources.sources_args(["/etc"], jobs)
-    command = run_command(
-        "~/s.sock",
-        "nc",
-        "socat",
-        ["borg", "create", "--", "x::y", "/etc"],
-        kind=REQUEST_RUN_SOURCES,
-        sources=block,
-    )
-    with pytest.raises(RefusedError, match="not a borgtunnel request"):
-        parse_request(command)

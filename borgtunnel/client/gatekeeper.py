@@ -6,7 +6,8 @@ compromised server owns every client. With it (``command="/usr/local/bin/borgtun
 in ``authorized_keys``), the key can only do what a pull needs:
 
 - ``run``: prepare the socket directory, report ``borgtunnel-ready TOOL PATH``, wait for ``go``,
-  run ``borg create`` to the forwarded socket (passphrase from stdin), remove its socket;
+  run ``borg create`` to the forwarded socket (passphrase from stdin), remove its socket; with
+  sources, only those the policy lists, each dump built and run here into a FIFO borg reads;
 - ``cleanup``: stop a borg create left by an abandoned run (only a pid recorded in one of our
   pid files) and remove our own socket and pid file;
 - ``doctor``: print versions and this policy, probe the reverse forward;
@@ -42,6 +43,12 @@ Standalone: Python 3 standard library only, no borgtunnel import, installable as
         /var/restore
     # device nodes, FIFOs, setuid/setgid files and file capabilities in a restore (else refused)
     restore_special = no
+
+    # sources the server may name in a pull (docs/sources.md); the gatekeeper runs these
+    # commands itself, built from these settings: the server only names them
+    [source app]
+    type = postgresql
+    database = app
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -129,6 +137,8 @@ class RunRequest:
     socket: str
     call: BorgCall
     kind: str = "run"
+    # A run with sources: the server's dump jobs, to be matched against the policy's.
+    jobs: tuple[SourceJob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -406,6 +416,8 @@ def parse_request(command: str) -> Request:
     - ``borgtunnel-run``: SOCKET RSH_NC RSH_SOCAT [env K=V…] BORG… create ARGS, where ARGS end
       in ``-- ssh://borgtunnel/REPO::ARCHIVE PATH…`` (borg 1.x) or, for borg 2, carry
       ``--repo=ssh://borgtunnel/REPO`` and end in ``-- ARCHIVE PATH…``
+    - ``borgtunnel-run-sources``: the same with the sources block (parse_sources_block) after
+      RSH_SOCAT; the jobs are matched against the policy's (check_jobs)
     - ``borgtunnel-restore``: SOCKET RSH_NC RSH_SOCAT [env K=V…] sh -c SCRIPT
       borgtunnel-restore TARGET MODE BORG… extract ARGS
     - ``borgtunnel-cleanup``: PID-or-empty SOCKET SOCKET.pid
@@ -424,6 +436,8 @@ def parse_request(command: str) -> Request:
     if kind == "borgtunnel-run" and len(args) >= 4:
         socket, _rsh_nc, _rsh_socat, *rest = args
         return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))
+    if kind == "borgtunnel-run-sources" and len(args) >= 4:
+        return _parse_sources_run(args)
     if kind == "borgtunnel-restore" and len(args) >= 4:
         return _parse_restore(args)
     if kind == "borgtunnel-cleanup" and len(args) == 3 and (not args[0] or args[0].isdigit()):
@@ -433,6 +447,17 @@ def parse_request(command: str) -> Request:
     if kind == "borgtunnel-doctor" and args:
         return DoctorRequest(socket=args[0])
     raise RefusedError(f"not a borgtunnel request: {_show(kind, 60)} {_show(' '.join(args), 80)}")
+
+
+def _parse_sources_run(args: Sequence[str]) -> RunRequest:
+    """``SOCKET RSH_NC RSH_SOCAT`` + the sources block + borg create with ``--read-special
+    --exclude-from=borgtunnel-special-files`` and ``borgtunnel-sources`` as its last path."""
+    socket, _rsh_nc, _rsh_socat, *rest = args
+    jobs, words = parse_sources_block(rest)
+    call = _parse_borg(without_source_options(words), "create", _CREATE_OPTIONS)
+    if not call.paths or call.paths[-1] != SOURCES_DIR:
+        raise RefusedError(f"a run with sources must end its paths with {SOURCES_DIR!r}")
+    return RunRequest(socket=socket, call=replace(call, paths=call.paths[:-1]), jobs=tuple(jobs))
 
 
 def _parse_restore(args: Sequence[str]) -> RestoreRequest:
@@ -661,6 +686,238 @@ def _show(text: str, limit: int = 240) -> str:
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
+# --- sources: database dumps and commands the policy lists -----------------------------------
+# The server may only NAME a source of this policy: a run with sources (``borgtunnel-run-sources``)
+# carries the server's dump jobs (label, archive path, argv) for its own verification; each must
+# be a job this policy's ``[source NAME]`` sections give, word for word, and the gatekeeper then
+# runs ITS OWN argv. The jobs are built exactly as the server builds them
+# (borgtunnel/client/sources.py, borgtunnel/config/sources.py's rules); tests/sourcecases.py holds
+# both to one table, so a difference is a refusal naming the first differing word, never a guess.
+
+SOURCES_MARK = "borgtunnel-sources"
+SOURCES_DIR = "borgtunnel-sources"
+SPECIAL_EXCLUDES = "borgtunnel-special-files"
+SOURCE_OPTIONS = ("--read-special", f"--exclude-from={SPECIAL_EXCLUDES}")
+EXIT_SOURCES = 75  # the run script's code for "the sources could not be prepared"
+MAX_SOURCES = 32
+MAX_JOBS = 256
+MAX_ARGC = 256
+# A dump still running this long after borg ended (stuck on a lock) is stopped.
+DUMP_GRACE_SECONDS = 5.0
+SOURCE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+DB_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.$-]{0,62}")
+HOST_RE = re.compile(r"(?:/[^\0\n]{0,200}|[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252})")
+_SOURCE_KEYS = {
+    "postgresql": frozenset({"type", "database", "user", "host", "port"}),
+    "mariadb": frozenset({"type", "database", "defaults_file", "socket", "host", "port"}),
+    "sqlite": frozenset({"type", "path"}),
+    "command": frozenset({"type", "command"}),
+}
+# sqlite3 exits 0 even when .dump failed: the SQL must end in COMMIT (client/sources.py).
+_SQLITE_DUMP = (
+    'sqlite3 -readonly -bail -cmd ".timeout 600000" "$1" .dump | '
+    "awk '{ print } END { exit $0 != \"COMMIT;\" }'"
+)
+
+
+@dataclass(frozen=True)
+class SourceJob:
+    """One dump program writing one file of the archive (``path`` relative, under SOURCES_DIR)."""
+
+    label: str
+    path: str
+    argv: tuple[str, ...]
+
+
+def _source_error(where: str, message: str) -> RefusedError:
+    return RefusedError(f"policy {where}: {message}", EXIT_POLICY)
+
+
+def _db_names(where: str, key: str, text: str) -> tuple[str, ...]:
+    names = tuple(text.split())
+    if not names:
+        raise _source_error(where, f"{key}: names no database (one name, several, or all)")
+    if "all" in names and len(names) > 1:
+        raise _source_error(where, f"{key}: 'all' stands alone, not in a list")
+    if len(set(names)) != len(names):
+        raise _source_error(where, f"{key}: names a database twice")
+    for name in names:
+        if not DB_NAME_RE.fullmatch(name):
+            raise _source_error(where, f"{key}: {name!r} is not a plain database name")
+    return names
+
+
+def _absolute_value(where: str, key: str, value: str) -> str:
+    if not value.startswith("/") or "\n" in value or "\0" in value:
+        raise _source_error(where, f"{key}: {value!r} must be an absolute path")
+    return value
+
+
+def _port_value(where: str, value: str) -> str:
+    if not value.isdigit() or not 1 <= int(value) <= 65535 or value != str(int(value)):
+        raise _source_error(where, f"port: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def source_jobs(name: str, settings: Mapping[str, str], where: str) -> list[SourceJob]:
+    """A ``[source NAME]`` section -> its dump jobs, with the server's argv (sources.py)."""
+    if not SOURCE_NAME_RE.fullmatch(name):
+        raise _source_error(where, f"{name!r} is not a source name (a-z, 0-9, '_', '-')")
+    kind = settings.get("type", "").strip()
+    if kind not in _SOURCE_KEYS:
+        raise _source_error(where, f"type: must be one of {', '.join(sorted(_SOURCE_KEYS))}")
+    unknown = sorted(set(settings) - _SOURCE_KEYS[kind])
+    if unknown:
+        raise _source_error(where, f"unknown key(s) for a {kind} source: {', '.join(unknown)}")
+    values = {key: value.strip() for key, value in settings.items()}
+    for key, value in values.items():
+        if not value:
+            raise _source_error(where, f"{key}: is empty")
+    if kind == "postgresql":
+        return _postgres_jobs(name, values, where)
+    if kind == "mariadb":
+        return [_source_job(kind, name, f"{name}.sql", _mariadb_argv(values, where))]
+    if kind == "sqlite":
+        path = _absolute_value(where, "path", values.get("path", ""))
+        return [
+            _source_job(kind, name, f"{name}.sql", ("sh", "-c", _SQLITE_DUMP, "sqlite-dump", path))
+        ]
+    try:
+        command = tuple(shlex.split(values.get("command", ""), posix=True))
+    except ValueError as exc:
+        raise _source_error(where, f"command: {exc}") from None
+    if not command or command[0].startswith("-"):
+        raise _source_error(where, "command: must start with a program's name or path")
+    return [_source_job(kind, name, name, command)]
+
+
+def _source_job(kind: str, label: str, file: str, argv: Sequence[str]) -> SourceJob:
+    return SourceJob(label=label, path=f"{SOURCES_DIR}/{kind}/{file}", argv=tuple(argv))
+
+
+def _postgres_jobs(name: str, values: Mapping[str, str], where: str) -> list[SourceJob]:
+    connection = ["--no-password"]
+    if "user" in values:
+        if not DB_NAME_RE.fullmatch(values["user"]):
+            raise _source_error(where, f"user: {values['user']!r} is not a plain role name")
+        connection.append(f"--username={values['user']}")
+    if "host" in values:
+        if not HOST_RE.fullmatch(values["host"]):
+            raise _source_error(where, f"host: {values['host']!r} is not a host or socket dir")
+        connection.append(f"--host={values['host']}")
+    if "port" in values:
+        connection.append(f"--port={_port_value(where, values['port'])}")
+    databases = _db_names(where, "database", values.get("database", ""))
+    dump = ("pg_dump", "--format=custom", "--compress=0", *connection)
+    if databases == ("all",):
+        return [_source_job("postgresql", name, f"{name}.sql", ("pg_dumpall", *connection))]
+    if len(databases) == 1:
+        argv = (*dump, f"--dbname={databases[0]}")
+        return [_source_job("postgresql", name, f"{name}.dump", argv)]
+    return [
+        _source_job("postgresql", f"{name}/{db}", f"{name}/{db}.dump", (*dump, f"--dbname={db}"))
+        for db in databases
+    ]
+
+
+def _mariadb_argv(values: Mapping[str, str], where: str) -> list[str]:
+    argv = ["mariadb-dump"]
+    if "defaults_file" in values:  # must come first
+        argv.append(
+            f"--defaults-file={_absolute_value(where, 'defaults_file', values['defaults_file'])}"
+        )
+    argv += ["--single-transaction", "--routines", "--events", "--triggers"]
+    if "socket" in values:
+        argv.append(f"--socket={_absolute_value(where, 'socket', values['socket'])}")
+    if "host" in values:
+        host = values["host"]
+        if host.startswith("/") or not HOST_RE.fullmatch(host):
+            raise _source_error(where, f"host: {host!r} is not a host name")
+        argv.append(f"--host={host}")
+    if "port" in values:
+        argv.append(f"--port={_port_value(where, values['port'])}")
+    databases = _db_names(where, "database", values.get("database", ""))
+    if databases == ("all",):
+        argv.append("--all-databases")
+    else:
+        argv += ["--databases", *databases]
+    return argv
+
+
+def parse_sources_block(words: Sequence[str]) -> tuple[list[SourceJob], list[str]]:
+    """``borgtunnel-sources NPATHS PATH… NJOBS (LABEL RELPATH ARGC ARGV…)…`` then borg's
+    words -> (the server's jobs, the rest). The PATHs are not used: the gatekeeper walks the
+    checked paths itself."""
+    rest = list(words)
+
+    def number(what: str, limit: int) -> int:
+        if not rest or not rest[0].isdigit() or len(rest[0]) > 4 or int(rest[0]) > limit:
+            raise RefusedError(f"a run with sources: bad {what}")
+        return int(rest.pop(0))
+
+    if not rest or rest.pop(0) != SOURCES_MARK:
+        raise RefusedError("a run with sources: no sources block")
+    paths = number("path count", 1 << 12)
+    if len(rest) < paths:
+        raise RefusedError("a run with sources: the paths are cut short")
+    del rest[:paths]
+    jobs: list[SourceJob] = []
+    for _ in range(number("job count", MAX_JOBS)):
+        if len(rest) < 3:
+            raise RefusedError("a run with sources: a job is cut short")
+        label, path = rest.pop(0), rest.pop(0)
+        argc = number("argument count", MAX_ARGC)
+        if argc == 0 or len(rest) < argc:
+            raise RefusedError(f"a run with sources: job {_show(label)} is cut short")
+        jobs.append(SourceJob(label=label, path=path, argv=tuple(rest[:argc])))
+        del rest[:argc]
+    return jobs, rest
+
+
+def without_source_options(words: Sequence[str]) -> list[str]:
+    """borg's words without the two options a run with sources adds (the gatekeeper adds its
+    own): only their exact spelling, only before ``--``; any other spelling stays, to be
+    refused by the option rules."""
+    end = words.index("--") if "--" in words else len(words)
+    head = [word for word in words[:end] if word not in SOURCE_OPTIONS]
+    return [*head, *words[end:]]
+
+
+def check_jobs(requested: Sequence[SourceJob], policy: Policy) -> tuple[SourceJob, ...]:
+    """Each job the server asks for must be one of the policy's, word for word: the server can
+    only name a listed source, never choose a parameter. The policy's own jobs are returned."""
+    if not requested:
+        raise RefusedError("a run with sources names no source")
+    allowed = {job.label: job for job in policy.source_jobs}
+    chosen: list[SourceJob] = []
+    for job in requested:
+        mine = allowed.get(job.label)
+        if mine is None:
+            listed = ", ".join(sorted(allowed)) or "none"
+            raise RefusedError(
+                f"source {_show(job.label, 80)} is not in this client's policy (listed: {listed})"
+            )
+        if job.path != mine.path:
+            raise RefusedError(
+                f"source {job.label!r}: the server's archive path {_show(job.path, 120)} is not "
+                f"the policy's {mine.path!r}"
+            )
+        if job.argv != mine.argv:
+            shorter = min(len(job.argv), len(mine.argv))
+            at = next((i for i in range(shorter) if job.argv[i] != mine.argv[i]), shorter)
+            theirs = job.argv[at] if at < len(job.argv) else "(nothing)"
+            ours = mine.argv[at] if at < len(mine.argv) else "(nothing)"
+            raise RefusedError(
+                f"source {job.label!r}: the server asks for {_show(theirs, 120)} where the "
+                f"policy has {_show(ours, 120)} (word {at + 1} of the dump command); "
+                "the server's sources must match the policy's"
+            )
+        if mine in chosen:
+            raise RefusedError(f"source {job.label!r} is asked for twice")
+        chosen.append(mine)
+    return tuple(chosen)
+
+
 # --- policy ----------------------------------------------------------------------------------
 
 
@@ -676,6 +933,8 @@ class Policy:
     # device nodes, FIFOs, setuid/setgid files and file capabilities in a restore
     restore_special: bool = False
     source: str = ""
+    # The dump jobs of the policy's [source NAME] sections, in the order the file gives them.
+    source_jobs: tuple[SourceJob, ...] = ()
 
     def summary(self) -> dict[str, object]:
         return {
@@ -686,6 +945,7 @@ class Policy:
             "restore": self.restore,
             "restore_targets": list(self.restore_targets),
             "restore_special": self.restore_special,
+            "sources": {job.label: list(job.argv) for job in self.source_jobs},
         }
 
 
@@ -707,6 +967,7 @@ def load_policy(path: str) -> Policy:
         raise RefusedError(f"policy {path}: {first}", EXIT_POLICY) from None
     if not parser.has_section("gatekeeper"):
         raise RefusedError(f"policy {path}: no [gatekeeper] section", EXIT_POLICY)
+    jobs = _policy_sources(parser, path)
     section = parser["gatekeeper"]
     unknown = sorted(set(section) - _POLICY_KEYS)
     if unknown:
@@ -735,7 +996,31 @@ def load_policy(path: str) -> Policy:
         restore_targets=_policy_paths(path, "restore_targets", section.get("restore_targets", "")),
         restore_special=restore_special,
         source=path,
+        source_jobs=jobs,
     )
+
+
+def _policy_sources(parser: configparser.ConfigParser, path: str) -> tuple[SourceJob, ...]:
+    """``[source NAME]`` sections -> dump jobs; any other section is a mistake, refused."""
+    jobs: list[SourceJob] = []
+    names = []
+    for section in parser.sections():
+        if section == "gatekeeper":
+            continue
+        kind, _, name = section.partition(" ")
+        if kind != "source" or not name.strip():
+            raise RefusedError(
+                f"policy {path}: unknown section [{section}] (only [gatekeeper] and [source NAME])",
+                EXIT_POLICY,
+            )
+        names.append(name.strip())
+        where = f"{path}: [source {name.strip()}]"
+        jobs += source_jobs(name.strip(), dict(parser[section]), where)
+    if len(names) > MAX_SOURCES:
+        raise RefusedError(f"policy {path}: at most {MAX_SOURCES} sources", EXIT_POLICY)
+    if len(set(names)) != len(names):
+        raise RefusedError(f"policy {path}: two [source] sections have one name", EXIT_POLICY)
+    return tuple(jobs)
 
 
 def _policy_paths(source: str, key: str, text: str) -> tuple[str, ...]:
@@ -1084,6 +1369,7 @@ def serve_borg(
     argv: Sequence[str],
     call: BorgCall,
     consume: Callable[[IO[bytes]], bool] | None = None,
+    dumps: Dumps | None = None,
 ) -> int:
     """Prepare, ready, go, borg, pid, wait, clean up: the run script's protocol in Python.
     With ``consume``, borg's stdout is read by it (a restore's tar stream); when it stops early
@@ -1097,17 +1383,31 @@ def serve_borg(
         _remove_if_ours(socket, pid_file)
         raise RefusedError("no go from the server; borg not started", EXIT_NO_GO)
     env = _borg_env(call, tool, socket)
+    if dumps is not None:
+        try:
+            dumps.start()
+        except RefusedError:
+            _remove_if_ours(socket, pid_file)
+            raise
     try:
         child = subprocess.Popen(
-            argv, stdin=0, stdout=subprocess.PIPE if consume else None, env=env
+            argv,
+            stdin=0,
+            stdout=subprocess.PIPE if consume else None,
+            env=env,
+            # borg reads the dumps' FIFOs as borgtunnel-sources/... from their directory
+            cwd=dumps.directory if dumps is not None else None,
         )
     except OSError as exc:
+        if dumps is not None:
+            dumps.finish(report=False)
         _remove_if_ours(socket, pid_file)
         raise RefusedError(f"cannot run {argv[0]}: {exc.strerror or exc}", 127) from None
     # sshd may close the session with SIGHUP/SIGTERM to us; borg gets it too and cleans up.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
-    _write_pid_file(pid_file, f"{os.getpid()} {child.pid}")
+    dump_pids = "".join(f" {pid}" for pid in dumps.pids()) if dumps is not None else ""
+    _write_pid_file(pid_file, f"{os.getpid()} {child.pid}{dump_pids}")
     _say(f"borgtunnel-pid {child.pid}")
     try:
         if consume is not None and child.stdout is not None:
@@ -1120,8 +1420,159 @@ def serve_borg(
         raise
     finally:
         status = child.wait()
+        if dumps is not None:
+            dumps.finish()
         _remove_if_ours(socket, pid_file)
     return status if status >= 0 else 128 - status
+
+
+# --- running the dumps: named pipes that borg create --read-special reads -------------------
+
+
+def special_file_excludes(paths: Sequence[str]) -> str:
+    """borg exclude lines (``sh:``) for every FIFO and device under ``paths``, symlinks to them
+    included (find -P PATHS -xtype p/b/c): --read-special would read each one, and hang on a
+    FIFO or read a whole disk. The run script's escaping: '[' and a newline become '?', '*',
+    '?', ']' and '\\' are bracketed (matching a neighbour too only excludes more)."""
+    lines = []
+    for found in _special_files(paths):
+        text = found.replace("[", "\x01").replace("\n", "\x01")
+        text = re.sub(r"[]*?\\]", lambda m: f"[{m.group(0)}]", text)
+        lines.append("sh:" + text.replace("\x01", "?"))
+    return "".join(line + "\n" for line in lines)
+
+
+def _is_special(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink, as -xtype does
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
+
+
+def _special_files(paths: Sequence[str]) -> Iterator[str]:
+    for top in paths:
+        if _is_special(top):
+            yield top
+        if os.path.islink(top):
+            continue  # find -P does not descend through a symlink given as a path
+        for directory, dirs, files in os.walk(top, followlinks=False):
+            for name in (*dirs, *files):
+                path = os.path.join(directory, name)
+                if _is_special(path):
+                    yield path
+
+
+def _stop_dump(child: subprocess.Popen[bytes]) -> int:
+    """SIGTERM to the dump's session (a shell's children too), SIGKILL if that is ignored."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signum)
+        try:
+            return child.wait(timeout=DUMP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            continue
+    return child.wait()
+
+
+class Dumps:
+    """The dumps of one run: a private directory next to the socket with a FIFO per job, each
+    dump in its own session writing into its FIFO; afterwards every FIFO released, a dump still
+    running after DUMP_GRACE_SECONDS stopped, each status reported, the directory removed."""
+
+    def __init__(self, socket: str, jobs: Sequence[SourceJob], paths: Sequence[str]) -> None:
+        self.directory = socket + ".sources"
+        self.jobs = tuple(jobs)
+        self.paths = tuple(paths)
+        self.children: list[tuple[SourceJob, subprocess.Popen[bytes]]] = []
+
+    @property
+    def excludes(self) -> str:
+        return os.path.join(self.directory, SPECIAL_EXCLUDES)
+
+    def borg_options(self) -> tuple[str, ...]:
+        return ("--read-special", f"--exclude-from={self.excludes}")
+
+    def start(self) -> None:
+        self._remove()
+        try:
+            os.mkdir(self.directory, 0o700)
+            with open(self.excludes, "x", encoding="utf-8", errors="surrogateescape") as handle:
+                handle.write(special_file_excludes(self.paths))
+            for job in self.jobs:
+                fifo = os.path.join(self.directory, job.path)
+                os.makedirs(os.path.dirname(fifo), mode=0o700, exist_ok=True)
+                os.mkfifo(fifo, 0o600)
+        except OSError as exc:
+            self._remove()
+            message = f"cannot prepare the sources in {self.directory}: {exc}"
+            raise _fail(message, EXIT_SOURCES) from None
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+        for job in self.jobs:
+            fifo = os.path.join(self.directory, job.path)
+            try:
+                # The shell opens the FIFO (blocking until borg reads it), then becomes the dump.
+                child = subprocess.Popen(
+                    [
+                        "sh",
+                        "-c",
+                        'f=$1; shift; exec "$@" > "$f"',
+                        "borgtunnel-dump",
+                        fifo,
+                        *job.argv,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                self.finish(report=False)
+                raise _fail(
+                    f"cannot start the dump of source {job.label!r}: {exc}", EXIT_SOURCES
+                ) from None
+            self.children.append((job, child))
+
+    def pids(self) -> list[int]:
+        return [child.pid for _, child in self.children]
+
+    def finish(self, *, report: bool = True) -> None:
+        try:
+            self._release()
+            deadline = time.monotonic() + DUMP_GRACE_SECONDS
+            for job, child in self.children:
+                try:
+                    status = child.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    status = _stop_dump(child)
+                if report:
+                    code = status if status >= 0 else 128 - status
+                    # The link may be gone: a failed report must not skip the cleanup.
+                    with contextlib.suppress(OSError):
+                        _say(f"borgtunnel-source {job.label} {code}")
+        finally:
+            for _job, child in self.children:
+                if child.poll() is None:
+                    _stop_dump(child)
+            self.children.clear()
+            self._remove()
+
+    def _release(self) -> None:
+        """Opening a FIFO read-write never blocks and frees a dump blocked opening it (borg
+        never reached it); once closed, that dump's next write fails."""
+        if not os.path.isdir(self.directory) or os.path.islink(self.directory):
+            return
+        for directory, _dirs, files in os.walk(self.directory):
+            for name in files:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):
+                    if stat.S_ISFIFO(os.lstat(path).st_mode):
+                        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+
+    def _remove(self) -> None:
+        if os.path.islink(self.directory):
+            raise _fail(f"{self.directory} is a symlink; refusing", EXIT_SOURCES)
+        self._release()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _remove_if_ours(socket: str, pid_file: str) -> None:
@@ -1945,6 +2396,8 @@ def log(priority: str, message: str) -> None:
 def handle(command: str, policy: Policy, home: str) -> int:
     """Parse, check, log, run. Raises RefusedError for anything not allowed."""
     request = parse_request(command)
+    if isinstance(request, RunRequest) and request.jobs:
+        return run_with_sources(request, policy, home)
     if isinstance(request, RunRequest):
         socket = check_run(request, policy, home)
         call = request.call
@@ -1967,6 +2420,27 @@ def handle(command: str, policy: Policy, home: str) -> int:
         return run_cleanup(request, pid)
     socket = check_socket(request.socket, policy, home)
     return run_doctor(socket, policy)
+
+
+def run_with_sources(request: RunRequest, policy: Policy, home: str) -> int:
+    """A run whose sources are the policy's own jobs, named by the server."""
+    socket = check_run(request, policy, home)
+    jobs = check_jobs(request.jobs, policy)
+    call = request.call
+    log(
+        "info",
+        f"run: borg create {call.archive!r} of {list(call.paths)} and sources "
+        f"{[job.label for job in jobs]} to {socket}",
+    )
+    texts = checked_pattern_files(call, policy)
+    roots = [*call.paths, *call.pattern_roots]
+    for path in call.pattern_files:
+        roots += pattern_file_roots(texts[path], f"patterns file {_show(path)}")
+    dumps = Dumps(socket, jobs, roots)
+    with private_pattern_files(call, policy) as checked:
+        options = replace(checked, options=(*checked.options, *dumps.borg_options()))
+        argv = borg_argv(policy, "create", options, [*call.paths, SOURCES_DIR])
+        return serve_borg(socket, argv, checked, dumps=dumps)
 
 
 def _home() -> str:

@@ -289,7 +289,7 @@ _DECODER = (
 # What each encoded command is, on its first line: a client-side gatekeeper
 # (borgtunnel/client/gatekeeper.py) reads the kind and the ``set --`` line, never the script.
 REQUEST_RUN = "borgtunnel-run"
-# A run with sources: no gatekeeper knows it yet (it refuses it as an unknown kind).
+# A run with sources: a gatekeeper runs its policy's own dumps, matched against the server's.
 REQUEST_RUN_SOURCES = "borgtunnel-run-sources"
 REQUEST_RESTORE = "borgtunnel-restore"
 REQUEST_CLEANUP = "borgtunnel-cleanup"

@@ -118,10 +118,13 @@ class DoctorReport:
             if policy.get("restore")
             else "refused"
         )
+        sources = policy.get("sources")
+        listed = _listed(list(sources)) if isinstance(sources, dict) and sources else ""
         return (
             f"version {version}, policy {policy.get('policy', '?')}: paths "
             f"{_listed(policy.get('paths', []))}; socket_dir {policy.get('socket_dir', '?')}; "
             f"borg {policy.get('borg', '?')}; restore {restore}"
+            + (f"; sources {listed}" if listed else "")
         )
 
     def local_forwarding_text(self) -> str:

@@ -5,6 +5,7 @@ The snapshots themselves are tested for real in tests/test_snapshot_e2e.py.
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -17,13 +18,16 @@ import pytest
 
 from borgtunnel import borg
 from borgtunnel.client import gatekeeper as gk
+from borgtunnel.client import remote
 from borgtunnel.client.snapshot import (
     REQUEST_RUN_SNAPSHOT,
     SNAPSHOT_NOT_ROOT,
+    SNAPSHOT_PRELUDE,
     SnapshotPlan,
     snapshot_run_command,
 )
 from borgtunnel.config import ConfigError, parse_config
+from borgtunnel.ssh import enrol
 
 NOBODY = 65534
 
@@ -92,14 +96,155 @@ def _command(plan: SnapshotPlan, socket: str) -> str:
     )
 
 
-def test_the_gatekeeper_refuses_a_snapshot_run_by_name() -> None:
-    command = _command(SnapshotPlan(kind="btrfs", client="a", paths=("/etc",)), "~/s.sock")
-    kind, args = gk.decode_command(command)
+def test_a_snapshot_run_parses_to_the_servers_snapshot_settings() -> None:
+    plan = SnapshotPlan(kind="lvm", client="a", paths=("/etc", "/srv"), lvm_size="2G")
+    command = _command(plan, "~/s.sock")
+    kind, _args = gk.decode_command(command)
     assert kind == REQUEST_RUN_SNAPSHOT
-    assert args[:6] == ["btrfs", "a", "10%ORIGIN", "0", "1", "/etc"]
+    request = gk.parse_request(command)
+    assert isinstance(request, gk.RunRequest)
+    assert request.snapshot == gk.SnapshotAsk("lvm", "a", "2G", False, ("/etc", "/srv"))
+    assert request.call.paths == ("/etc", "/srv")
+    assert request.socket == "~/s.sock"
+
+
+def _policy(tmp_path: Path, extra: str = "") -> gk.Policy:
+    path = tmp_path / "gatekeeper.conf"
+    path.write_text(f"[gatekeeper]\npaths =\n    /etc\n    /srv\n{extra}")
+    return gk.load_policy(str(path))
+
+
+def _snapshot_request(
+    plan: SnapshotPlan | None, paths: tuple[str, ...] = ("/etc",)
+) -> gk.RunRequest:
+    if plan is None:
+        argv = ["borg", "create", "--", "ssh://borgtunnel/srv/borg/a::x", *paths]
+        command = remote.run_command("~/s.sock", "nc", "socat", argv)
+    else:
+        command = _command(plan, "~/s.sock")
+    request = gk.parse_request(command)
+    assert isinstance(request, gk.RunRequest)
+    return request
+
+
+BTRFS = SnapshotPlan(kind="btrfs", client="a", paths=("/etc",))
+
+
+@pytest.mark.parametrize(
+    ("policy", "plan", "reason"),
+    [
+        ("", BTRFS, "the server asks for a 'btrfs' snapshot; this client's policy takes none"),
+        ("snapshot = lvm\n", BTRFS, "this client's policy says snapshot = lvm"),
+        (
+            "snapshot = btrfs\n",
+            None,
+            'reads every pull from a btrfs snapshot; set snapshot = "btrfs"',
+        ),
+        (
+            "snapshot = btrfs\nsnapshot_fallback = yes\n",
+            BTRFS,
+            "snapshot_fallback differs from this client's policy (snapshot_fallback = yes)",
+        ),
+        (
+            "snapshot = btrfs\n",
+            SnapshotPlan(kind="btrfs", client="a", paths=("/etc",), fallback=True),
+            "(snapshot_fallback = no)",
+        ),
+        (
+            "snapshot = lvm\nlvm_snapshot_size = 1G\n",
+            SnapshotPlan(kind="lvm", client="a", paths=("/etc",), lvm_size="100%FREE"),
+            "lvm_snapshot_size '100%FREE' is not this client's policy's '1G'",
+        ),
+        # The client name becomes part of snapshot names the sweep removes: a plain name only.
+        (
+            "snapshot = btrfs\n",
+            SnapshotPlan(kind="btrfs", client="../x", paths=("/etc",)),
+            "bad client",
+        ),
+        (
+            "snapshot = btrfs\n",
+            SnapshotPlan(kind="btrfs", client="-a", paths=("/etc",)),
+            "bad client",
+        ),
+        (
+            "snapshot = btrfs\n",
+            SnapshotPlan(kind="btrfs", client="a b", paths=("/etc",)),
+            "bad client",
+        ),
+        (
+            "snapshot = btrfs\n",
+            SnapshotPlan(kind="btrfs", client="a*", paths=("/etc",)),
+            "bad client",
+        ),
+    ],
+)
+def test_the_policy_decides_the_snapshot(
+    tmp_path: Path, policy: str, plan: SnapshotPlan | None, reason: str
+) -> None:
+    request = _snapshot_request(plan)
     with pytest.raises(gk.RefusedError) as caught:
-        gk.parse_request(command)
-    assert "snapshot" in caught.value.reason
+        gk.check_snapshot(request, _policy(tmp_path, policy))
+    assert reason in caught.value.reason
+    assert caught.value.code == gk.EXIT_REFUSED
+
+
+def test_snapshot_paths_other_than_borgs_are_refused(tmp_path: Path) -> None:
+    """Only a hand-made request can say that: the snapshot would cover other paths."""
+    plan = SnapshotPlan(kind="btrfs", client="a", paths=("/srv",))
+    argv = ["borg", "create", "--", "ssh://borgtunnel/srv/borg/a::x", "/etc"]
+    command = snapshot_run_command(plan, "~/s.sock", "nc", "socat", argv)
+    request = gk.parse_request(command)
+    assert isinstance(request, gk.RunRequest)
+    with pytest.raises(gk.RefusedError, match="the snapshot's paths are not borg's paths"):
+        gk.check_snapshot(request, _policy(tmp_path, "snapshot = btrfs\n"))
+
+
+def test_a_matching_snapshot_run_needs_the_installed_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = _snapshot_request(BTRFS)
+    policy = _policy(tmp_path, "snapshot = btrfs\n")
+    # Imported from the source tree the slot is empty: only the printed program has the script.
+    with pytest.raises(gk.RefusedError, match="no snapshot script"):
+        gk.check_snapshot(request, policy)
+    monkeypatch.setattr(gk, "SNAPSHOT_SCRIPT", "exit 0")
+    gk.check_snapshot(request, policy)
+    gk.check_snapshot(_snapshot_request(None), _policy(tmp_path))  # neither: a plain run
+
+
+def test_the_printed_gatekeeper_carries_this_versions_snapshot_script() -> None:
+    printed = enrol.gatekeeper_source()
+    namespace: dict[str, object] = {"__name__": "printed_gatekeeper"}
+    tree = ast.parse(printed)
+    [assignment] = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "SNAPSHOT_SCRIPT" for t in node.targets)
+    ]
+    exec(compile(ast.Module([assignment], []), "printed", "exec"), namespace)  # noqa: S102
+    assert namespace["SNAPSHOT_SCRIPT"] == SNAPSHOT_PRELUDE + remote.RUN_SCRIPT
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ("snapshot = zfs\n", "snapshot: must be no, btrfs or lvm"),
+        ("snapshot = BTRFS\n", "snapshot: must be no, btrfs or lvm"),
+        ("snapshot = lvm\nlvm_snapshot_size = 10%\n", "lvm_snapshot_size"),
+        ("snapshot = lvm\nlvm_snapshot_size = 1G; rm -rf /\n", "lvm_snapshot_size"),
+        ("snapshot = btrfs\nsnapshot_fallback = maybe\n", "snapshot_fallback"),
+        ("snapshot = btrfs\n", "'/' cannot be read from a snapshot"),
+    ],
+)
+def test_bad_snapshot_policies_are_named(tmp_path: Path, extra: str, reason: str) -> None:
+    path = tmp_path / "gatekeeper.conf"
+    paths = "/" if reason.startswith("'/'") else "/etc"
+    path.write_text(f"[gatekeeper]\npaths = {paths}\n{extra}")
+    with pytest.raises(gk.RefusedError) as caught:
+        gk.load_policy(str(path))
+    assert reason in caught.value.reason
+    assert caught.value.code == gk.EXIT_POLICY
 
 
 @pytest.fixture

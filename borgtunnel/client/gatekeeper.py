@@ -43,6 +43,9 @@ Standalone: Python 3 standard library only, no borgtunnel import, installable as
         /var/restore
     # device nodes, FIFOs, setuid/setgid files and file capabilities in a restore (else refused)
     restore_special = no
+    # every pull from a filesystem snapshot (no, btrfs, lvm), run by the installed snapshot
+    # script (SNAPSHOT_SCRIPT); snapshot_fallback and lvm_snapshot_size as on the server
+    snapshot = no
 
     # sources the server may name in a pull (docs/sources.md); the gatekeeper runs these
     # commands itself, built from these settings: the server only names them
@@ -101,6 +104,16 @@ RSH_BY_TOOL = {
     "socat": "sh -c 'exec socat STDIO \"UNIX-CONNECT:$BORGTUNNEL_SOCKET\"'",
 }
 SOCAT_UNSAFE = frozenset(",:!\\'\"(){}[]<>\n")
+# The server's snapshot run script (borgtunnel/client/snapshot.py SNAPSHOT_PRELUDE + the run
+# script), put here by ``borgtunnel gatekeeper`` when it prints this program: the gatekeeper
+# runs this copy, installed and reviewable on the client, never the script a request carries.
+SNAPSHOT_SCRIPT = ""  # filled in by `borgtunnel gatekeeper` (borgtunnel/ssh/enrol.py)
+SNAPSHOT_KINDS = ("btrfs", "lvm")
+# As the server's config checks them (config/model.py CLIENT_NAME_RE, LVM_SIZE_RE).
+CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LVM_SIZE_RE = re.compile(
+    r"[1-9][0-9]{0,15}(\.[0-9]{1,6})?[bBsSkKmMgGtTpPeE]?|[1-9][0-9]{0,2}%(ORIGIN|VG|FREE|PVS)"
+)
 
 # --- requests ------------------------------------------------------------------------------
 
@@ -133,12 +146,25 @@ class BorgCall:
 
 
 @dataclass(frozen=True)
+class SnapshotAsk:
+    """What a snapshot run's arguments say: KIND CLIENT LVM_SIZE FALLBACK N PATH…"""
+
+    kind: str
+    client: str
+    lvm_size: str
+    fallback: bool
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RunRequest:
     socket: str
     call: BorgCall
     kind: str = "run"
     # A run with sources: the server's dump jobs, to be matched against the policy's.
     jobs: tuple[SourceJob, ...] = ()
+    # A run with a snapshot: the server's settings, to be matched against the policy's.
+    snapshot: SnapshotAsk | None = None
 
 
 @dataclass(frozen=True)
@@ -418,6 +444,8 @@ def parse_request(command: str) -> Request:
       ``--repo=ssh://borgtunnel/REPO`` and end in ``-- ARCHIVE PATH…``
     - ``borgtunnel-run-sources``: the same with the sources block (parse_sources_block) after
       RSH_SOCAT; the jobs are matched against the policy's (check_jobs)
+    - ``borgtunnel-run-snapshot``: KIND CLIENT LVM_SIZE FALLBACK N PATH… before a plain run's
+      ARGS; matched against the policy's snapshot settings (check_snapshot)
     - ``borgtunnel-restore``: SOCKET RSH_NC RSH_SOCAT [env K=V…] sh -c SCRIPT
       borgtunnel-restore TARGET MODE BORG… extract ARGS
     - ``borgtunnel-cleanup``: PID-or-empty SOCKET SOCKET.pid
@@ -427,17 +455,9 @@ def parse_request(command: str) -> Request:
     The scripts are ignored: they are never run, and they may change with the server's version.
     """
     kind, args = decode_command(command)
-    if kind == "borgtunnel-run-snapshot":
-        # The gatekeeper runs its own commands: it would back up the live files instead.
-        raise RefusedError(
-            "this client's configuration on the server asks for a filesystem snapshot "
-            "(snapshot), which the gatekeeper does not take; turn snapshot off for it"
-        )
-    if kind == "borgtunnel-run" and len(args) >= 4:
-        socket, _rsh_nc, _rsh_socat, *rest = args
-        return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))
-    if kind == "borgtunnel-run-sources" and len(args) >= 4:
-        return _parse_sources_run(args)
+    run_parser = _RUN_PARSERS.get(kind)
+    if run_parser is not None and len(args) >= 4:
+        return run_parser(args)
     if kind == "borgtunnel-restore" and len(args) >= 4:
         return _parse_restore(args)
     if kind == "borgtunnel-cleanup" and len(args) == 3 and (not args[0] or args[0].isdigit()):
@@ -449,6 +469,26 @@ def parse_request(command: str) -> Request:
     raise RefusedError(f"not a borgtunnel request: {_show(kind, 60)} {_show(' '.join(args), 80)}")
 
 
+def _parse_run(args: Sequence[str]) -> RunRequest:
+    socket, _rsh_nc, _rsh_socat, *rest = args
+    return RunRequest(socket=socket, call=_parse_borg(rest, "create", _CREATE_OPTIONS))
+
+
+def _parse_snapshot_run(args: Sequence[str]) -> RunRequest:
+    """``KIND CLIENT LVM_SIZE FALLBACK N PATH…`` (client/snapshot.py), then a plain run's."""
+    if len(args) < 5 or not args[4].isdigit() or len(args[4]) > 4:
+        raise RefusedError("a snapshot run: bad snapshot arguments")
+    kind, client, size, fallback, count = args[:5]
+    rest = list(args[5:])
+    if len(rest) < int(count) + 4 or fallback not in {"0", "1"}:
+        raise RefusedError("a snapshot run: the snapshot arguments are cut short")
+    paths, rest = rest[: int(count)], rest[int(count) :]
+    socket, _rsh_nc, _rsh_socat, *words = rest
+    ask = SnapshotAsk(kind, client, size, fallback == "1", tuple(paths))
+    call = _parse_borg(words, "create", _CREATE_OPTIONS)
+    return RunRequest(socket=socket, call=call, snapshot=ask)
+
+
 def _parse_sources_run(args: Sequence[str]) -> RunRequest:
     """``SOCKET RSH_NC RSH_SOCAT`` + the sources block + borg create with ``--read-special
     --exclude-from=borgtunnel-special-files`` and ``borgtunnel-sources`` as its last path."""
@@ -458,6 +498,13 @@ def _parse_sources_run(args: Sequence[str]) -> RunRequest:
     if not call.paths or call.paths[-1] != SOURCES_DIR:
         raise RefusedError(f"a run with sources must end its paths with {SOURCES_DIR!r}")
     return RunRequest(socket=socket, call=replace(call, paths=call.paths[:-1]), jobs=tuple(jobs))
+
+
+_RUN_PARSERS: Mapping[str, Callable[[Sequence[str]], RunRequest]] = {
+    "borgtunnel-run": _parse_run,
+    "borgtunnel-run-sources": _parse_sources_run,
+    "borgtunnel-run-snapshot": _parse_snapshot_run,
+}
 
 
 def _parse_restore(args: Sequence[str]) -> RestoreRequest:
@@ -935,6 +982,10 @@ class Policy:
     source: str = ""
     # The dump jobs of the policy's [source NAME] sections, in the order the file gives them.
     source_jobs: tuple[SourceJob, ...] = ()
+    # "btrfs" or "lvm": every pull reads a snapshot; "" none (a snapshot run is refused).
+    snapshot: str = ""
+    snapshot_fallback: bool = False
+    lvm_snapshot_size: str = "10%ORIGIN"
 
     def summary(self) -> dict[str, object]:
         return {
@@ -946,11 +997,22 @@ class Policy:
             "restore_targets": list(self.restore_targets),
             "restore_special": self.restore_special,
             "sources": {job.label: list(job.argv) for job in self.source_jobs},
+            "snapshot": self.snapshot or None,
         }
 
 
 _POLICY_KEYS = frozenset(
-    {"paths", "socket_dir", "borg", "restore", "restore_targets", "restore_special"}
+    {
+        "paths",
+        "socket_dir",
+        "borg",
+        "restore",
+        "restore_targets",
+        "restore_special",
+        "snapshot",
+        "snapshot_fallback",
+        "lvm_snapshot_size",
+    }
 )
 
 
@@ -985,6 +1047,7 @@ def load_policy(path: str) -> Policy:
         raise RefusedError(
             f"policy {path}: restore_special: must be yes or no", EXIT_POLICY
         ) from None
+    snapshot, snapshot_fallback, lvm_size = _policy_snapshot(section, path, paths)
     socket_dir = section.get("socket_dir", "~/.cache/borgtunnel").strip().rstrip("/")
     if not socket_dir.startswith(("/", "~/")):
         raise RefusedError(f"policy {path}: socket_dir: must be absolute or ~/…", EXIT_POLICY)
@@ -997,7 +1060,38 @@ def load_policy(path: str) -> Policy:
         restore_special=restore_special,
         source=path,
         source_jobs=jobs,
+        snapshot=snapshot,
+        snapshot_fallback=snapshot_fallback,
+        lvm_snapshot_size=lvm_size,
     )
+
+
+def _policy_snapshot(
+    section: configparser.SectionProxy, path: str, paths: Sequence[str]
+) -> tuple[str, bool, str]:
+    snapshot = section.get("snapshot", "no").strip()
+    if snapshot not in {"no", *SNAPSHOT_KINDS}:
+        raise RefusedError(f"policy {path}: snapshot: must be no, btrfs or lvm", EXIT_POLICY)
+    try:
+        fallback = section.getboolean("snapshot_fallback", fallback=False)
+    except ValueError:
+        raise RefusedError(
+            f"policy {path}: snapshot_fallback: must be yes or no", EXIT_POLICY
+        ) from None
+    size = section.get("lvm_snapshot_size", "10%ORIGIN").strip()
+    if not LVM_SIZE_RE.fullmatch(size):
+        raise RefusedError(
+            f"policy {path}: lvm_snapshot_size: {size!r} is not a size ('1G') or a share "
+            "('10%ORIGIN')",
+            EXIT_POLICY,
+        )
+    if snapshot != "no" and "/" in paths:
+        raise RefusedError(
+            f"policy {path}: snapshot: '/' cannot be read from a snapshot; list the "
+            "directories below it in paths",
+            EXIT_POLICY,
+        )
+    return ("" if snapshot == "no" else snapshot), fallback, size
 
 
 def _policy_sources(parser: configparser.ConfigParser, path: str) -> tuple[SourceJob, ...]:
@@ -1094,7 +1188,51 @@ def check_run(request: RunRequest, policy: Policy, home: str) -> str:
     for path in call.pattern_roots:
         check_path(path, policy.paths, "pattern root")
     checked_pattern_files(call, policy)
+    check_snapshot(request, policy)
     return socket
+
+
+def check_snapshot(request: RunRequest, policy: Policy) -> None:
+    """The policy decides whether every pull reads a snapshot; the server's settings must say
+    the same (a server that leaves the snapshot out would get live files silently)."""
+    ask = request.snapshot
+    if ask is None:
+        if policy.snapshot:
+            raise RefusedError(
+                f"this client's policy reads every pull from a {policy.snapshot} snapshot; "
+                f'set snapshot = "{policy.snapshot}" for it on the server'
+            )
+        return
+    if not policy.snapshot:
+        raise RefusedError(
+            f"the server asks for a {_show(ask.kind, 20)} snapshot; this client's policy takes "
+            "none (snapshot = no)"
+        )
+    if ask.kind != policy.snapshot:
+        raise RefusedError(
+            f"the server asks for a {_show(ask.kind, 20)} snapshot; this client's policy says "
+            f"snapshot = {policy.snapshot}"
+        )
+    if ask.fallback != policy.snapshot_fallback:
+        yes_no = "yes" if policy.snapshot_fallback else "no"
+        raise RefusedError(
+            f"the server's snapshot_fallback differs from this client's policy "
+            f"(snapshot_fallback = {yes_no})"
+        )
+    if ask.kind == "lvm" and ask.lvm_size != policy.lvm_snapshot_size:
+        raise RefusedError(
+            f"the server's lvm_snapshot_size {_show(ask.lvm_size, 40)} is not this client's "
+            f"policy's {policy.lvm_snapshot_size!r}"
+        )
+    if not CLIENT_NAME_RE.fullmatch(ask.client):
+        raise RefusedError(f"a snapshot run: bad client name {_show(ask.client, 80)}")
+    if ask.paths != request.call.paths:
+        raise RefusedError("a snapshot run: the snapshot's paths are not borg's paths")
+    if not SNAPSHOT_SCRIPT:
+        raise RefusedError(
+            "this gatekeeper has no snapshot script: install the program "
+            "`borgtunnel gatekeeper` prints"
+        )
 
 
 def checked_pattern_files(call: BorgCall, policy: Policy) -> dict[str, str]:
@@ -2398,6 +2536,8 @@ def handle(command: str, policy: Policy, home: str) -> int:
     request = parse_request(command)
     if isinstance(request, RunRequest) and request.jobs:
         return run_with_sources(request, policy, home)
+    if isinstance(request, RunRequest) and request.snapshot is not None:
+        return run_with_snapshot(request, policy, home)
     if isinstance(request, RunRequest):
         socket = check_run(request, policy, home)
         call = request.call
@@ -2441,6 +2581,49 @@ def run_with_sources(request: RunRequest, policy: Policy, home: str) -> int:
         options = replace(checked, options=(*checked.options, *dumps.borg_options()))
         argv = borg_argv(policy, "create", options, [*call.paths, SOURCES_DIR])
         return serve_borg(socket, argv, checked, dumps=dumps)
+
+
+def run_with_snapshot(request: RunRequest, policy: Policy, home: str) -> int:
+    """The installed snapshot script (SNAPSHOT_SCRIPT) with arguments built here from checked
+    data: the policy's snapshot settings, the checked paths, the policy's borg and options. It
+    does the run protocol itself (the same socket rules as ours, one table: socketdir_cases)."""
+    socket = check_run(request, policy, home)
+    call = request.call
+    ask = request.snapshot
+    assert ask is not None  # noqa: S101 - handle() only calls this for a snapshot run
+    log(
+        "info",
+        f"run: borg create {call.archive!r} of {list(call.paths)} from a {policy.snapshot} "
+        f"snapshot to {socket}",
+    )
+    with private_pattern_files(call, policy) as checked:
+        args = [
+            policy.snapshot,
+            ask.client,
+            policy.lvm_snapshot_size,
+            "1" if policy.snapshot_fallback else "0",
+            str(len(call.paths)),
+            *call.paths,
+            socket,
+            RSH_BY_TOOL["nc"],
+            RSH_BY_TOOL["socat"],
+            *borg_argv(policy, "create", checked, call.paths),
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+        env.update(call.env)
+        env["PYTHONUTF8"] = "1"
+        for name in ("BORG_RSH", "BORGSTORE_RSH"):
+            env.pop(name, None)
+        argv = ["sh", "-c", SNAPSHOT_SCRIPT, "borgtunnel-run-snapshot", *args]
+        try:
+            child = subprocess.Popen(argv, stdin=0, env=env)
+        except OSError as exc:
+            raise RefusedError(f"cannot run sh: {exc.strerror or exc}", 127) from None
+        # sshd may end the session with SIGHUP/SIGTERM: the script's traps remove the snapshots.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
+        status = child.wait()
+    return status if status >= 0 else 128 - status
 
 
 def _home() -> str:

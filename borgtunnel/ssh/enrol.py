@@ -8,6 +8,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from borgtunnel.client.remote import RUN_SCRIPT
+from borgtunnel.client.snapshot import SNAPSHOT_PRELUDE
 from borgtunnel.config import ClientConfig, Config
 
 GATEKEEPER_PATH = "/usr/local/bin/borgtunnel-gatekeeper"
@@ -26,9 +28,20 @@ class PublicKeyError(Exception):
         super().__init__(f"{client}: {reason}")
 
 
+# The line of gatekeeper.py that receives the snapshot run script.
+_SNAPSHOT_SLOT = (
+    'SNAPSHOT_SCRIPT = ""  # filled in by `borgtunnel gatekeeper` (borgtunnel/ssh/enrol.py)'
+)
+
+
 def gatekeeper_source() -> str:
-    """The standalone gatekeeper program, exactly as shipped in borgtunnel/client/."""
-    return resources.files("borgtunnel.client").joinpath("gatekeeper.py").read_text("utf-8")
+    """The standalone gatekeeper program as shipped in borgtunnel/client/, with this version's
+    snapshot run script in its slot: the client then runs its own, installed copy of it."""
+    text = resources.files("borgtunnel.client").joinpath("gatekeeper.py").read_text("utf-8")
+    if text.count(_SNAPSHOT_SLOT) != 1:
+        raise AssertionError("gatekeeper.py has lost its SNAPSHOT_SCRIPT slot")
+    script = SNAPSHOT_PRELUDE + RUN_SCRIPT
+    return text.replace(_SNAPSHOT_SLOT, f"SNAPSHOT_SCRIPT = {script!r}")
 
 
 def authorized_key_line(

@@ -178,8 +178,14 @@ def _repository_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     restore.add_argument("client", metavar="NAME")
     restore.add_argument("archive", metavar="ARCHIVE")
     restore.add_argument("paths", nargs="*", metavar="PATH", help="only these paths of it")
+    restore.add_argument("--target", metavar="DIR", help="absolute directory on the client")
     restore.add_argument(
-        "--target", required=True, metavar="DIR", help="absolute directory on the client"
+        "--source", metavar="SRC", help="only this source's dump files (docs/sources.md)"
+    )
+    restore.add_argument(
+        "--load-into",
+        metavar="DB",
+        help="with --source: load the dump into this database (SQLite: this file) on the client",
     )
     restore.add_argument("--dry-run", action="store_true", help="read everything, write nothing")
     restore.add_argument("--force", action="store_true", help="restore into a non-empty target")

@@ -41,7 +41,12 @@ from borgtunnel.reporting.reporter import Reporter
 from borgtunnel.runs.jobs import run_recorded
 from borgtunnel.runs.keyguard import KeyGuardError
 from borgtunnel.runs.repository import init_repository
-from borgtunnel.runs.restore import restore_recorded
+from borgtunnel.runs.restore import (
+    RestoreSelection,
+    RestoreUsageError,
+    restore_recorded,
+    select_restore,
+)
 from borgtunnel.scheduling import daemon
 from borgtunnel.server import socketserve
 from borgtunnel.ssh import doctor, enrol, trust
@@ -170,24 +175,40 @@ def _cmd_list(args: argparse.Namespace, _path: Path, config: Config) -> int:
 
 def _cmd_restore(args: argparse.Namespace, _path: Path, config: Config) -> int:
     client = config.client(args.client)
-    if not args.target.startswith("/") or "\0" in args.target:
-        logs.print_error(f"borgtunnel: --target must be an absolute path, got {args.target!r}")
+    try:
+        selection = select_restore(
+            client,
+            paths=args.paths,
+            target=args.target,
+            source=args.source,
+            load_into=args.load_into,
+            force=args.force,
+            dry_run=args.dry_run,
+        )
+    except RestoreUsageError as exc:
+        logs.print_error(f"borgtunnel: restore {client.name}: {exc}")
         return EXIT_FAILURE
-    return _run(_restore(config, client, args))
+    return _run(_restore(config, client, args, selection))
 
 
-async def _restore(config: Config, client: ClientConfig, args: argparse.Namespace) -> int:
+async def _restore(
+    config: Config, client: ClientConfig, args: argparse.Namespace, selection: RestoreSelection
+) -> int:
     outcome = await restore_recorded(
         config,
         client,
         args.archive,
-        args.paths,
-        args.target,
+        selection.paths,
+        selection.target,
         dry_run=args.dry_run,
         force=args.force,
         wait=args.wait,
+        load=selection.load,
     )
     logs.print_summary(outcome.summary(), failed=outcome.exit_code in _FAILED)
+    if args.source is not None and selection.load is None and outcome.exit_code in (0, 1):
+        for path in selection.paths:  # where the dump landed (borg keeps the relative path)
+            logs.print_summary(f"  {selection.target.rstrip('/')}/{path}", failed=False)
     if outcome.tampering is not None:
         await _notify_tampering(config, client, outcome.tampering, run_id=outcome.run_id)
     return outcome.exit_code

@@ -455,6 +455,12 @@ def parse_request(command: str) -> Request:
     The scripts are ignored: they are never run, and they may change with the server's version.
     """
     kind, args = decode_command(command)
+    if kind == "borgtunnel-restore-load":
+        raise RefusedError(
+            "loading a dump into a database is not done through the gatekeeper (it would run "
+            "a loader the policy does not list); restore the dump's file with --source and "
+            "--target, then load it on the client"
+        )
     run_parser = _RUN_PARSERS.get(kind)
     if run_parser is not None and len(args) >= 4:
         return run_parser(args)

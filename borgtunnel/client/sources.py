@@ -92,7 +92,7 @@ def _job(source: SourceSettings, label: str, file: str, argv: Sequence[str]) -> 
     )
 
 
-def _postgres_connection(source: PostgresSource) -> list[str]:
+def postgres_connection(source: PostgresSource) -> list[str]:
     options = ["--no-password"]
     if source.user is not None:
         options.append(f"--username={source.user}")
@@ -104,7 +104,7 @@ def _postgres_connection(source: PostgresSource) -> list[str]:
 
 
 def _postgres_jobs(source: PostgresSource) -> list[DumpJob]:
-    connection = _postgres_connection(source)
+    connection = postgres_connection(source)
     if source.database == ALL:
         return [_job(source, source.name, f"{source.name}.sql", ["pg_dumpall", *connection])]
     if isinstance(source.database, str):

@@ -31,6 +31,17 @@ from pathlib import Path
 import structlog
 
 from borgtunnel import borg, borgexit, oserrors
+from borgtunnel.client.loading import (
+    LOAD_FAILED_PREFIX,
+    LOAD_SCRIPT,
+    REQUEST_RESTORE_LOAD,
+    LoadError,
+    LoadPlan,
+    load_args,
+    load_plan,
+    source_named,
+    source_paths,
+)
 from borgtunnel.client.remote import (
     GO,
     REQUEST_RESTORE,
@@ -104,6 +115,7 @@ def extract_argv(
     paths: Sequence[str],
     dry_run: bool,
     borg2: bool = False,
+    stdout: bool = False,
 ) -> list[str]:
     """``borg extract`` for the client. ``pp:`` makes each PATH a literal path prefix (no
     pattern syntax); borg stores paths without the leading '/'. borg 2 takes the repository as
@@ -116,6 +128,7 @@ def extract_argv(
         "--log-json",
         "--list",
         *(["--dry-run"] if dry_run else []),
+        *(["--stdout"] if stdout else []),
         *where,
         *(f"pp:{path.lstrip('/')}" for path in paths),
     ]
@@ -144,6 +157,78 @@ def restore_command(
     )
 
 
+class RestoreUsageError(ValueError):
+    """A restore asked for in a way that cannot work; ``str()`` names the option."""
+
+
+@dataclass(frozen=True)
+class RestoreSelection:
+    """What a restore extracts and where: paths into a target, or one dump into a database."""
+
+    paths: tuple[str, ...]
+    target: str
+    load: LoadPlan | None = None
+
+
+def select_restore(
+    client: ClientConfig,
+    *,
+    paths: Sequence[str],
+    target: str | None,
+    source: str | None,
+    load_into: str | None,
+    force: bool,
+    dry_run: bool,
+) -> RestoreSelection:
+    """The command line's choice, checked: --target DIR [PATH…], --source SRC --target DIR, or
+    --source SRC --load-into DB."""
+    if source is not None and paths:
+        raise RestoreUsageError("give --source or PATHs, not both")
+    if load_into is not None:
+        if source is None:
+            raise RestoreUsageError("--load-into needs --source (which dump to load)")
+        if target is not None or dry_run:
+            raise RestoreUsageError("--load-into goes without --target and --dry-run")
+        try:
+            plan = load_plan(source_named(client.sources, source), load_into, force=force)
+        except LoadError as exc:
+            raise RestoreUsageError(str(exc)) from None
+        return RestoreSelection(paths=(plan.job.path,), target=plan.what, load=plan)
+    if target is None:
+        raise RestoreUsageError("--target DIR is required (or --source SRC --load-into DB)")
+    if not target.startswith("/") or "\0" in target:
+        raise RestoreUsageError(f"--target must be an absolute path, got {target!r}")
+    if source is not None:
+        try:
+            paths = source_paths(source_named(client.sources, source))
+        except LoadError as exc:
+            raise RestoreUsageError(str(exc)) from None
+    return RestoreSelection(paths=tuple(paths), target=target)
+
+
+def load_command(client: ClientConfig, archive: str, plan: LoadPlan, *, force: bool) -> str:
+    """The remote side of ``restore --source --load-into``: borg extract --stdout of the dump
+    into the loader (client/loading.py LOAD_SCRIPT)."""
+    argv = extract_argv(
+        remote_borg=client.remote_borg,
+        repository=client.repository,
+        archive=archive,
+        paths=[plan.job.path],
+        dry_run=False,
+        borg2=client.borg2,
+        stdout=True,
+    )
+    env = borg.client_env(encrypted=client.encryption != "none")
+    wrapped = ["sh", "-c", LOAD_SCRIPT, "borgtunnel-load", *load_args(plan, force=force), *argv]
+    return run_command(
+        client.remote_socket_path,
+        borg.RSH_BY_TOOL["nc"],
+        borg.RSH_BY_TOOL["socat"],
+        borg.with_env(wrapped, env),
+        kind=REQUEST_RESTORE_LOAD,
+    )
+
+
 @dataclass
 class RestoreOutcome:
     """Everything known about one finished restore."""
@@ -165,6 +250,8 @@ class RestoreOutcome:
     tampering: str | None = None
     # The history row of this restore (set by restore_recorded).
     run_id: int | None = None
+    # A dump loaded into a database (restore --source --load-into): the source's name.
+    loaded_source: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -172,18 +259,24 @@ class RestoreOutcome:
 
     def summary(self) -> str:
         took = f"{self.duration:.1f}s"
-        if self.result in (RunResult.OK, RunResult.WARNING):
+        if self.result not in (RunResult.OK, RunResult.WARNING):
+            return printable(
+                f"{self.client}: {self.result} restore of {self.archive} after {took}: {self.error}"
+            )
+        if self.loaded_source is not None:
+            text = (
+                f"{self.client}: {self.result} loaded source {self.loaded_source} of "
+                f"archive={self.archive} into {self.target} on the client in {took}"
+            )
+        else:
             verb = "would restore" if self.dry_run else "restored"
             text = (
                 f"{self.client}: {self.result} {verb} archive={self.archive} "
                 f"to {self.target} on the client: {self.nfiles} item(s) in {took}"
             )
-            if self.warnings:
-                text += f" ({self.warning_count} warning(s), last: {self.warnings[-1]})"
-            return printable(text)
-        return printable(
-            f"{self.client}: {self.result} restore of {self.archive} after {took}: {self.error}"
-        )
+        if self.warnings:
+            text += f" ({self.warning_count} warning(s), last: {self.warnings[-1]})"
+        return printable(text)
 
 
 class _Run:
@@ -194,6 +287,7 @@ class _Run:
         self.log = log.bind(client=client.name)
         self.errors: list[str] = []
         self.refusal: str | None = None
+        self.load_error: str | None = None
         self.remote_pid: int | None = None
         self.remote_finished = False
         # Requests the read-only filter refused (borg 1.x): each one an attempt to write.
@@ -206,6 +300,9 @@ class _Run:
                 return
         if line.startswith(REFUSED_PREFIX):
             self.refusal = line[len(REFUSED_PREFIX) :].strip()
+            return
+        if line.startswith(LOAD_FAILED_PREFIX):
+            self.load_error = printable(line[len(LOAD_FAILED_PREFIX) :].strip())[:2000]
             return
         parsed = borg.parse_log_line(line)
         if parsed is None:
@@ -232,17 +329,28 @@ async def restore(
     *,
     dry_run: bool = False,
     force: bool = False,
+    load: LoadPlan | None = None,
 ) -> RestoreOutcome:
-    """Extract ``archive`` (or ``paths`` of it) into ``target`` on the client. Failures are
-    reported in the outcome; a cancellation runs the full cleanup and is re-raised."""
+    """Extract ``archive`` (or ``paths`` of it) into ``target`` on the client, or with ``load``
+    stream one dump into a database there. Failures are reported in the outcome; a
+    cancellation runs the full cleanup and is re-raised."""
+    if load is not None:
+        target = load.what
     outcome = RestoreOutcome(client=client.name, archive=archive, target=target, dry_run=dry_run)
+    if load is not None:
+        outcome.loaded_source = load.job.source
     run = _Run(config, client, outcome)
     started = time.monotonic()
     mode = "dry-run" if dry_run else "force" if force else "extract"
     run.log.info("restore_started", archive=archive, target=target, mode=mode)
     before = repository_state(client.repository, borg2=client.borg2)
     try:
-        await _restore(run, restore_command(client, archive, paths, target, mode=mode))
+        command = (
+            load_command(client, archive, load, force=force)
+            if load is not None
+            else restore_command(client, archive, paths, target, mode=mode)
+        )
+        await _restore(run, command)
     except asyncio.CancelledError:
         outcome.result = RunResult.INTERRUPTED
         outcome.error = "interrupted"
@@ -371,6 +479,9 @@ async def _finish(run: _Run, rr: RemoteRun, listener: BorgServeListener) -> None
     if run.refusal is not None:
         outcome.result = RunResult.FAILED
         outcome.error = f"refused on the client: {run.refusal}"
+    elif run.load_error is not None:
+        outcome.result = RunResult.FAILED
+        outcome.error = run.load_error
     elif verdict is borg.Outcome.OK:
         outcome.result = RunResult.OK
     elif verdict is borg.Outcome.WARNING:
@@ -396,6 +507,7 @@ async def restore_recorded(
     dry_run: bool = False,
     force: bool = False,
     wait: bool = False,
+    load: LoadPlan | None = None,
 ) -> RestoreOutcome:
     """Under the client lock, recorded in the history as kind ``restore``."""
     with History.open(config.server.state_dir) as db:
@@ -405,7 +517,14 @@ async def restore_recorded(
                 run_id = db.start_run(client.name, "restore", kind=KIND_RESTORE)
                 try:
                     outcome = await restore(
-                        config, client, archive, paths, target, dry_run=dry_run, force=force
+                        config,
+                        client,
+                        archive,
+                        paths,
+                        target,
+                        dry_run=dry_run,
+                        force=force,
+                        load=load,
                     )
                 except asyncio.CancelledError:
                     db.finish_run(
@@ -439,4 +558,12 @@ async def restore_recorded(
             )
 
 
-__all__ = ["ConnectError", "RestoreOutcome", "restore", "restore_recorded"]
+__all__ = [
+    "ConnectError",
+    "RestoreOutcome",
+    "RestoreSelection",
+    "RestoreUsageError",
+    "restore",
+    "restore_recorded",
+    "select_restore",
+]

@@ -65,6 +65,8 @@ __all__ = [
     "KIND_PULL",
     "KIND_RESTORE",
     "SCHEMA_VERSION",
+    "SOURCE_FAILED",
+    "SOURCE_OK",
     "History",
     "HistoryError",
     "Operation",
@@ -73,6 +75,7 @@ __all__ = [
     "RunResult",
     "RunStats",
     "SentNotification",
+    "SourceSummary",
     "VerifiedArchive",
 ]
 
@@ -183,6 +186,20 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 5 -> 6: what each pull with sources said about each source (by its configured name):
+    # ``ok`` (its dump is in the verified archive) or ``failed`` (the dump failed, or its file is
+    # missing or empty in the archive). A run that failed for another reason records none.
+    (
+        """
+        CREATE TABLE run_sources (
+            run_id INTEGER NOT NULL REFERENCES runs (id),
+            client TEXT    NOT NULL,
+            source TEXT    NOT NULL,
+            result TEXT    NOT NULL
+        )
+        """,
+        "CREATE INDEX run_sources_by_client ON run_sources (client, source)",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -277,6 +294,25 @@ class RunRecord:
     def succeeded(self) -> bool:
         """Whether an archive was created (borg's warnings still leave one behind)."""
         return self.result in _SUCCESSES
+
+
+# What a run says about one of its sources (the ``run_sources`` table).
+SOURCE_OK: Final = "ok"
+SOURCE_FAILED: Final = "failed"
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """Everything the history says about one source of one client.
+
+    ``last_success``: start of the newest verified pull whose archive holds the source's dump;
+    ``last_failure``: start of the newest pull that failed because of it; ``failures``: how many
+    pulls did.
+    """
+
+    last_success: datetime | None = None
+    last_failure: datetime | None = None
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -520,12 +556,18 @@ class History:
         stats: RunStats | None = None,
         error: str | None = None,
         finished: datetime | None = None,
+        sources: Mapping[str, str] | None = None,
     ) -> None:
         """Record how run *run_id* ended.
 
         A run already marked ``interrupted`` (its process was wrongly taken for
         dead) is overwritten: the real outcome is better information.
+        *sources* maps a configured source's name to :data:`SOURCE_OK` or
+        :data:`SOURCE_FAILED` (only the sources the run has a word on).
         """
+        for verdict in (sources or {}).values():
+            if verdict not in (SOURCE_OK, SOURCE_FAILED):
+                raise ValueError(f"a source cannot end as {verdict!r}")
         if result is RunResult.RUNNING:
             raise ValueError("a run cannot finish as 'running'")
         stats = stats or RunStats()
@@ -550,8 +592,15 @@ class History:
                     run_id,
                 ),
             )
-        if cursor.rowcount != 1:
-            raise HistoryError(f"no run with id {run_id} in {self.path}")
+            if cursor.rowcount != 1:
+                raise HistoryError(f"no run with id {run_id} in {self.path}")
+            if sources:
+                self._conn.execute("DELETE FROM run_sources WHERE run_id = ?", (run_id,))
+                self._conn.executemany(
+                    "INSERT INTO run_sources (run_id, client, source, result)"
+                    " SELECT id, client, ?, ? FROM runs WHERE id = ?",
+                    [(name, verdict, run_id) for name, verdict in sources.items()],
+                )
 
     def recover_interrupted(self) -> int:
         """Mark ``running`` rows whose process is gone as ``interrupted``; returns how many.
@@ -757,6 +806,33 @@ class History:
             (RunResult.RUNNING.value,),
         ).fetchall()
         return {(row["client"], RunResult(row["result"])): row["n"] for row in rows}
+
+    # --- sources ---------------------------------------------------------------------
+
+    def run_sources(self, run_id: int) -> dict[str, str]:
+        """Source name -> ``ok``/``failed`` as run *run_id* recorded them (in that order)."""
+        rows = self._conn.execute(
+            "SELECT source, result FROM run_sources WHERE run_id = ? ORDER BY rowid", (run_id,)
+        ).fetchall()
+        return {row["source"]: row["result"] for row in rows}
+
+    def source_summaries(self) -> dict[tuple[str, str], SourceSummary]:
+        """(client, source) -> its :class:`SourceSummary`: the per-source metrics."""
+        found: dict[tuple[str, str], SourceSummary] = {}
+        for row in self._conn.execute(
+            "SELECT s.client, s.source, s.result, count(*) AS n, max(r.started) AS newest"
+            " FROM run_sources s JOIN runs r ON r.id = s.run_id GROUP BY s.client, s.source,"
+            " s.result"
+        ):
+            key = (row["client"], row["source"])
+            known = found.get(key, SourceSummary())
+            newest = _from_utc_text(row["newest"])
+            if row["result"] == SOURCE_OK:
+                known = SourceSummary(newest, known.last_failure, known.failures)
+            elif row["result"] == SOURCE_FAILED:
+                known = SourceSummary(known.last_success, newest, row["n"])
+            found[key] = known
+        return found
 
     # --- notifications ---------------------------------------------------------------
 

@@ -482,8 +482,11 @@ async def test_daemon_pulls_two_scheduled_clients_and_status_shows_them(sshd, tm
             "stale",
             "paused",
             "paused_until",
+            "last_error",
+            "failed_sources",
         }
         assert row["last_result"] == "ok"
+        assert (row["last_error"], row["failed_sources"]) == (None, [])
         assert row["running"] is False
         assert 0 <= row["last_success_age_seconds"] < 120
         assert datetime.fromisoformat(row["next_run"]).timetz() == clock_time(2, 0, tzinfo=UTC)

@@ -16,14 +16,18 @@ from typing import TYPE_CHECKING
 import pytest
 
 from borgtunnel.history import (
+    _MIGRATIONS,
     DB_FILENAME,
     SCHEMA_VERSION,
+    SOURCE_FAILED,
+    SOURCE_OK,
     History,
     HistoryError,
     ProcessIdentity,
     RunRecord,
     RunResult,
     RunStats,
+    SourceSummary,
 )
 
 if TYPE_CHECKING:
@@ -549,3 +553,58 @@ from pathlib import Path
 from borgtunnel.history import History
 History.open(Path(sys.argv[1])).close()
 """
+
+
+def test_a_version_5_database_gets_the_run_sources_table_and_keeps_its_runs(
+    state_dir: Path,
+) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(state_dir / DB_FILENAME)
+    for migration in _MIGRATIONS[:5]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO runs (client, trigger, started, finished, result, pid)"
+        " VALUES ('db1', 'daemon', ?, ?, 'ok', 1)",
+        (T0.isoformat(), T0.isoformat()),
+    )
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    with History.open(state_dir) as history:
+        (old,) = history.last_runs("db1")
+        assert history.run_sources(old.id) == {}  # nothing was recorded per source then
+        assert history.source_summaries() == {}
+        run_id = history.start_run("db1", "pull", started=T0 + timedelta(hours=1))
+        history.finish_run(run_id, RunResult.OK, sources={"app": SOURCE_OK})
+        assert history.run_sources(run_id) == {"app": SOURCE_OK}
+
+
+def test_source_results_are_recorded_per_run_and_summarised(history: History) -> None:
+    def pull(hours: int, result: RunResult, sources: dict[str, str]) -> int:
+        run_id = history.start_run("db1", "daemon", started=T0 + timedelta(hours=hours))
+        history.finish_run(run_id, result, sources=sources)
+        return run_id
+
+    pull(0, RunResult.OK, {"app": SOURCE_OK, "ldap": SOURCE_OK})
+    failed = pull(1, RunResult.FAILED, {"ldap": SOURCE_FAILED})
+    pull(2, RunResult.FAILED, {})  # offline: no word on any source
+    pull(3, RunResult.WARNING, {"app": SOURCE_OK, "ldap": SOURCE_OK})
+    pull(4, RunResult.FAILED, {"app": SOURCE_FAILED, "ldap": SOURCE_FAILED})
+    other = history.start_run("web1", "daemon", started=T0)
+    history.finish_run(other, RunResult.FAILED, sources={"app": SOURCE_FAILED})
+
+    assert history.run_sources(failed) == {"ldap": SOURCE_FAILED}
+    summaries = history.source_summaries()
+    assert summaries[("db1", "app")] == SourceSummary(
+        last_success=T0 + timedelta(hours=3), last_failure=T0 + timedelta(hours=4), failures=1
+    )
+    assert summaries[("db1", "ldap")] == SourceSummary(
+        last_success=T0 + timedelta(hours=3), last_failure=T0 + timedelta(hours=4), failures=2
+    )
+    assert summaries[("web1", "app")] == SourceSummary(last_failure=T0, failures=1)
+    with pytest.raises(ValueError, match="cannot end as"):
+        history.finish_run(other, RunResult.FAILED, sources={"app": "maybe"})
+    # Finishing a run again (a wrong `interrupted` mark overwritten) replaces its rows.
+    history.finish_run(failed, RunResult.FAILED, sources={"app": SOURCE_FAILED})
+    assert history.run_sources(failed) == {"app": SOURCE_FAILED}

@@ -40,6 +40,8 @@ STATUS_KEYS = {
     "stale",
     "paused",
     "paused_until",
+    "last_error",
+    "failed_sources",
 }
 
 
@@ -102,6 +104,8 @@ def test_status_fields_from_the_history(config_path):
         "stale": False,
         "paused": False,
         "paused_until": None,
+        "last_error": "offline",
+        "failed_sources": [],
     }
     assert rows[1]["last_success_age_seconds"] is None
     assert rows[2]["next_run"] is None
@@ -331,3 +335,15 @@ def test_status_exits_1_on_a_stale_client_and_0_when_all_is_well(tmp_path):
     fine = cli(path, "status", "--json")
     assert fine.returncode == 0, fine.stdout
     assert [row["last_result"] for row in json.loads(fine.stdout)] == ["ok", "skipped"]
+
+
+def test_the_table_names_the_sources_the_newest_pull_failed_because_of(config_path):
+    config = load_config(config_path)
+    with History.open(config.server.state_dir) as history:
+        run_id = history.start_run("web1", "pull", started=NOW - timedelta(hours=1))
+        history.finish_run(
+            run_id, RunResult.FAILED, error="source 'app' ...", sources={"app": "failed"}
+        )
+        status = client_status(config, history, config.clients["web1"], NOW)
+    assert status.failed_sources == ("app",)
+    assert "  failed (sources: app)  " in status_table([status], NOW)

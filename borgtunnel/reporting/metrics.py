@@ -25,13 +25,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from borgtunnel.config import Config
-from borgtunnel.history import History, RunRecord, RunResult
+from borgtunnel.history import History, RunRecord, RunResult, SourceSummary
 from borgtunnel.pauses import active_pauses
 from borgtunnel.scheduling.catchup import first_slot
 
 # Every result a finished run can have: `last_result` exports each as 0/1 so alerts can match.
 RESULTS: Final = tuple(r for r in RunResult if r is not RunResult.RUNNING)
 _SCAN_ROWS: Final = 50
+
+
+@dataclass(frozen=True)
+class SourceMetrics:
+    """One configured source of a client, from the history's ``run_sources`` rows."""
+
+    source: str
+    last_success: float | None = None
+    failures: int = 0
+    # The newest pull that had a word on this source failed because of it.
+    failing: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ class ClientMetrics:
     # `borgtunnel pause`: paused at snapshot time, until this Unix time (None: until resumed).
     paused: bool = False
     paused_until: float | None = None
+    # The client's configured sources (at most 32, names checked by config/sources.py).
+    sources: tuple[SourceMetrics, ...] = ()
 
     def is_paused(self, now: float) -> bool:
         return self.paused and (self.paused_until is None or now < self.paused_until)
@@ -85,6 +98,7 @@ def build_snapshot(
     running_pulls: int | None = None,
 ) -> Snapshot:
     counts = history.result_counts()
+    summaries = history.source_summaries()
     pauses = active_pauses(config.server.state_dir, datetime.now(UTC))
     clients = []
     zone = config.daemon.zone()
@@ -111,9 +125,25 @@ def build_snapshot(
                 paused=name in pauses,
                 paused_until=_timestamp(pauses[name].until) if name in pauses else None,
                 first_slot=first.timestamp() if first else None,
+                sources=tuple(
+                    _source_metrics(source.name, summaries.get((name, source.name)))
+                    for source in client.sources
+                ),
             )
         )
     return Snapshot(tuple(clients), queue_length, running_pulls)
+
+
+def _source_metrics(name: str, summary: SourceSummary | None) -> SourceMetrics:
+    if summary is None:
+        return SourceMetrics(name)
+    success, failure = summary.last_success, summary.last_failure
+    return SourceMetrics(
+        source=name,
+        last_success=_timestamp(success),
+        failures=summary.failures,
+        failing=failure is not None and (success is None or failure > success),
+    )
 
 
 def _timestamp(when: datetime | None) -> float | None:
@@ -143,6 +173,22 @@ def families(snapshot: Snapshot, now: float) -> list[Metric]:
     stale = gauge("stale", "1 when the newest verified archive is older than max_age.")
     running = gauge("running", "1 while a pull of the client runs in this process.")
     paused = gauge("client_paused", "1 while `borgtunnel pause` keeps the client unscheduled.")
+    source_labels = ["client", "source"]
+    source_success = GaugeMetricFamily(
+        "borgtunnel_source_last_success_timestamp_seconds",
+        "Start of the newest verified run whose archive holds the source's dump.",
+        labels=source_labels,
+    )
+    source_failures = CounterMetricFamily(
+        "borgtunnel_source_failures",
+        "Runs that failed because of the source (its dump failed or is not in the archive).",
+        labels=source_labels,
+    )
+    source_failing = GaugeMetricFamily(
+        "borgtunnel_source_failing",
+        "1 when the newest run with a word on the source failed because of it.",
+        labels=source_labels,
+    )
     for c in snapshot.clients:
         labels = [c.client]
         for fam, value in (
@@ -163,6 +209,12 @@ def families(snapshot: Snapshot, now: float) -> list[Metric]:
         stale.add_metric(labels, 1.0 if c.stale(now) else 0.0)
         running.add_metric(labels, 1.0 if c.running else 0.0)
         paused.add_metric(labels, 1.0 if c.is_paused(now) else 0.0)
+        for source in c.sources:
+            pair = [c.client, source.source]
+            if source.last_success is not None:
+                source_success.add_metric(pair, source.last_success)
+            source_failures.add_metric(pair, float(source.failures))
+            source_failing.add_metric(pair, 1.0 if source.failing else 0.0)
     found: list[Metric] = [
         success,
         last_run,
@@ -175,6 +227,9 @@ def families(snapshot: Snapshot, now: float) -> list[Metric]:
         stale,
         running,
         paused,
+        source_success,
+        source_failures,
+        source_failing,
     ]
     if snapshot.queue_length is not None:
         found.append(

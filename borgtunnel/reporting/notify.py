@@ -82,8 +82,10 @@ def compose(
     archive: str | None = None,
     last_success: datetime | None = None,
     max_age: float | None = None,
+    failed_sources: Sequence[str] = (),
 ) -> Message:
-    """Title and body naming the client, the result, the error, the archive and the age."""
+    """Title and body naming the client, the result, the failed sources, the error, the
+    archive and the age."""
     titles = {
         "failure": f"borgtunnel: backup of {client} FAILED",
         "recovery": f"borgtunnel: backup of {client} is working again",
@@ -93,6 +95,8 @@ def compose(
     lines = [f"client: {client}"]
     if result:
         lines.append(f"result: {result}")
+    if failed_sources:  # configured names, checked at load: no client text
+        lines.append(f"failed sources: {', '.join(failed_sources)}")
     # The client's text: read in a terminal mail reader, its escape sequences would act.
     if error:
         lines.append(f"error: {printable(error)}")

@@ -282,6 +282,7 @@ class Reporter:
             error=error if error is not None else (outcome.error if outcome else None),
             archive=outcome.stats.archive if outcome and outcome.stats else None,
             last_success=success.started if success else None,
+            failed_sources=outcome.failed_sources if outcome else (),
         )
         self._dispatcher.submit(message, run_id=run_id or (outcome.run_id if outcome else None))
 

@@ -16,6 +16,9 @@ status, per configured client:
 * ``paused`` / ``paused_until``: ``borgtunnel pause`` keeps the client from being scheduled
   (borgtunnel/pauses.py); ``next_run`` is then the first slot after the pause (null while
   paused until ``resume``).
+* ``last_error`` / ``failed_sources``: the error text of that newest finished pull, and the
+  configured names of the sources it failed because of (their dump failed or is not in the
+  archive; ``[]`` otherwise), read from the history's ``run_sources`` rows, never from the text.
 * ``running``: the newest row is ``running`` with a live pid *and* the client's run lock is held.
   The row alone could be stale (its pid reused after a crash); the lock alone would mean taking
   the lock for a moment on every call, which could make a run starting at that moment fail with
@@ -38,6 +41,7 @@ from borgtunnel.durations import format_duration
 from borgtunnel.history import (
     KIND_MAINTAIN,
     KIND_PULL,
+    SOURCE_FAILED,
     History,
     HistoryError,
     ProcessIdentity,
@@ -78,6 +82,9 @@ class ClientStatus:
     # `borgtunnel pause`: kept from being scheduled (until paused_until; None: until resumed).
     paused: bool = False
     paused_until: datetime | None = None
+    # The newest finished pull's error, and the sources it failed because of.
+    last_error: str | None = None
+    failed_sources: tuple[str, ...] = ()
 
     @property
     def needs_attention(self) -> bool:
@@ -104,7 +111,13 @@ def client_status(
     else:
         next_run = next_client_run(client, zone, max(now, pause.until), jitter=False)
     success = history.last_success(client.name)
-    last_result, _ = _last_result(history.last_runs(client.name, _SCAN_ROWS, kind=KIND_PULL))
+    pulls = history.last_runs(client.name, _SCAN_ROWS, kind=KIND_PULL)
+    last_result, _ = _last_result(pulls)
+    last_pull = _newest_finished(pulls)
+    failed_sources: tuple[str, ...] = ()
+    if last_pull is not None:
+        recorded = history.run_sources(last_pull.id)
+        failed_sources = tuple(name for name, said in recorded.items() if said == SOURCE_FAILED)
     _, running_row = _last_result(history.last_runs(client.name, 1))
     check = history.last_operation(client.name, "check")
     maintained = history.last_runs(client.name, _SCAN_ROWS, kind=KIND_MAINTAIN)
@@ -125,7 +138,20 @@ def client_status(
         ),
         paused=pause is not None,
         paused_until=pause.until.astimezone(zone) if pause and pause.until else None,
+        last_error=last_pull.error if last_pull is not None else None,
+        failed_sources=failed_sources,
     )
+
+
+def _newest_finished(runs: Sequence[RunRecord]) -> RunRecord | None:
+    """The row ``_last_result`` read its result from; None when that result is a dead running
+    row's ``interrupted`` (no error recorded yet) or there is none."""
+    for run in runs:
+        if run.result is not RunResult.RUNNING:
+            return run
+        if not ProcessIdentity(run.pid, None, None).is_alive():
+            return None
+    return None
 
 
 def _last_result(runs: Sequence[RunRecord]) -> tuple[RunResult | None, bool]:
@@ -165,6 +191,8 @@ def status_json(rows: Sequence[ClientStatus], now: datetime) -> list[dict[str, A
             "stale": row.stale,
             "paused": row.paused,
             "paused_until": _iso(row.paused_until),
+            "last_error": row.last_error,
+            "failed_sources": list(row.failed_sources),
         }
         for row in rows
     ]
@@ -188,7 +216,7 @@ def status_table(rows: Sequence[ClientStatus], now: datetime) -> str:
             row.client,
             _when(row.last_success) if row.last_success else "never",
             _age(row.age_seconds(now)),
-            str(row.last_result) if row.last_result else "-",
+            _result(row),
             _when(row.next_run) if row.next_run else ("paused" if row.paused else "not scheduled"),
             "yes" if row.running else "no",
             f"{_when(row.last_check)} {row.last_check_result}" if row.last_check else "never",
@@ -301,6 +329,14 @@ def _iso(when: datetime | None) -> str | None:
 
 def _when(when: datetime, *, seconds: bool = False) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+def _result(row: ClientStatus) -> str:
+    if row.last_result is None:
+        return "-"
+    if row.failed_sources:
+        return f"{row.last_result} (sources: {', '.join(row.failed_sources)})"
+    return str(row.last_result)
 
 
 def _paused(row: ClientStatus) -> str:

@@ -139,6 +139,7 @@ async def _pull_recorded(
             duration=outcome.duration,
         ),
         error=outcome.error,
+        sources=outcome.source_results(),
     )
     outcome.run_id = run_id
     await hooks.run_after(config, client, outcome)

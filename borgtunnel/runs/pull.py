@@ -30,7 +30,7 @@ from borgtunnel.client.remote import (
 )
 from borgtunnel.client.snapshot import SnapshotPlan, snapshot_run_command
 from borgtunnel.config import ClientConfig, Config
-from borgtunnel.history import RunResult
+from borgtunnel.history import SOURCE_FAILED, SOURCE_OK, RunResult
 from borgtunnel.passphrase import PassphraseError, read_passphrase
 from borgtunnel.runs import keyguard
 from borgtunnel.runs.remoterun import (
@@ -43,7 +43,13 @@ from borgtunnel.runs.remoterun import (
     release_client_locks,
     stop_serve,
 )
-from borgtunnel.runs.sources import MAX_STATUS_LINES, status_problems, verify_sources
+from borgtunnel.runs.sources import (
+    MAX_STATUS_LINES,
+    SourcesNotArchivedError,
+    source_names,
+    status_problems,
+    verify_sources,
+)
 from borgtunnel.runs.verify import (
     RepositoryState,
     VerifyError,
@@ -118,8 +124,17 @@ class PullOutcome:
     hook_failed: bool = False
     # The history row of this run (set by jobs.run_recorded; None for a busy client).
     run_id: int | None = None
-    # Labels of the sources (borgtunnel/client/sources.py) whose dump failed or is missing.
+    # The configured names of the client's sources this run dumped, and of those whose dump
+    # failed or is missing from the archive (the error text names each dump's label too).
+    sources: list[str] = field(default_factory=list)
     failed_sources: list[str] = field(default_factory=list)
+
+    def source_results(self) -> dict[str, str]:
+        """Source name -> ``ok`` / ``failed`` for the history; sources this run says nothing
+        about (it failed before or for another reason) are left out."""
+        if self.result in (RunResult.OK, RunResult.WARNING):
+            return dict.fromkeys(self.sources, SOURCE_OK)
+        return {name: SOURCE_FAILED for name in self.sources if name in self.failed_sources}
 
     @property
     def exit_code(self) -> int:
@@ -220,6 +235,7 @@ class _Run:
         # The client's dumps (none without sources) and the exit status the run script
         # reported for each.
         self.jobs = sources.dump_jobs(client.sources)
+        self.outcome.sources = source_names(self.jobs)
         self.labels = frozenset(job.label for job in self.jobs)
         self.source_status: dict[str, int] = {}
         self.status_lines = 0
@@ -500,8 +516,8 @@ async def _verify(
                 archive_id=run.outcome.stats.archive_id,
                 borg2=run.borg2,
             )
-        except VerifyError:
-            run.outcome.failed_sources = [job.label for job in run.jobs]
+        except SourcesNotArchivedError as exc:
+            run.outcome.failed_sources = exc.sources
             raise
     run.log.info("archive_verified", seconds=round(time.monotonic() - started, 3))
     # The first verified pull of a repository made elsewhere saves the key the server now
@@ -581,9 +597,9 @@ def _check_dumps(run: _Run) -> None:
     if not problems:
         return
     outcome = run.outcome
-    outcome.failed_sources = [
-        job.label for job in run.jobs if run.source_status.get(job.label) != 0
-    ]
+    outcome.failed_sources = source_names(
+        [job for job in run.jobs if run.source_status.get(job.label) != 0]
+    )
     outcome.result = RunResult.FAILED
     text = "; ".join(problems)
     outcome.error = f"{text}; {outcome.error}" if outcome.error else text

@@ -25,6 +25,20 @@ MAX_STATUS_LINES = 256
 _SIGNALLED = 128
 
 
+class SourcesNotArchivedError(VerifyError):
+    """The verified archive lacks the dump of (or holds an empty file for) these sources."""
+
+    def __init__(self, message: str, sources: Sequence[str]) -> None:
+        super().__init__(message)
+        self.sources = list(sources)
+
+
+def source_names(jobs: Sequence[DumpJob]) -> list[str]:
+    """The configured names of the jobs' sources, each once, in order (a PostgreSQL source
+    with a list of databases has one job per database)."""
+    return list(dict.fromkeys(job.source for job in jobs))
+
+
 def status_problems(jobs: Sequence[DumpJob], statuses: Mapping[str, int]) -> list[str]:
     """One text per job whose dump did not exit 0, naming the source; [] when all did."""
     problems = []
@@ -82,13 +96,19 @@ def archived_sizes(json_lines: str) -> dict[str, int]:
 
 
 def archive_problems(jobs: Sequence[DumpJob], sizes: Mapping[str, int]) -> list[str]:
+    return [text for _, text in _archive_problems(jobs, sizes)]
+
+
+def _archive_problems(
+    jobs: Sequence[DumpJob], sizes: Mapping[str, int]
+) -> list[tuple[DumpJob, str]]:
     problems = []
     for job in jobs:
         size = sizes.get(job.path)
         if size is None:
-            problems.append(f"{describe(job)}: {job.path} is not in the archive")
+            problems.append((job, f"{describe(job)}: {job.path} is not in the archive"))
         elif size == 0:
-            problems.append(f"{describe(job)}: {job.path} in the archive is empty")
+            problems.append((job, f"{describe(job)}: {job.path} in the archive is empty"))
     return problems
 
 
@@ -103,7 +123,8 @@ async def verify_sources(
     archive_id: str,
     borg2: bool,
 ) -> None:
-    """Raises VerifyError naming every source missing or empty in the verified archive."""
+    """Raises SourcesNotArchivedError naming every source missing or empty in the verified archive
+    (VerifyError when the server's borg cannot list it: no source is at fault then)."""
     if not jobs:
         return
     argv = list_argv(borg_cmd, repository, archive=archive, archive_id=archive_id, borg2=borg2)
@@ -113,6 +134,9 @@ async def verify_sources(
             f"unverified: the server's borg cannot list the sources of archive {archive!r} "
             f"({result.error_text()})"
         )
-    problems = archive_problems(jobs, archived_sizes(result.stdout))
+    problems = _archive_problems(jobs, archived_sizes(result.stdout))
     if problems:
-        raise VerifyError("unverified: " + "; ".join(problems))
+        raise SourcesNotArchivedError(
+            "unverified: " + "; ".join(text for _, text in problems),
+            source_names([job for job, _ in problems]),
+        )

@@ -61,6 +61,15 @@ class Client:
         self.table.update(changes)
         pullkit.write_config(self.config, clients={"c1": self.table}, **self.conf)  # type: ignore[arg-type]
 
+    def add_tools(self, *names: str) -> None:
+        """Put these programs on the gatekeeper's PATH too (what dumps and scripts run)."""
+        for name in names:
+            real = shutil.which(name)
+            assert real is not None, name
+            link = self.tmp / "gk-bin" / name
+            if not link.exists():
+                link.symlink_to(real)
+
     def logged(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 

@@ -9,7 +9,6 @@ device, root only (skipped with the reason otherwise); the refusals need no file
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,15 +32,6 @@ SCRIPT_TOOLS = (
 )  # fmt: skip
 
 
-def _tools(client: Client) -> None:
-    for name in SCRIPT_TOOLS:
-        real = shutil.which(name)
-        assert real is not None, name
-        link = client.tmp / "gk-bin" / name
-        if not link.exists():
-            link.symlink_to(real)
-
-
 def _snapshot_policy(client: Client, paths: Path, extra: str) -> None:
     text = client.policy.read_text().replace(str(client.data), str(paths))
     client.policy.write_text(text + extra)
@@ -51,7 +41,7 @@ def test_a_btrfs_snapshot_through_the_gatekeeper_is_consistent(
     gatekeeper_client: Client, btrfs: Path, spawn: Spawn
 ) -> None:
     client = gatekeeper_client
-    _tools(client)
+    client.add_tools(*SCRIPT_TOOLS)
     data = snapfs.create_subvolume(btrfs / "data")
     pullkit.make_client_data(data / "tree")
     _snapshot_policy(client, data, "snapshot = btrfs\n")

@@ -9,7 +9,6 @@ anything runs. The gatekeeper is installed as in tests/test_gatekeeper_e2e.py (s
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -25,16 +24,6 @@ pytestmark = pytest.mark.sshd
 
 # test_gatekeeper_e2e's fixture ``client``: the gatekeeper as a real sshd's forced command.
 gatekeeper_client = test_gatekeeper_e2e.client
-
-
-def _tools(client: Client, *names: str) -> None:
-    """What the dumps run, on the gatekeeper's PATH next to sh, nc and socat."""
-    for name in names:
-        real = shutil.which(name)
-        assert real is not None, name
-        link = client.tmp / "gk-bin" / name
-        if not link.exists():
-            link.symlink_to(real)
 
 
 def _configure(
@@ -60,7 +49,7 @@ def test_listed_sources_are_dumped_by_the_gatekeeper(gatekeeper_client: Client) 
     database = client.tmp / "notes.db"
     _notes_db(database, 500)
     os.mkfifo(client.data / "a fifo")  # --read-special must leave it out, not hang on it
-    _tools(client, "sqlite3", "awk", "head", "printf")
+    client.add_tools("sqlite3", "awk", "head", "printf")
     _configure(
         client,
         [
@@ -145,7 +134,7 @@ def test_a_failed_dump_through_the_gatekeeper_fails_the_run(gatekeeper_client: C
 
 def test_a_stuck_dump_through_the_gatekeeper_is_stopped(gatekeeper_client: Client) -> None:
     client = gatekeeper_client
-    _tools(client, "sleep")
+    client.add_tools("sleep")
     _configure(
         client,
         [{"type": "command", "name": "stuck", "command": ["sleep", "7213"]}],

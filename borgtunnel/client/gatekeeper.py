@@ -875,11 +875,10 @@ def _postgres_jobs(name: str, values: Mapping[str, str], where: str) -> list[Sou
 
 def _mariadb_argv(values: Mapping[str, str], where: str) -> list[str]:
     argv = ["mariadb-dump"]
-    if "defaults_file" in values:  # must come first
+    if "defaults_file" in values:  # must come first (then the connection, as sources.py)
         argv.append(
             f"--defaults-file={_absolute_value(where, 'defaults_file', values['defaults_file'])}"
         )
-    argv += ["--single-transaction", "--routines", "--events", "--triggers"]
     if "socket" in values:
         argv.append(f"--socket={_absolute_value(where, 'socket', values['socket'])}")
     if "host" in values:
@@ -889,6 +888,7 @@ def _mariadb_argv(values: Mapping[str, str], where: str) -> list[str]:
         argv.append(f"--host={host}")
     if "port" in values:
         argv.append(f"--port={_port_value(where, values['port'])}")
+    argv += ["--single-transaction", "--routines", "--events", "--triggers"]
     databases = _db_names(where, "database", values.get("database", ""))
     if databases == ("all",):
         argv.append("--all-databases")

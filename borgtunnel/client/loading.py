@@ -22,7 +22,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from borgtunnel.client.sources import DumpJob, dump_jobs, postgres_connection
+from borgtunnel.client.sources import (
+    DumpJob,
+    dump_jobs,
+    mariadb_connection,
+    postgres_connection,
+)
 from borgtunnel.config.sources import (
     ALL,
     DB_NAME_RE,
@@ -199,20 +204,6 @@ def _quoted(name: str) -> str:
     if not DB_NAME_RE.fullmatch(name):
         raise LoadError(f"{name!r} is not a plain database name")
     return f"'{name}'"
-
-
-def mariadb_connection(source: MariadbSource) -> list[str]:
-    """The dump's connection options, for the mariadb client too."""
-    options = []
-    if source.defaults_file is not None:
-        options.append(f"--defaults-file={source.defaults_file}")  # must come first
-    if source.socket is not None:
-        options.append(f"--socket={source.socket}")
-    if source.host is not None:
-        options.append(f"--host={source.host}")
-    if source.port is not None:
-        options.append(f"--port={source.port}")
-    return options
 
 
 def _sqlite_plan(job: DumpJob, into: str) -> LoadPlan:

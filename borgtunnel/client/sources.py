@@ -140,17 +140,23 @@ def _sqlite_argv(source: SqliteSource) -> list[str]:
     return ["sh", "-c", _SQLITE_DUMP, "sqlite-dump", source.path]
 
 
-def _mariadb_argv(source: MariadbSource) -> list[str]:
-    argv = ["mariadb-dump"]
+def mariadb_connection(source: MariadbSource) -> list[str]:
+    """How the dump (and a load: client/loading.py) reaches the server and logs in."""
+    options = []
     if source.defaults_file is not None:
-        argv.append(f"--defaults-file={source.defaults_file}")  # must come first
-    argv += ["--single-transaction", "--routines", "--events", "--triggers"]
+        options.append(f"--defaults-file={source.defaults_file}")  # must come first
     if source.socket is not None:
-        argv.append(f"--socket={source.socket}")
+        options.append(f"--socket={source.socket}")
     if source.host is not None:
-        argv.append(f"--host={source.host}")
+        options.append(f"--host={source.host}")
     if source.port is not None:
-        argv.append(f"--port={source.port}")
+        options.append(f"--port={source.port}")
+    return options
+
+
+def _mariadb_argv(source: MariadbSource) -> list[str]:
+    argv = ["mariadb-dump", *mariadb_connection(source)]
+    argv += ["--single-transaction", "--routines", "--events", "--triggers"]
     if source.database == ALL:
         argv.append("--all-databases")
     else:

@@ -146,14 +146,19 @@ def restore_command(
         dry_run=mode == "dry-run",
         borg2=client.borg2,
     )
-    env = borg.client_env(encrypted=client.encryption != "none")
     wrapped = ["sh", "-c", TARGET_SCRIPT, "borgtunnel-restore", target, mode, *argv]
+    return _remote_command(client, wrapped, REQUEST_RESTORE)
+
+
+def _remote_command(client: ClientConfig, wrapped: Sequence[str], kind: str) -> str:
+    """The run script around ``wrapped`` (which ends in borg's argv), with borg's environment."""
+    env = borg.client_env(encrypted=client.encryption != "none")
     return run_command(
         client.remote_socket_path,
         borg.RSH_BY_TOOL["nc"],
         borg.RSH_BY_TOOL["socat"],
         borg.with_env(wrapped, env),
-        kind=REQUEST_RESTORE,
+        kind=kind,
     )
 
 
@@ -218,15 +223,8 @@ def load_command(client: ClientConfig, archive: str, plan: LoadPlan, *, force: b
         borg2=client.borg2,
         stdout=True,
     )
-    env = borg.client_env(encrypted=client.encryption != "none")
     wrapped = ["sh", "-c", LOAD_SCRIPT, "borgtunnel-load", *load_args(plan, force=force), *argv]
-    return run_command(
-        client.remote_socket_path,
-        borg.RSH_BY_TOOL["nc"],
-        borg.RSH_BY_TOOL["socat"],
-        borg.with_env(wrapped, env),
-        kind=REQUEST_RESTORE_LOAD,
-    )
+    return _remote_command(client, wrapped, REQUEST_RESTORE_LOAD)
 
 
 @dataclass

@@ -200,7 +200,7 @@ def test_a_postgres_dump_loads_into_a_new_database(
 def test_a_mariadb_dump_loads_into_the_database_named_not_its_own(
     tmp_path: Path, sshd: SshdServer, mariadb: Mariadb
 ) -> None:
-    mariadb.sql("CREATE DATABASE inventory")
+    mariadb.sql("CREATE DATABASE inventory CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     mariadb.sql("CREATE TABLE items (id INT PRIMARY KEY, name TEXT) ENGINE=InnoDB", "inventory")
     mariadb.sql("INSERT INTO items SELECT seq, CONCAT('item ', seq) FROM seq_1_to_300", "inventory")
     options = tmp_path / "backup.cnf"
@@ -228,6 +228,8 @@ def test_a_mariadb_dump_loads_into_the_database_named_not_its_own(
     assert result.returncode == 0, result.stdout + result.stderr
     assert mariadb.sql("SELECT count(*) FROM items", "inv_copy").strip() == "300"
     assert mariadb.sql("SELECT count(*) FROM items", "inventory").strip() == "100"  # not reloaded
+    collation = "SELECT default_collation_name FROM information_schema.schemata WHERE schema_name"
+    assert mariadb.sql(f"{collation} = 'inv_copy'").strip() == "utf8mb4_bin"  # the dump's
     again = pullkit.run_cli(
         config, "restore", "c1", archive, "--source", "inv", "--load-into", "inv_copy"
     )
@@ -275,3 +277,49 @@ def test_through_the_gatekeeper_a_dump_file_restores_only_where_the_policy_allow
     load = pullkit.run_cli(client.config, *restore, "--load-into", "x")
     assert load.returncode == 2
     assert "a command's output, which has no loader" in load.stderr
+
+
+def test_a_mariadb_load_with_views_routines_and_a_changed_charset_leaves_the_original_alone(
+    tmp_path: Path, sshd: SshdServer, mariadb: Mariadb
+) -> None:
+    """mariadb-dump names its database beyond CREATE DATABASE/USE: a routine created under
+    another default character set is wrapped in ``ALTER DATABASE `orig` CHARACTER SET …`` lines.
+    Loaded as they are, they would alter the original (and fail when it is gone)."""
+    mariadb.sql("CREATE DATABASE stock CHARACTER SET latin1")
+    mariadb.sql("CREATE TABLE items (id INT PRIMARY KEY, name TEXT) ENGINE=InnoDB", "stock")
+    mariadb.sql("INSERT INTO items SELECT seq, CONCAT('item ', seq) FROM seq_1_to_200", "stock")
+    mariadb.sql("CREATE VIEW many AS SELECT count(*) AS n FROM items", "stock")
+    mariadb.sql("CREATE PROCEDURE total() SELECT count(*) FROM items", "stock")
+    mariadb.sql("ALTER DATABASE stock CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    options = tmp_path / "backup.cnf"
+    options.write_text(f"[client]\nuser=root\nsocket={mariadb.socket}\n")
+    options.chmod(0o600)
+    repo, config = sourcekit.setup(
+        tmp_path,
+        sshd,
+        [{"type": "mariadb", "name": "stock", "database": "stock", "defaults_file": str(options)}],
+    )
+    archive = _pull(tmp_path, config, repo)
+    dump = sourcekit.extract_bytes(tmp_path, repo, archive, "borgtunnel-sources/mariadb/stock.sql")
+    assert b"ALTER DATABASE `stock` CHARACTER SET latin1" in dump  # what this test is about
+    mariadb.sql("DELETE FROM items WHERE id > 50", "stock")
+    mariadb.sql("ALTER DATABASE stock CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    charset = "SELECT default_collation_name FROM information_schema.schemata WHERE schema_name = "
+
+    result = pullkit.run_cli(
+        config, "restore", "c1", archive, "--source", "stock", "--load-into", "stock_copy"
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert mariadb.sql(f"{charset}'stock'").strip() == "utf8mb4_unicode_ci"  # untouched
+    assert mariadb.sql("SELECT count(*) FROM items", "stock").strip() == "50"
+    assert mariadb.sql("SELECT n FROM many", "stock_copy").strip() == "200"  # the copy's table
+    assert mariadb.sql("CALL total()", "stock_copy").strip() == "200"
+    assert mariadb.sql(f"{charset}'stock_copy'").strip() == "utf8mb4_bin"  # as when dumped
+
+    mariadb.sql("DROP DATABASE stock")  # the usual reason to restore: the original is gone
+    again = pullkit.run_cli(
+        config, "restore", "c1", archive, "--source", "stock", "--load-into", "stock"
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert mariadb.sql("SELECT n FROM many", "stock").strip() == "200"

@@ -11,14 +11,15 @@ option file), never a password.
 
 What can be loaded: a PostgreSQL source of one database (custom format: ``pg_restore
 --single-transaction``, plus ``--clean --if-exists`` over an existing database with
-``--force``), a MariaDB source of one database (its ``CREATE DATABASE`` and ``USE`` lines are
-dropped so it loads into the database named), a SQLite source. Refused with the reason: a
-cluster-wide ``pg_dumpall``, several databases, a command's output (restore their files with
-``--target`` and load them by hand).
+``--force``), a MariaDB source of one database (every statement naming the original is
+rewritten or dropped so it loads into the database named: _MARIADB_UNNAME), a SQLite source.
+Refused with the reason: a cluster-wide ``pg_dumpall``, several databases, a command's output
+(restore their files with ``--target`` and load them by hand).
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,19 @@ case $bs in 0|1) ;; *) exit "${bs:-2}" ;; esac
 [ "$ls" = 0 ] || exit 2
 exit "$bs"
 """
+
+# mariadb-dump --databases names its database, each statement on a line of its own; these sed
+# expressions make the SQL land in the database named on mariadb's command line, never in the
+# original: CREATE DATABASE becomes an ALTER DATABASE of the default database with the dump's
+# character set and collation (and comment); USE goes; and the ALTER DATABASE `orig` lines
+# around a routine, event or trigger created under another default character set name no
+# database any more. Database names have no backtick (DB_NAME_RE).
+_MARIADB_UNNAME = (
+    r"s|^CREATE DATABASE /\*!32312 IF NOT EXISTS\*/ `[^`]*` \(..*\);$|ALTER DATABASE \1;|",
+    "/^CREATE DATABASE /d",
+    "/^USE `/d",
+    "s/^ALTER DATABASE `[^`]*` CHARACTER SET /ALTER DATABASE CHARACTER SET /",
+)
 
 # FINISH programs: only after a failure, and only what this load created.
 _DROP_CREATED = '[ "$BT_RESULT" = failed ] && [ "$BT_CREATED" = 1 ] || exit 0; exec "$@"'
@@ -176,9 +190,9 @@ def _mariadb_plan(source: MariadbSource, job: DumpJob, into: str) -> LoadPlan:
     connection = mariadb_connection(source)
     schemata = "SELECT 1 FROM information_schema.schemata WHERE schema_name"
     exists = f"{schemata} = {_quoted(into)}"
-    # The dump names its database (--databases): drop those two statements so the SQL lands in
-    # the database named here; mariadb-dump writes each on a line of its own.
-    load = "sed -e '/^CREATE DATABASE /d' -e '/^USE `/d' | \"$@\""
+    # The original's name out of the SQL, so it lands in the database named here.
+    unname = " ".join(f"-e {shlex.quote(expression)}" for expression in _MARIADB_UNNAME)
+    load = f'sed {unname} | "$@"'
     return LoadPlan(
         job=job,
         what=f"MariaDB database {into!r}",

@@ -178,6 +178,14 @@ def test_a_postgres_dump_loads_into_a_new_database(
     )
     archive = _pull(tmp_path, config, repo)
     postgres.sql("DELETE FROM items WHERE id > 100", "shop")  # the live one moves on
+    as_file = tmp_path / "as-file"
+    dump = "borgtunnel-sources/postgresql/shop.dump"
+    restored = pullkit.run_cli(
+        config, "restore", "c1", archive, "--source", "shop", "--target", str(as_file)
+    )
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert f"  {as_file / dump}\n" in restored.stdout
+    assert (as_file / dump).read_bytes() == sourcekit.extract_bytes(tmp_path, repo, archive, dump)
     load = ["restore", "c1", archive, "--source", "shop", "--load-into", "shop_restored"]
 
     first = pullkit.run_cli(config, *load)
@@ -323,3 +331,95 @@ def test_a_mariadb_load_with_views_routines_and_a_changed_charset_leaves_the_ori
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert mariadb.sql("SELECT n FROM many", "stock").strip() == "200"
+
+
+def test_a_failed_postgres_load_is_a_failed_restore_that_leaves_the_databases_as_they_were(
+    tmp_path: Path, sshd: SshdServer, postgres: Postgres
+) -> None:
+    """pg_restore stops at the first error (--exit-on-error) inside one transaction: a database
+    the load created is dropped again, one it loaded over with --force is left as it was."""
+    postgres.sql("CREATE DATABASE ledger")
+    postgres.sql("CREATE TABLE entries (id int PRIMARY KEY, amount int)", "ledger")
+    postgres.sql("INSERT INTO entries SELECT i, i * 10 FROM generate_series(1, 50) i", "ledger")
+    postgres.sql("CREATE ROLE auditor")
+    postgres.sql("GRANT SELECT ON entries TO auditor", "ledger")
+    connection = {"host": str(postgres.sockdir), "user": "postgres"}
+    repo, config = sourcekit.setup(
+        tmp_path,
+        sshd,
+        [{"type": "postgresql", "name": "ledger", "database": "ledger", **connection}],
+    )
+    archive = _pull(tmp_path, config, repo)
+    load = ["restore", "c1", archive, "--source", "ledger", "--load-into"]
+    # Over an existing database: its view depends on the table the dump drops and recreates.
+    postgres.sql("CREATE DATABASE ledger_old")
+    postgres.sql("CREATE TABLE entries (id int PRIMARY KEY, amount int)", "ledger_old")
+    postgres.sql("INSERT INTO entries VALUES (1, 1), (2, 2)", "ledger_old")
+    postgres.sql("CREATE VIEW total AS SELECT sum(amount) AS s FROM entries", "ledger_old")
+
+    over = pullkit.run_cli(config, *load, "ledger_old", "--force")
+
+    assert over.returncode == 2, over.stdout + over.stderr
+    assert "loading into PostgreSQL database 'ledger_old' failed (status 1): " in over.stdout
+    assert "depend" in over.stdout  # pg_restore's own reason
+    assert postgres.sql("SELECT s FROM total", "ledger_old").strip() == "3"  # as it was
+
+    # Into a new database, on a server without the role the dump grants to.
+    postgres.sql("DROP OWNED BY auditor", "ledger")
+    postgres.sql("DROP ROLE auditor")
+    new = pullkit.run_cli(config, *load, "ledger_new")
+
+    assert new.returncode == 2, new.stdout + new.stderr
+    assert "loading into PostgreSQL database 'ledger_new' failed (status 1): " in new.stdout
+    assert 'role "auditor" does not exist' in new.stdout
+    exists = "SELECT count(*) FROM pg_database WHERE datname = 'ledger_new'"
+    assert postgres.sql(exists).strip() == "0"  # created for the load, dropped again
+    history = pullkit.run_cli(config, "history", "c1")
+    assert "loading into PostgreSQL database 'ledger_new' failed" in history.stdout
+
+
+def test_through_the_gatekeeper_a_sqlite_dump_restores_as_a_file_and_a_load_is_refused(
+    gatekeeper_client: Client,
+) -> None:
+    client = gatekeeper_client
+    database = client.tmp / "notes.db"
+    _notes(database, 200)
+    allowed = client.tmp / "restores"
+    allowed.mkdir()
+    client.add_tools("sqlite3", "awk")
+    client.write()
+    with client.config.open("a") as file:
+        file.write(
+            "\n"
+            + sourcekit.sources_toml(
+                "c1", [{"type": "sqlite", "name": "notes", "path": str(database)}]
+            )
+        )
+    with client.policy.open("a") as file:
+        file.write(
+            f"restore = yes\nrestore_targets = {allowed}\n"
+            f"\n[source notes]\ntype = sqlite\npath = {database}\n"
+        )
+    pullkit.init_repo(client.tmp, client.repo)
+    pulled = pullkit.run_cli(client.config, "pull", "c1")
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    archive = sourcekit.only_archive(client.tmp, client.repo)
+    restore = ["restore", "c1", archive, "--source", "notes"]
+
+    done = pullkit.run_cli(client.config, *restore, "--target", str(allowed))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"  {allowed / SQLITE_DUMP}\n" in done.stdout
+    expected = sourcekit.extract_bytes(client.tmp, client.repo, archive, SQLITE_DUMP)
+    assert (allowed / SQLITE_DUMP).read_bytes() == expected
+
+    into = allowed / "loaded.db"
+    load = pullkit.run_cli(client.config, *restore, "--load-into", str(into))
+
+    assert load.returncode == 2, load.stdout + load.stderr
+    reason = "loading a dump into a database is not done through the gatekeeper"
+    assert f"borgtunnel-gatekeeper: {reason}" in load.stdout
+    assert f"refused: {reason}" in client.logged()
+    assert not into.exists()
+    assert not list(allowed.glob("loaded.db*"))
+    assert sourcekit.leftovers(client.sshd) == []

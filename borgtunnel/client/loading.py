@@ -88,7 +88,8 @@ if [ "$fn" -gt 0 ]; then
   first "$fn" "$@" 2>> "$tmp/load" || { ls=${ls#0}; ls=${ls:-finish}; }
 fi
 if [ "$ls" != 0 ]; then
-  why=$(tail -n 3 "$tmp/load" | tr '\n' ' ')
+  # the last lines that say something (pg_restore ends its error with blank lines)
+  why=$(grep -v '^[[:space:]]*$' "$tmp/load" | tail -n 3 | tr '\n' ' ')
   echo "borgtunnel-load-failed: loading into $what failed (status $ls): $why" >&2
 fi
 rm -rf -- "$tmp"

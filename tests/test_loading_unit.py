@@ -59,6 +59,39 @@ def test_a_failed_stream_over_an_existing_file_leaves_it_as_it_was(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loaded.db"]
 
 
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("link", [False, True])
+def test_a_directory_is_never_loaded_into(tmp_path: Path, *, force: bool, link: bool) -> None:
+    """mv -f FILE DIR would put the database inside the directory and call it done."""
+    directory = tmp_path / "dir.db"
+    directory.mkdir()
+    into = directory
+    if link:
+        into = tmp_path / "link.db"
+        into.symlink_to(directory)
+    result = _load(into, f"printf '%s' '{DUMP}'", force=force)
+    assert result.returncode == 76, result.stderr
+    assert (
+        f"borgtunnel-restore-refused: {into} is a directory; --load-into names the database file"
+        in result.stderr
+    )
+    assert list(directory.iterdir()) == []
+
+
+def test_a_dangling_symlink_exists_and_force_replaces_only_the_link(tmp_path: Path) -> None:
+    into = tmp_path / "loaded.db"
+    into.symlink_to(tmp_path / "elsewhere.db")
+    refused = _load(into, f"printf '%s' '{DUMP}'")
+    assert refused.returncode == 75, refused.stderr
+    assert f"SQLite database {into} exists; use --force" in refused.stderr
+    forced = _load(into, f"printf '%s' '{DUMP}'", force=True)
+    assert forced.returncode == 0, forced.stderr
+    assert not into.is_symlink()
+    assert not (tmp_path / "elsewhere.db").exists()
+    with sqlite3.connect(into) as db:
+        assert db.execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
 def test_the_gatekeeper_refuses_a_load_by_name() -> None:
     config = parse_config(
         {

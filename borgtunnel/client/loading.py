@@ -43,8 +43,9 @@ REQUEST_RESTORE_LOAD = "borgtunnel-restore-load"
 LOAD_FAILED_PREFIX = "borgtunnel-load-failed: "
 
 # $1 FORCE (0/1) $2 WHAT (for messages), then four programs as COUNT WORD…: CHECK (prints 1
-# when the target exists), CREATE (may be empty), LOAD (reads the dump on stdin), FINISH (may be
-# empty; BT_RESULT=ok|failed and BT_CREATED=0|1 in its environment); then borg's argv.
+# when the target exists; exit 64: it can never be loaded into, its output says why), CREATE
+# (may be empty), LOAD (reads the dump on stdin), FINISH (may be empty; BT_RESULT=ok|failed and
+# BT_CREATED=0|1 in its environment); then borg's argv.
 # Refusals use the restore target script's lines and codes (runs/restore.py).
 LOAD_SCRIPT = r"""
 force=$1; what=$2; shift 2
@@ -55,7 +56,9 @@ first() {  # run the first $1 of the remaining arguments
 }
 refuse() { echo "borgtunnel-restore-refused: $2" >&2; exit "$1"; }
 n=$1; shift
-exists=$(first "$n" "$@" 2>&1) || refuse 76 "cannot tell whether $what exists: $exists"
+exists=$(first "$n" "$@" 2>&1); st=$?
+[ "$st" != 64 ] || refuse 76 "$exists"
+[ "$st" = 0 ] || refuse 76 "cannot tell whether $what exists: $exists"
 shift "$n"
 if [ "$exists" = 1 ] && [ "$force" != 1 ]; then
   refuse 75 "$what exists; use --force to load over it"
@@ -113,6 +116,12 @@ _MARIADB_UNNAME = (
 
 # FINISH programs: only after a failure, and only what this load created.
 _DROP_CREATED = '[ "$BT_RESULT" = failed ] && [ "$BT_CREATED" = 1 ] || exit 0; exec "$@"'
+# A directory (or a link to one) is never a database file: mv would put the file inside it. A
+# symlink, even a dangling one, exists: --force replaces the link, never what it points to.
+_SQLITE_CHECK = (
+    'if [ -d "$1" ]; then echo "$1 is a directory; --load-into names the database file"; exit 64; '
+    'fi; if [ -e "$1" ] || [ -L "$1" ]; then echo 1; fi'
+)
 _SQLITE_LOAD = 'rm -f -- "$1.borgtunnel-load" && exec sqlite3 -bail "$1.borgtunnel-load"'
 _SQLITE_FINISH = (
     'if [ "$BT_RESULT" = ok ]; then exec mv -f -- "$1.borgtunnel-load" "$1"; fi; '
@@ -227,7 +236,7 @@ def _sqlite_plan(job: DumpJob, into: str) -> LoadPlan:
     return LoadPlan(
         job=job,
         what=f"SQLite database {into}",
-        check=("sh", "-c", '[ ! -e "$1" ] || echo 1', "sqlite-check", into),
+        check=("sh", "-c", _SQLITE_CHECK, "sqlite-check", into),
         create=(),
         load=("sh", "-c", _SQLITE_LOAD, "sqlite-load", into),
         finish=("sh", "-c", _SQLITE_FINISH, "sqlite-finish", into),

@@ -136,6 +136,13 @@ class Mariadb:
     def sql(self, text: str, database: str | None = None) -> str:
         return _run([*self.client_argv(database), "-e", text]).stdout
 
+    def option_file(self, directory: Path) -> Path:
+        """Credentials as a client keeps them: an option file (0600), never an argument."""
+        options = directory / "backup.cnf"
+        options.write_text(f"[client]\nuser=root\nsocket={self.socket}\n")
+        options.chmod(0o600)
+        return options
+
 
 @pytest.fixture(scope="module", name="mariadb")
 def mariadb_server() -> Iterator[Mariadb]:

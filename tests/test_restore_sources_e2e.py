@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,14 @@ def _notes(path: Path, rows: int) -> None:
 def _rows(path: Path) -> list[tuple[int, str]]:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT id, body FROM notes ORDER BY id").fetchall()
+
+
+def _pulled(
+    tmp_path: Path, sshd: SshdServer, sources: list[dict[str, Any]]
+) -> tuple[Path, Path, str]:
+    """Client c1 with these sources, pulled once: (repository, config, archive)."""
+    repo, config = sourcekit.setup(tmp_path, sshd, sources)
+    return repo, config, _pull(tmp_path, config, repo)
 
 
 def _pull(tmp_path: Path, config: Path, repo: Path) -> str:
@@ -171,12 +180,11 @@ def test_a_postgres_dump_loads_into_a_new_database(
     postgres.sql("CREATE TABLE items (id int PRIMARY KEY, name text)", "shop")
     postgres.sql("INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 500) i", "shop")
     connection = {"host": str(postgres.sockdir), "user": "postgres"}
-    repo, config = sourcekit.setup(
+    repo, config, archive = _pulled(
         tmp_path,
         sshd,
         [{"type": "postgresql", "name": "shop", "database": "shop", **connection}],
     )
-    archive = _pull(tmp_path, config, repo)
     postgres.sql("DELETE FROM items WHERE id > 100", "shop")  # the live one moves on
     as_file = tmp_path / "as-file"
     dump = "borgtunnel-sources/postgresql/shop.dump"
@@ -211,10 +219,8 @@ def test_a_mariadb_dump_loads_into_the_database_named_not_its_own(
     mariadb.sql("CREATE DATABASE inventory CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     mariadb.sql("CREATE TABLE items (id INT PRIMARY KEY, name TEXT) ENGINE=InnoDB", "inventory")
     mariadb.sql("INSERT INTO items SELECT seq, CONCAT('item ', seq) FROM seq_1_to_300", "inventory")
-    options = tmp_path / "backup.cnf"
-    options.write_text(f"[client]\nuser=root\nsocket={mariadb.socket}\n")
-    options.chmod(0o600)
-    repo, config = sourcekit.setup(
+    options = mariadb.option_file(tmp_path)
+    _repo, config, archive = _pulled(
         tmp_path,
         sshd,
         [
@@ -226,7 +232,6 @@ def test_a_mariadb_dump_loads_into_the_database_named_not_its_own(
             }
         ],
     )
-    archive = _pull(tmp_path, config, repo)
     mariadb.sql("DELETE FROM items WHERE id > 100", "inventory")
 
     result = pullkit.run_cli(
@@ -299,15 +304,12 @@ def test_a_mariadb_load_with_views_routines_and_a_changed_charset_leaves_the_ori
     mariadb.sql("CREATE VIEW many AS SELECT count(*) AS n FROM items", "stock")
     mariadb.sql("CREATE PROCEDURE total() SELECT count(*) FROM items", "stock")
     mariadb.sql("ALTER DATABASE stock CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    options = tmp_path / "backup.cnf"
-    options.write_text(f"[client]\nuser=root\nsocket={mariadb.socket}\n")
-    options.chmod(0o600)
-    repo, config = sourcekit.setup(
+    options = mariadb.option_file(tmp_path)
+    repo, config, archive = _pulled(
         tmp_path,
         sshd,
         [{"type": "mariadb", "name": "stock", "database": "stock", "defaults_file": str(options)}],
     )
-    archive = _pull(tmp_path, config, repo)
     dump = sourcekit.extract_bytes(tmp_path, repo, archive, "borgtunnel-sources/mariadb/stock.sql")
     assert b"ALTER DATABASE `stock` CHARACTER SET latin1" in dump  # what this test is about
     mariadb.sql("DELETE FROM items WHERE id > 50", "stock")
@@ -344,12 +346,11 @@ def test_a_failed_postgres_load_is_a_failed_restore_that_leaves_the_databases_as
     postgres.sql("CREATE ROLE auditor")
     postgres.sql("GRANT SELECT ON entries TO auditor", "ledger")
     connection = {"host": str(postgres.sockdir), "user": "postgres"}
-    repo, config = sourcekit.setup(
+    _repo, config, archive = _pulled(
         tmp_path,
         sshd,
         [{"type": "postgresql", "name": "ledger", "database": "ledger", **connection}],
     )
-    archive = _pull(tmp_path, config, repo)
     load = ["restore", "c1", archive, "--source", "ledger", "--load-into"]
     # Over an existing database: its view depends on the table the dump drops and recreates.
     postgres.sql("CREATE DATABASE ledger_old")

@@ -194,10 +194,7 @@ def test_mariadb_dump_restores_a_consistent_copy_taken_during_writes(
         check=True,
         capture_output=True,
     )
-    # Credentials as a client keeps them: an option file, never an argument.
-    options = tmp_path / "backup.cnf"
-    options.write_text(f"[client]\nuser=root\nsocket={mariadb.socket}\n")
-    options.chmod(0o600)
+    options = mariadb.option_file(tmp_path)
     repo, config = sourcekit.setup(
         tmp_path,
         sshd,

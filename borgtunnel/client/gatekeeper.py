@@ -1043,16 +1043,8 @@ def load_policy(path: str) -> Policy:
     paths = _policy_paths(path, "paths", section.get("paths", ""))
     if not paths:
         raise RefusedError(f"policy {path}: paths: at least one path is required", EXIT_POLICY)
-    try:
-        restore = section.getboolean("restore", fallback=False)
-    except ValueError:
-        raise RefusedError(f"policy {path}: restore: must be yes or no", EXIT_POLICY) from None
-    try:
-        restore_special = section.getboolean("restore_special", fallback=False)
-    except ValueError:
-        raise RefusedError(
-            f"policy {path}: restore_special: must be yes or no", EXIT_POLICY
-        ) from None
+    restore = _policy_bool(section, path, "restore")
+    restore_special = _policy_bool(section, path, "restore_special")
     snapshot, snapshot_fallback, lvm_size = _policy_snapshot(section, path, paths)
     socket_dir = section.get("socket_dir", "~/.cache/borgtunnel").strip().rstrip("/")
     if not socket_dir.startswith(("/", "~/")):
@@ -1072,18 +1064,20 @@ def load_policy(path: str) -> Policy:
     )
 
 
+def _policy_bool(section: configparser.SectionProxy, path: str, key: str) -> bool:
+    try:
+        return section.getboolean(key, fallback=False)
+    except ValueError:
+        raise RefusedError(f"policy {path}: {key}: must be yes or no", EXIT_POLICY) from None
+
+
 def _policy_snapshot(
     section: configparser.SectionProxy, path: str, paths: Sequence[str]
 ) -> tuple[str, bool, str]:
     snapshot = section.get("snapshot", "no").strip()
     if snapshot not in {"no", *SNAPSHOT_KINDS}:
         raise RefusedError(f"policy {path}: snapshot: must be no, btrfs or lvm", EXIT_POLICY)
-    try:
-        fallback = section.getboolean("snapshot_fallback", fallback=False)
-    except ValueError:
-        raise RefusedError(
-            f"policy {path}: snapshot_fallback: must be yes or no", EXIT_POLICY
-        ) from None
+    fallback = _policy_bool(section, path, "snapshot_fallback")
     size = section.get("lvm_snapshot_size", "10%ORIGIN").strip()
     if not LVM_SIZE_RE.fullmatch(size):
         raise RefusedError(
@@ -1257,10 +1251,14 @@ def checked_pattern_files(call: BorgCall, policy: Policy) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def private_pattern_files(call: BorgCall, policy: Policy) -> Iterator[BorgCall]:
+def private_pattern_files(
+    call: BorgCall, policy: Policy, texts: Mapping[str, str] | None = None
+) -> Iterator[BorgCall]:
     """The call with each patterns/exclude file replaced by a private copy of the text checked
-    here: borg reads exactly what was checked, whatever happens to the original meanwhile."""
-    texts = checked_pattern_files(call, policy)
+    here (or of ``texts``, checked_pattern_files' result): borg reads exactly what was checked,
+    whatever happens to the original meanwhile."""
+    if texts is None:
+        texts = checked_pattern_files(call, policy)
     if not texts:
         yield call
         return
@@ -1482,12 +1480,23 @@ def _read_go() -> bool:
     return line == b"go\n"
 
 
-def _borg_env(call: BorgCall, tool: str, socket: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+def _own_env() -> dict[str, str]:
+    """The environment of what the gatekeeper starts: its own, without the server's command."""
+    return {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+
+
+def _server_env(call: BorgCall) -> dict[str, str]:
+    """_own_env with the server's checked assignments (check_env), for borg."""
+    env = _own_env()
     env.update(call.env)
     # borg decodes patterns files with its locale's encoding: UTF-8 here, as the gatekeeper
     # decoded them (the server always sends PYTHONUTF8=1; a server's 0 would not be ours).
     env["PYTHONUTF8"] = "1"
+    return env
+
+
+def _borg_env(call: BorgCall, tool: str, socket: str) -> dict[str, str]:
+    env = _server_env(call)
     # borg 2 prefers BORGSTORE_RSH (an inherited one would win over ours): both are ours.
     env["BORG_RSH"] = env["BORGSTORE_RSH"] = RSH_BY_TOOL[tool]
     env["BORGTUNNEL_SOCKET"] = socket
@@ -1567,7 +1576,12 @@ def serve_borg(
         if dumps is not None:
             dumps.finish()
         _remove_if_ours(socket, pid_file)
-    return status if status >= 0 else 128 - status
+    return _shell_status(status)
+
+
+def _shell_status(returncode: int) -> int:
+    """A child's status as sh reports it: 128 + N for one killed by signal N."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 # --- running the dumps: named pipes that borg create --read-special reads -------------------
@@ -1651,7 +1665,7 @@ class Dumps:
             self._remove()
             message = f"cannot prepare the sources in {self.directory}: {exc}"
             raise _fail(message, EXIT_SOURCES) from None
-        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+        env = _own_env()  # not the server's assignments: those are for borg
         for job in self.jobs:
             fifo = os.path.join(self.directory, job.path)
             try:
@@ -1689,10 +1703,9 @@ class Dumps:
                 except subprocess.TimeoutExpired:
                     status = _stop_dump(child)
                 if report:
-                    code = status if status >= 0 else 128 - status
                     # The link may be gone: a failed report must not skip the cleanup.
                     with contextlib.suppress(OSError):
-                        _say(f"borgtunnel-source {job.label} {code}")
+                        _say(f"borgtunnel-source {job.label} {_shell_status(status)}")
         finally:
             for _job, child in self.children:
                 if child.poll() is None:
@@ -2583,7 +2596,7 @@ def run_with_sources(request: RunRequest, policy: Policy, home: str) -> int:
     for path in call.pattern_files:
         roots += pattern_file_roots(texts[path], f"patterns file {_show(path)}")
     dumps = Dumps(socket, jobs, roots)
-    with private_pattern_files(call, policy) as checked:
+    with private_pattern_files(call, policy, texts) as checked:
         options = replace(checked, options=(*checked.options, *dumps.borg_options()))
         argv = borg_argv(policy, "create", options, [*call.paths, SOURCES_DIR])
         return serve_borg(socket, argv, checked, dumps=dumps)
@@ -2615,10 +2628,8 @@ def run_with_snapshot(request: RunRequest, policy: Policy, home: str) -> int:
             RSH_BY_TOOL["socat"],
             *borg_argv(policy, "create", checked, call.paths),
         ]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
-        env.update(call.env)
-        env["PYTHONUTF8"] = "1"
-        for name in ("BORG_RSH", "BORGSTORE_RSH"):
+        env = _server_env(call)
+        for name in ("BORG_RSH", "BORGSTORE_RSH"):  # the script sets its own from its arguments
             env.pop(name, None)
         argv = ["sh", "-c", SNAPSHOT_SCRIPT, "borgtunnel-run-snapshot", *args]
         try:
@@ -2629,7 +2640,7 @@ def run_with_snapshot(request: RunRequest, policy: Policy, home: str) -> int:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda sig, _frame: child.send_signal(sig))
         status = child.wait()
-    return status if status >= 0 else 128 - status
+    return _shell_status(status)
 
 
 def _home() -> str:

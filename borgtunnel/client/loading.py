@@ -88,7 +88,7 @@ BT_CREATED=$created
 export BT_RESULT BT_CREATED
 fn=$1; shift
 if [ "$fn" -gt 0 ]; then
-  first "$fn" "$@" 2>> "$tmp/load" || { ls=${ls#0}; ls=${ls:-finish}; }
+  first "$fn" "$@" 2>> "$tmp/load" || { [ "$ls" != 0 ] || ls=finish; }
 fi
 if [ "$ls" != 0 ]; then
   # the last lines that say something (pg_restore ends its error with blank lines)
